@@ -1,0 +1,240 @@
+"""Data sources and the LightningDataModule that serves triaged splits.
+
+A data source gives train pairs, held-out evaluation prompts, pi_old / pi_new, and its texts (for a
+locally built tokenizer). The DataModule triages the train pairs with the oracle once (prepare_data, rank
+0 only, written to disk), then serves every training step one batch of each non-empty category:
+B_I ~ D_I, B_P ~ D_II, B_R ~ D_R (Algorithm 1, line 23).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Protocol
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from trace_realign.oracle import Oracle, Policy
+from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, PreferencePair, load_pairs, save_pairs
+from trace_realign.sequences import SequenceLimits, encode_pair, pad_batch
+from trace_realign.triage import TriageResult, triage
+from trace_realign.world.synthetic import load_policy
+
+log = logging.getLogger(__name__)
+
+TRIAGED_FILE = "triaged.jsonl"
+TRIAGE_METRICS_FILE = "triage.json"
+
+
+class NoConflictsError(RuntimeError):
+    """Triage found no pair to invert or punish: there is nothing to re-align."""
+
+
+class DataSource(Protocol):
+    old: Policy
+    new: Policy
+
+    def train_pairs(self) -> list[PreferencePair]: ...
+
+    def eval_prompts(self) -> list[dict[str, Any]]: ...
+
+    def corpus(self) -> list[str]: ...
+
+
+class JsonlSource:
+    """Preference pairs from local .json/.jsonl files; categories, if present, can stand in for triage."""
+
+    def __init__(self, train_path: str, test_path: str | None, policy_old: str, policy_new: str, triaged: bool = False):
+        self.train_path, self.test_path, self.triaged = train_path, test_path, triaged
+        self.old, self.new = load_policy(policy_old), load_policy(policy_new)
+
+    def train_pairs(self) -> list[PreferencePair]:
+        return load_pairs(self.train_path, require_category=self.triaged)
+
+    def eval_prompts(self) -> list[dict[str, Any]]:
+        if not self.test_path:
+            return []
+        return [{"prompt": p.prompt, **p.meta} for p in load_pairs(self.test_path)]
+
+    def corpus(self) -> list[str]:
+        return [t for p in self.train_pairs() for t in (p.prompt, p.chosen, p.rejected)]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class StepStream(IterableDataset):
+    """An endless stream of steps; each step is a dict category -> padded batch.
+
+    Within a category the samples are drawn without replacement until it is exhausted, then reshuffled
+    (epochs per category), so every pair is seen equally often whatever the category sizes.
+    """
+
+    def __init__(self, rows: Mapping[str, list[dict[str, Any]]], batch_size: Mapping[str, int], pad_id: int, seed: int):
+        self.rows, self.batch_size, self.pad_id, self.seed = rows, batch_size, pad_id, seed
+
+    def __iter__(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+        rank, _ = _rank_and_world()
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(f"{self.seed}:{rank}:{info.id if info else 0}")
+        orders = {c: [] for c in self.rows}
+        while True:
+            step = {}
+            for cat, rows in self.rows.items():
+                if not rows:
+                    continue
+                picked = []
+                while len(picked) < min(self.batch_size[cat], len(rows)):
+                    if not orders[cat]:
+                        orders[cat] = rng.sample(range(len(rows)), len(rows))
+                    picked.append(rows[orders[cat].pop()])
+                step[cat] = collate(picked, self.pad_id)
+            yield step
+
+
+def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack encoded rows: pair rows give [first responses; second responses], retain rows their one."""
+    seqs = [r["first"] for r in rows] + [r["second"] for r in rows if "second" in r]
+    batch = pad_batch(seqs, pad_id)
+    batch["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
+    return batch
+
+
+class TriagedDataModule(L.LightningDataModule):
+    """Triages a data source with an oracle and serves the invert / punish / retain splits."""
+
+    def __init__(
+        self,
+        source: DataSource,
+        oracle: Oracle | None,
+        tokenizer: Any,
+        work_dir: str | Path,
+        batch_size: Mapping[str, int],
+        limits: SequenceLimits = SequenceLimits(),
+        use_triage: bool = True,
+        oracle_punish: bool = False,
+        trust_labels: bool = False,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        missing = [c for c in CATEGORIES if c not in batch_size]
+        if missing:
+            raise ValueError(f"data.batch_size: missing sizes for {missing}")
+        if any(int(batch_size[c]) < 1 for c in CATEGORIES):
+            raise ValueError(f"data.batch_size: every size must be >= 1, got {dict(batch_size)}")
+        self.source, self.oracle, self.tokenizer = source, oracle, tokenizer
+        self.work_dir = Path(work_dir)
+        self.batch_size = {c: int(batch_size[c]) for c in CATEGORIES}
+        self.limits, self.use_triage, self.oracle_punish = limits, use_triage, oracle_punish
+        self.trust_labels, self.seed, self.num_workers = trust_labels, seed, num_workers
+        self.splits: dict[str, list[PreferencePair]] = {}
+        self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.stats: dict[str, float] = {}
+
+    # -- stage 1: triage, once, on rank 0 --
+    def prepare_data(self) -> None:
+        if (self.work_dir / TRIAGED_FILE).is_file():
+            return  # this run directory already holds its triage (a resumed run)
+        pairs = self.source.train_pairs()
+        if not self.use_triage:
+            # The no-triage ablation: every pair is treated as a pair to punish (NPO on all pairs).
+            result = TriageResult(pairs=[replace(p, category=PUNISH) for p in pairs])
+        elif self.trust_labels:
+            for i, p in enumerate(pairs):
+                if p.category is None:
+                    raise DataError("dataset", i, "category", "missing, but the dataset is declared triaged")
+            result = TriageResult(pairs=pairs)
+        else:
+            if self.oracle is None:
+                raise ValueError("triage needs an oracle (oracle=...) or a triaged dataset (dataset.triaged=true)")
+            result = triage(pairs, self.oracle, self.source.new, corrections=self.oracle_punish)
+        metrics = {"data/rows": len(pairs), **result.metrics()}
+        if self.use_triage and not self.trust_labels:
+            metrics.update(ground_truth_agreement(result.pairs))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        save_pairs(result.pairs, self.work_dir / TRIAGED_FILE)
+        (self.work_dir / TRIAGE_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+
+    # -- tokenised splits on every rank --
+    def setup(self, stage: str | None = None) -> None:
+        if self.rows:
+            return
+        pairs = load_pairs(self.work_dir / TRIAGED_FILE, require_category=True)
+        self.stats = json.loads((self.work_dir / TRIAGE_METRICS_FILE).read_text())
+        self.splits = {c: [p for p in pairs if p.category == c] for c in CATEGORIES}
+        if not self.splits[INVERT] and not self.splits[PUNISH]:
+            raise NoConflictsError(
+                f"triage found no pair to invert or punish among {len(pairs)} pairs "
+                f"({self.stats}); pi_new changes nothing this data can teach"
+            )
+        if self.oracle_punish:
+            lacking = [i for i, p in enumerate(self.splits[PUNISH]) if not p.correction]
+            if lacking:
+                raise DataError(str(self.work_dir / TRIAGED_FILE), lacking[0], "correction",
+                                f"oracle-guided punish needs a correction for every punished pair ({len(lacking)} lack one)")
+        truncated = Counter()
+        offset = {INVERT: 0, PUNISH: len(self.splits[INVERT]), RETAIN: 0}
+        for cat in CATEGORIES:
+            self.rows[cat] = []
+            for i, p in enumerate(self.splits[cat]):
+                first, second = self.responses(cat, p)
+                row: dict[str, Any] = {"index": offset[cat] + i}
+                row["first"], t1 = self._encode(p.prompt, first)
+                truncated[cat] += t1
+                if second is not None:
+                    row["second"], t2 = self._encode(p.prompt, second)
+                    truncated[cat] += t2
+                self.rows[cat].append(row)
+        self.stats.update({f"data/truncated/{c}": truncated[c] for c in CATEGORIES})
+        if sum(truncated.values()):
+            log.warning("truncated sequences to data.max_length: %s", dict(truncated))
+        if not self.splits[RETAIN]:
+            log.warning("no retained pairs: the KL anchor has nothing to hold on to")
+
+    def responses(self, category: str, p: PreferencePair) -> tuple[str, str | None]:
+        """The (first, second) responses of a pair in the row layout of objective.py."""
+        if category == INVERT:
+            return p.rejected, p.chosen
+        if category == PUNISH:
+            return (p.correction, p.chosen) if self.oracle_punish else (p.chosen, p.rejected)
+        return p.chosen, None
+
+    def _encode(self, prompt: str, response: str) -> tuple[tuple[list[int], list[int]], bool]:
+        ids, labels, truncated = encode_pair(self.tokenizer, prompt, response, self.limits)
+        return (ids, labels), truncated
+
+    def encode_triples(self, triples: list[tuple[str, str, str]]) -> dict[str, torch.Tensor]:
+        """A stacked relational batch [winners; losers] for gold triples (prompt, winner, loser)."""
+        rows = [{"index": -1, "first": self._encode(x, w)[0], "second": self._encode(x, l)[0]} for x, w, l in triples]
+        return collate(rows, self.tokenizer.pad_token_id)
+
+    def conflict_row(self, k: int) -> tuple[str, dict[str, Any]]:
+        """Category and encoded row of conflict sample k (invert first, then punish)."""
+        n_i = len(self.rows[INVERT])
+        return (INVERT, self.rows[INVERT][k]) if k < n_i else (PUNISH, self.rows[PUNISH][k - n_i])
+
+    @property
+    def num_conflicts(self) -> int:
+        return len(self.splits[INVERT]) + len(self.splits[PUNISH])
+
+    def train_dataloader(self) -> DataLoader:
+        stream = StepStream(self.rows, self.batch_size, self.tokenizer.pad_token_id, self.seed)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+
+
+def ground_truth_agreement(pairs: list[PreferencePair]) -> dict[str, float]:
+    """Where a dataset knows the true category (meta.gt_category), how often triage matched it."""
+    known = [p for p in pairs if "gt_category" in p.meta]
+    if not known:
+        return {}
+    return {"triage/gt_accuracy": sum(p.category == p.meta["gt_category"] for p in known) / len(known)}

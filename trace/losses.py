@@ -1,0 +1,60 @@
+"""The TRACE losses as functions of tensors (Algorithm 1, "where:" block; paper Eqs. 1-3).
+
+Inputs are per-sequence log-probabilities log pi(y|x) (summed over response tokens) under the trainable
+policy and the frozen reference. Every function returns one loss per sample; reduction and the impact
+weights w are applied by the objective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+RELATIONAL_LOSSES = ("sigmoid", "ipo")
+
+
+def log_ratio_margin(
+    policy_pos: torch.Tensor, policy_neg: torch.Tensor, ref_pos: torch.Tensor, ref_neg: torch.Tensor
+) -> torch.Tensor:
+    """Delta_theta(x, y+, y-) = log pi(y+)/pi_ref(y+) - log pi(y-)/pi_ref(y-)."""
+    return (policy_pos - ref_pos) - (policy_neg - ref_neg)
+
+
+def relational_loss(
+    policy_pos: torch.Tensor,
+    policy_neg: torch.Tensor,
+    ref_pos: torch.Tensor,
+    ref_neg: torch.Tensor,
+    beta: float,
+    kind: str = "sigmoid",
+) -> torch.Tensor:
+    """Loss that prefers y+ over y-.
+
+    sigmoid: -log sigma(beta * Delta), as Algorithm 1 writes l_IPO (the DPO form).
+    ipo:     (Delta - 1/(2 beta))^2, the squared loss of Azar et al. (2024).
+    """
+    delta = log_ratio_margin(policy_pos, policy_neg, ref_pos, ref_neg)
+    if kind == "sigmoid":
+        return -F.logsigmoid(beta * delta)
+    if kind == "ipo":
+        return (delta - 1.0 / (2.0 * beta)) ** 2
+    raise ValueError(f"unknown relational loss {kind!r}; expected one of {RELATIONAL_LOSSES}")
+
+
+def npo_loss(
+    policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """NPO on both responses: -log sigma(-beta log pi/pi_ref (y_w)) - log sigma(-beta log pi/pi_ref (y_l))."""
+    return -F.logsigmoid(-beta * (policy_w - ref_w)) - F.logsigmoid(-beta * (policy_l - ref_l))
+
+
+def kl_anchor(ref_logits: torch.Tensor, policy_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Forward KL(pi_ref(.|x, y<t) || pi_theta(.|x, y<t)) over the full vocabulary, summed over masked tokens.
+
+    ref_logits, policy_logits: [batch, time, vocab], aligned with `mask` [batch, time] (1 on the
+    response tokens being predicted). Returns one value per sequence.
+    """
+    ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
+    pol_logp = F.log_softmax(policy_logits.float(), dim=-1)
+    per_token = (ref_logp.exp() * (ref_logp - pol_logp)).sum(-1)
+    return (per_token * mask).sum(-1)

@@ -1,0 +1,204 @@
+"""Loading the policy model, its tokenizer and its frozen reference.
+
+One loader for every model: a hub id or a local directory goes through `from_pretrained`. The embedded
+default is first *materialised* as a local directory (a tiny Llama built deterministically from a
+transformers config, with a tokenizer trained on the dataset's own texts) and then loaded by the same
+path, so no code path is used by the tiny model alone.
+
+With LoRA the reference is the same network with its adapters disabled: no second copy in memory. With
+full fine-tuning the reference is a frozen copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|pad|>", "unk": "<|unk|>"}
+ROLE_TOKENS = ["<|user|>", "<|assistant|>"]
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+    "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `corpus`, with special tokens and a chat template.
+
+    Byte-level so any text (including what a model generates later) round-trips; trained on the
+    dataset's texts so the tiny model sees short sequences.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = list(SPECIAL_TOKENS.values()) + ROLE_TOKENS
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(sorted(set(corpus)), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        additional_special_tokens=ROLE_TOKENS,
+    )
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model_dir(build_cfg: Mapping[str, Any], corpus: list[str], cache_dir: str | Path) -> Path:
+    """Materialise the tiny Llama and its tokenizer under `cache_dir`, keyed by config and corpus.
+
+    Built in a temporary directory and renamed into place, so an interrupted build leaves no half cache.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    build_cfg = dict(build_cfg)
+    key = _hash({"build": build_cfg, "corpus": hashlib.sha256("\n".join(sorted(set(corpus))).encode()).hexdigest()})
+    target = Path(cache_dir) / f"tiny-{build_cfg.get('architecture', 'llama')}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    if build_cfg.get("architecture", "llama") != "llama":
+        raise ValueError(f"model.build.architecture: only 'llama' can be built locally, got {build_cfg['architecture']!r}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(corpus, int(build_cfg["vocab_size"]))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=int(build_cfg["hidden_size"]),
+        intermediate_size=int(build_cfg["intermediate_size"]),
+        num_hidden_layers=int(build_cfg["num_hidden_layers"]),
+        num_attention_heads=int(build_cfg["num_attention_heads"]),
+        num_key_value_heads=int(build_cfg.get("num_key_value_heads", build_cfg["num_attention_heads"])),
+        max_position_embeddings=int(build_cfg["max_position_embeddings"]),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=bool(build_cfg.get("tie_word_embeddings", True)),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(build_cfg.get("seed", 0)))
+        model = LlamaForCausalLM(config)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first: its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("built tiny model at %s", target)
+    return target
+
+
+def resolve_model_path(model_cfg: Mapping[str, Any], corpus: list[str] | None, cache_dir: str | Path) -> str:
+    """The hub id or local path to load: as configured, or the tiny model materialised from `build`."""
+    if model_cfg.get("name_or_path"):
+        return str(model_cfg["name_or_path"])
+    if not model_cfg.get("build"):
+        raise ValueError("model: set model.name_or_path (hub id or local path) or a model.build section")
+    if not corpus:
+        raise ValueError("model.build: building the tiny model needs the dataset's texts for its tokenizer")
+    return str(build_tiny_model_dir(model_cfg["build"], corpus, cache_dir))
+
+
+def load_tokenizer(path: str, model_cfg: Mapping[str, Any]):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        path, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
+    )
+    if tok.pad_token_id is None:
+        # Padding is masked everywhere; reusing EOS as PAD is the usual choice for decoder-only models.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    # With dropout the policy differs from the reference at theta_ref, biasing Delta and the impact scores.
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def load_policy(path: str, model_cfg: Mapping[str, Any]) -> tuple[nn.Module, nn.Module | None]:
+    """The trainable policy and, for full fine-tuning, a frozen reference copy (None under LoRA)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype_name = str(model_cfg.get("dtype", "float32"))
+    if dtype_name not in DTYPES:
+        raise ValueError(f"model.dtype: unknown dtype {dtype_name!r}; expected one of {list(DTYPES)}")
+    kwargs: dict[str, Any] = {
+        "dtype": DTYPES[dtype_name],
+        "revision": model_cfg.get("revision"),
+        "trust_remote_code": bool(model_cfg.get("trust_remote_code", False)),
+    }
+    if model_cfg.get("attn_implementation"):
+        kwargs["attn_implementation"] = model_cfg["attn_implementation"]
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if model_cfg.get("disable_dropout", True):
+        _disable_dropout(model)
+    if model_cfg.get("gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Without this, LoRA over checkpointed frozen layers receives no gradient and silently trains nothing.
+        model.enable_input_require_grads()
+    lora = model_cfg.get("lora") or {}
+    if lora.get("enabled", True):
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora.get("target_modules", "all-linear")
+        peft_cfg = LoraConfig(
+            r=int(lora.get("r", 8)),
+            lora_alpha=int(lora.get("alpha", 16)),
+            lora_dropout=float(lora.get("dropout", 0.0)),
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, peft_cfg), None
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return model, reference
+
+
+@contextlib.contextmanager
+def reference_of(policy: nn.Module, reference: nn.Module | None) -> Iterator[nn.Module]:
+    """The frozen reference pi_ref: a separate copy, or the policy with its LoRA adapters disabled."""
+    if reference is not None:
+        yield reference
+        return
+    with policy.disable_adapter():  # type: ignore[operator]
+        yield policy
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

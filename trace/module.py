@@ -1,0 +1,173 @@
+"""The LightningModule: impact weights at theta_ref, then the hybrid TRACE objective.
+
+    L_TRACE = sum_I w_i l_rel(x, y_l, y_w) + sum_P w_j l_NPO(x, y_w, y_l)  [or l_rel(x, y_c, y_w)]
+              + alpha_KL sum_R KL(pi_ref || pi_theta)                       (Algorithm 1, lines 22-28)
+
+Every method, baseline and ablation is this module under a different configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Callable, Mapping
+
+import lightning as L
+import torch
+
+from trace_realign.data import collate
+from trace_realign.impact import clip_and_normalise, gold_batch, gold_gradient, impact_scores, uniform_weights
+from trace_realign.model import load_policy, trainable_parameters
+from trace_realign.objective import (
+    ObjectiveConfig,
+    conflict_losses,
+    policy_and_reference_logps,
+    reduce,
+    retain_kl,
+)
+from trace_realign.losses import relational_loss
+from trace_realign.records import INVERT, PUNISH, RETAIN
+
+log = logging.getLogger(__name__)
+
+
+class TraceModule(L.LightningModule):
+    def __init__(
+        self,
+        model_path: str,
+        model_cfg: Mapping[str, Any],
+        objective: ObjectiveConfig,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        use_impact: bool = True,
+        gamma: float = 1.0,
+        gold_batch_size: int = 48,
+        gold_chunk_size: int = 8,
+        stop_grad_norm: float = 0.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.model_path, self.model_cfg, self.objective = model_path, dict(model_cfg), objective
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.use_impact, self.gamma, self.gold_batch_size = use_impact, gamma, gold_batch_size
+        self.gold_chunk_size, self.stop_grad_norm, self.seed = gold_chunk_size, stop_grad_norm, seed
+        self.policy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        # w over the conflict set (invert first, then punish); a buffer so a checkpoint carries it.
+        self.register_buffer("weights", torch.zeros(0), persistent=True)
+        self.impact_info: dict[str, float] = {}
+        self.stop_reason = "max_steps"
+        self.last_losses: dict[str, float] = {}
+        self.first_losses: dict[str, float] = {}
+
+    # -- model --
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy, self.reference = load_policy(self.model_path, self.model_cfg)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # The weights buffer is sized by the data: take its shape from the checkpoint.
+        if "weights" in state_dict:
+            self.weights = torch.empty_like(state_dict["weights"])
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # -- stage 2: impact weights at theta_ref --
+    def on_fit_start(self) -> None:
+        if self.weights.numel():
+            return  # resumed: the weights were computed at theta_ref and came with the checkpoint
+        dm = self.trainer.datamodule
+        n = dm.num_conflicts
+        if not self.use_impact:
+            w, info = uniform_weights(n)
+        else:
+            w, info = self.compute_impact(dm)
+        self.weights = w.to(self.device, torch.float32)
+        self.impact_info = info
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics({k: float(v) for k, v in info.items()}, step=0)
+
+    @torch.enable_grad()
+    def compute_impact(self, dm) -> tuple[torch.Tensor, dict[str, float]]:
+        """Lines 9-20, sharded over ranks: each rank scores every world-th sample, then the scores are summed."""
+        assert self.policy is not None
+        rng = random.Random(self.seed)
+        gold = gold_batch(dm.splits[INVERT], dm.splits[PUNISH], dm.splits[RETAIN], self.gold_batch_size, rng)
+        params = trainable_parameters(self.policy)
+        cfg = self.objective
+
+        def gold_chunk(triples):
+            def make() -> torch.Tensor:
+                batch = self._to_device(dm.encode_triples(triples))
+                pol, ref = policy_and_reference_logps(self.policy, self.reference, batch)
+                b = len(triples)
+                return relational_loss(pol[:b], pol[b:], ref[:b], ref[b:], cfg.beta, cfg.relational).sum()
+            return make
+
+        chunks = [gold.triples[i : i + self.gold_chunk_size] for i in range(0, len(gold.triples), self.gold_chunk_size)]
+        g_gold = gold_gradient(params, [gold_chunk(c) for c in chunks])
+
+        def sample(k: int):
+            def make() -> torch.Tensor:
+                category, row = dm.conflict_row(k)
+                batch = self._to_device(collate([row], dm.tokenizer.pad_token_id))
+                pol, ref = policy_and_reference_logps(self.policy, self.reference, batch)
+                return conflict_losses(category, pol, ref, cfg).sum()
+            return make
+
+        rank, world = self.global_rank, self.trainer.world_size
+        losses = [sample(k) if k % world == rank else None for k in range(dm.num_conflicts)]
+        scores = impact_scores(params, g_gold, losses, progress=self.trainer.is_global_zero)
+        if world > 1:
+            scores = self.trainer.strategy.reduce(scores.to(self.device), reduce_op="sum").cpu()
+        w, info = clip_and_normalise(scores, self.gamma)
+        info.update({"impact/gold_retain": gold.n_retain, "impact/gold_invert": gold.n_invert,
+                     "impact/gold_punish": gold.n_punish, "impact/grad_norm_gold": float(g_gold.norm())})
+        self.policy.zero_grad(set_to_none=True)
+        return w, info
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    # -- stage 3: the hybrid objective --
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        assert self.policy is not None
+        cfg = self.objective
+        # Mean reduction uses mean-one weights, so uniform weights give plain batch means.
+        scale = float(self.weights.numel()) if cfg.reduction == "mean" else 1.0
+        zero = torch.zeros((), device=self.device)
+        terms = {INVERT: zero, PUNISH: zero, "kl": zero}
+        for category in (INVERT, PUNISH):
+            if category in batch:
+                part = batch[category]
+                pol, ref = policy_and_reference_logps(self.policy, self.reference, part)
+                w = self.weights[part["index"]] * scale
+                terms[category] = reduce(w * conflict_losses(category, pol, ref, cfg), cfg.reduction)
+        if RETAIN in batch:
+            with torch.set_grad_enabled(cfg.alpha_kl > 0):  # logged even when it does not train (no_kl)
+                terms["kl"] = reduce(retain_kl(self.policy, self.reference, batch[RETAIN]), cfg.reduction)
+        loss = terms[INVERT] + terms[PUNISH] + cfg.alpha_kl * terms["kl"]
+        values = {"train/loss": loss, "train/loss_invert": terms[INVERT],
+                  "train/loss_punish": terms[PUNISH], "train/loss_kl": terms["kl"]}
+        self.log_dict(values, prog_bar=False, on_step=True, on_epoch=False)
+        self.log("loss", loss, prog_bar=True, logger=False)
+        self.last_losses = {k: float(v.detach()) for k, v in values.items()}
+        if not self.first_losses:
+            self.first_losses = {k.replace("train/", "train/first_"): v for k, v in self.last_losses.items()}
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Line 22: stop once ||grad L_TRACE|| <= epsilon."""
+        grads = [p.grad.detach().float().norm() for p in trainable_parameters(self.policy) if p.grad is not None]
+        norm = torch.stack(grads).norm() if grads else torch.zeros((), device=self.device)
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        if self.stop_grad_norm > 0 and float(norm) <= self.stop_grad_norm:
+            self.stop_reason = "grad_norm"
+            self.trainer.should_stop = True
+
+    def configure_optimizers(self):
+        assert self.policy is not None
+        optimizer = self.optimizer_factory(params=trainable_parameters(self.policy))
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "step"}}

@@ -1,0 +1,79 @@
+"""Tokenising (prompt, response) pairs and per-sequence log-probabilities with the prompt masked.
+
+Prompt and response are tokenised separately and concatenated, so the boundary never merges tokens and
+the mask is exact; the prompt goes through the model's chat template when its tokenizer has one. Labels
+are -100 on prompt and padding, as in TRL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class SequenceLimits:
+    max_length: int = 512
+    max_prompt_length: int = 256
+
+
+def prompt_text(tokenizer, prompt: str) -> str:
+    """The prompt as the model sees it at generation time."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    text = prompt_text(tokenizer, prompt)
+    # A chat template writes its own BOS; a bare prompt gets the tokenizer's special tokens.
+    return list(tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"])
+
+
+def encode_pair(tokenizer, prompt: str, response: str, limits: SequenceLimits) -> tuple[list[int], list[int], bool]:
+    """input_ids and labels for one (prompt, response); the flag says whether anything was truncated."""
+    p_ids = encode_prompt(tokenizer, prompt)
+    r_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        r_ids.append(tokenizer.eos_token_id)
+    truncated = False
+    if len(p_ids) > limits.max_prompt_length:
+        p_ids, truncated = p_ids[-limits.max_prompt_length :], True  # keep the end: it holds the question
+    room = limits.max_length - len(p_ids)
+    if len(r_ids) > room:
+        r_ids, truncated = r_ids[: max(room, 1)], True
+    return p_ids + r_ids, [IGNORE_INDEX] * len(p_ids) + r_ids, truncated
+
+
+def pad_batch(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (input_ids, labels) into tensors."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def shift_for_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Align logits at t with the token at t+1: (logits, targets with -100 replaced, mask)."""
+    logits = logits[:, :-1, :]
+    labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    return logits, labels.masked_fill(~mask, 0), mask
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log pi(y_t | x, y_<t) over response tokens; one value per sequence."""
+    logits, targets, mask = shift_for_loss(logits, labels)
+    token_logps = torch.gather(logits.float().log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1)

@@ -1,0 +1,167 @@
+"""`trace-realign`: the Hydra app. Glue only: build each part from config, triage, fit, evaluate, write.
+
+    trace-realign                                   # the embedded default, on a CPU
+    trace-realign loss=ipo ablation=no_kl trainer.max_steps=5
+    trace-realign -m ablation=full,no_triage,no_impact,no_kl
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from trace_realign.data import TriagedDataModule
+from trace_realign.eval import evaluate
+from trace_realign.model import load_tokenizer, resolve_model_path
+from trace_realign.module import TraceModule
+from trace_realign.objective import ObjectiveConfig
+from trace_realign.sequences import SequenceLimits
+
+log = logging.getLogger(__name__)
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    return [instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """One flat JSON object keyed by wandb-style paths."""
+    flat = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in metrics.items()}
+    path.write_text(json.dumps(dict(sorted(flat.items())), indent=2) + "\n")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """One realignment run; returns the metrics it wrote to metrics.json."""
+    start = time.time()
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    source = instantiate(cfg.dataset)
+    oracle = instantiate(cfg.oracle)
+    corpus = source.corpus() if cfg.model.get("build") else None
+    model_path = resolve_model_path(cfg.model, corpus, cfg.paths.cache_dir)
+    tokenizer = load_tokenizer(model_path, cfg.model)
+
+    ablation = cfg.ablation
+    datamodule = TriagedDataModule(
+        source=source,
+        oracle=oracle,
+        tokenizer=tokenizer,
+        work_dir=out / "data",
+        batch_size=cfg.data.batch_size,
+        limits=SequenceLimits(cfg.data.max_length, cfg.data.max_prompt_length),
+        use_triage=ablation.triage,
+        oracle_punish=ablation.oracle_punish,
+        trust_labels=bool(getattr(source, "triaged", False)),
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+    )
+    # Triage before any model is trained: bad data and "nothing to re-align" fail here.
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+
+    objective = ObjectiveConfig(
+        beta=cfg.loss.beta,
+        relational=cfg.loss.type,
+        alpha_kl=cfg.objective.alpha_kl if ablation.kl else 0.0,
+        reduction=cfg.objective.reduction,
+        oracle_punish=ablation.oracle_punish,
+    )
+    module = TraceModule(
+        model_path=model_path,
+        model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
+        objective=objective,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        use_impact=ablation.impact,
+        gamma=cfg.impact.gamma,
+        gold_batch_size=cfg.impact.gold_batch_size,
+        gold_chunk_size=cfg.impact.chunk_size,
+        stop_grad_norm=cfg.objective.stop_grad_norm,
+        seed=cfg.seed,
+    )
+    module.configure_model()
+    loggers = build_loggers(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False)
+
+    metrics: dict[str, Any] = dict(datamodule.stats)
+    metrics.update({
+        "train/batch_size_effective": sum(datamodule.batch_size.values()) * trainer.accumulate_grad_batches * trainer.world_size,
+        "train/world_size": trainer.world_size,
+    })
+    items = source.eval_prompts()
+    if cfg.eval.max_prompts:
+        items = items[: cfg.eval.max_prompts]
+    judge_kwargs = dict(oracle=oracle, new=source.new, old=source.old, items=items,
+                        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    if cfg.eval.enabled and cfg.eval.before and trainer.is_global_zero:
+        before, _ = evaluate(module.policy, tokenizer, prefix="eval/before", **judge_kwargs)
+        metrics.update(before)
+
+    t_fit = time.time()
+    trainer.fit(module, datamodule=datamodule)
+    metrics.update({k: float(v) for k, v in module.impact_info.items()})
+    metrics.update(module.last_losses)
+    metrics.update(module.first_losses)
+    metrics.update({"train/steps": trainer.global_step, "train/seconds": time.time() - t_fit,
+                    "train/stopped_by_grad_norm": int(module.stop_reason == "grad_norm")})
+
+    if trainer.is_global_zero:
+        if cfg.eval.enabled:
+            after, rows = evaluate(module.policy, tokenizer, prefix="eval/after", **judge_kwargs)
+            metrics.update(after)
+            with (out / "generations.jsonl").open("w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+        save_dir = out / ("adapter" if cfg.model.lora.enabled else "model")
+        module.policy.save_pretrained(save_dir)
+        tokenizer.save_pretrained(save_dir)
+        metrics["time/total_seconds"] = time.time() - start
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+        write_metrics(out / "metrics.json", metrics)
+        for lg in loggers:
+            lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
+        print_summary(out, metrics)
+    return metrics
+
+
+def print_summary(out: Path, metrics: dict[str, Any]) -> None:
+    keys = ["triage/invert", "triage/punish", "triage/retain", "impact/nonzero", "train/loss",
+            "eval/before/tpa", "eval/after/tpa", "eval/before/tpa_old", "eval/after/tpa_old", "time/total_seconds"]
+    width = max(len(k) for k in keys)
+    lines = [f"  {k:<{width}}  {metrics[k]:.4g}" for k in keys if k in metrics]
+    print(f"\ntrace-realign: outputs in {out}\n" + "\n".join(lines), flush=True)
+
+
+def finish_loggers() -> None:
+    """wandb logs every multirun job into one run unless each is finished, even after a failure."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except ImportError:
+        pass
+
+
+@hydra.main(version_base="1.3", config_path="pkg://trace_realign.conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = run(cfg)
+    finally:
+        finish_loggers()
+    value = metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+    return float(value) if value is not None else None
+
+
+if __name__ == "__main__":
+    main()

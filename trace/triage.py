@@ -1,0 +1,93 @@
+"""Stage 1, programmatic triage (Algorithm 1, lines 1-7).
+
+(c_w, c_l) = compliance of chosen and rejected with pi_new:
+    invert: c_w = 0, c_l = 1     punish: c_w = 0, c_l = 0     retain: c_w = 1
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+from tqdm.auto import tqdm
+
+from trace_realign.oracle import Oracle, Policy
+from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, PreferencePair
+
+log = logging.getLogger(__name__)
+
+
+def triage_category(c_w: bool, c_l: bool) -> str:
+    """Lines 4-6 of Algorithm 1."""
+    if c_w:
+        return RETAIN
+    return INVERT if c_l else PUNISH
+
+
+@dataclass
+class TriageResult:
+    """Triaged pairs plus an account of every pair that did not make it (nothing is dropped silently)."""
+
+    pairs: list[PreferencePair]
+    excluded: Counter = field(default_factory=Counter)
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(p.category for p in self.pairs)
+        return {cat: c.get(cat, 0) for cat in CATEGORIES}
+
+    def metrics(self) -> dict[str, int]:
+        out = {f"triage/{k}": v for k, v in self.counts().items()}
+        out.update({f"triage/excluded/{k}": v for k, v in sorted(self.excluded.items())})
+        return out
+
+
+def triage(
+    pairs: Sequence[PreferencePair],
+    oracle: Oracle,
+    policy: Policy,
+    corrections: bool = False,
+    batch_size: int = 256,
+) -> TriageResult:
+    """Label every pair invert/punish/retain by the oracle's verdicts on both responses under `policy`.
+
+    With `corrections`, the oracle writes y_c for each punished pair (line 16); a correction the oracle
+    itself does not judge compliant, or none at all, excludes the pair with a count.
+    """
+    result = TriageResult(pairs=[])
+    bar = tqdm(total=len(pairs), desc="triage", unit="pair", leave=False)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        items = [(p.prompt, p.chosen) for p in chunk] + [(p.prompt, p.rejected) for p in chunk]
+        verdicts = oracle.judge_batch(items, policy)
+        n = len(chunk)
+        for p, c_w, c_l in zip(chunk, verdicts[:n], verdicts[n:]):
+            if c_w is None or c_l is None:
+                # An undecided verdict is not compliance: count the pair out instead of guessing.
+                result.excluded["oracle_failed"] += 1
+                continue
+            result.pairs.append(replace(p, category=triage_category(c_w, c_l)))
+        bar.update(n)
+    bar.close()
+    if corrections:
+        _attach_corrections(result, oracle, policy)
+    log.info("triage: %s, excluded %s", result.counts(), dict(result.excluded))
+    return result
+
+
+def _attach_corrections(result: TriageResult, oracle: Oracle, policy: Policy) -> None:
+    punished = [i for i, p in enumerate(result.pairs) if p.category == PUNISH and p.correction is None]
+    if not punished:
+        return
+    prompts = [result.pairs[i].prompt for i in punished]
+    written = oracle.correct_batch(prompts, policy)
+    checks = oracle.judge_batch([(pr, y or "") for pr, y in zip(prompts, written)], policy)
+    drop = set()
+    for i, y_c, ok in zip(punished, written, checks):
+        if y_c is None or not y_c.strip() or ok is not True:
+            result.excluded["correction_failed"] += 1
+            drop.add(i)
+        else:
+            result.pairs[i] = replace(result.pairs[i], correction=y_c)
+    result.pairs = [p for i, p in enumerate(result.pairs) if i not in drop]

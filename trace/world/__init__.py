@@ -1,0 +1,5 @@
+"""The embedded synthetic world: generator, policies and programmatic judge."""
+
+from trace_realign.world.synthetic import SyntheticWorld, WorldJudge, load_policy
+
+__all__ = ["SyntheticWorld", "WorldJudge", "load_policy"]
