@@ -64,6 +64,7 @@ class TraceModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is None:
             self.policy, self.reference = load_policy(self.model_path, self.model_cfg)
+            self.policy.train()  # from_pretrained returns eval mode; dropout is already off either way
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # The weights buffer is sized by the data: take its shape from the checkpoint.

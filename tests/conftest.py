@@ -1,0 +1,49 @@
+"""Shared fixtures: the real configs composed as the app composes them, small enough for a CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# A few steps on a few pairs: what every end-to-end test runs unless it says otherwise.
+FAST = [
+    "trainer.max_steps=2",
+    "dataset.pairs_per_axis=8",
+    "dataset.test_prompts_per_axis=2",
+    "impact.gold_batch_size=6",
+    "data.batch_size.invert=2",
+    "data.batch_size.punish=2",
+    "data.batch_size.retain=2",
+    "eval.max_new_tokens=4",
+    "trainer.enable_progress_bar=false",
+    "logger=none",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    """One model cache per test session, never the user's."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["TRACE_CACHE_DIR"] = str(path)
+    return path
+
+
+def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides) + extra)
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def make(*overrides: str, fast: bool = True) -> DictConfig:
+        return compose_cfg((FAST if fast else []) + list(overrides), tmp_path / "run")
+
+    return make

@@ -1,0 +1,265 @@
+"""The Hydra app end to end: every config option composes, every ablation and loss runs, outputs are
+complete, adapters really train, and secrets never reach the outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from safetensors.torch import load_file
+
+from conftest import CONF, FAST, ROOT, compose_cfg
+from trace_realign.data import NoConflictsError
+from trace_realign.train import run
+
+REQUIRED_KEYS = [
+    "triage/invert", "triage/punish", "triage/retain", "impact/nonzero", "impact/max",
+    "train/loss", "train/loss_invert", "train/loss_punish", "train/loss_kl",
+    "eval/before/tpa", "eval/after/tpa",
+]
+GROUPS = ["model", "dataset", "oracle", "loss", "ablation", "trainer", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_config_option_composes(group, option, tmp_path):
+    extra = ["dataset.train_path=x.jsonl"] if (group, option) == ("dataset", "jsonl") else []
+    cfg = compose_cfg([f"{group}={option}", *extra], tmp_path)
+    assert cfg[group] is not None
+    if group == "ablation":
+        assert cfg.ablation.name == option
+    if group == "loss":
+        assert cfg.loss.type in ("sigmoid", "ipo") and cfg.loss.beta > 0
+
+
+def test_experiment_files_compose(tmp_path):
+    for name in options("experiment"):
+        compose_cfg([f"experiment={name}"], tmp_path)
+
+
+def test_ablation_groups_set_their_flags(tmp_path):
+    flags = {o: compose_cfg([f"ablation={o}"], tmp_path).ablation for o in options("ablation")}
+    assert flags["no_triage"].triage is False
+    assert flags["no_impact"].impact is False and flags["no_impact"].triage is True
+    assert flags["no_kl"].kl is False and flags["no_kl"].impact is True
+    assert flags["oracle_punish"].oracle_punish is True
+
+
+def test_hyperparameters_override_from_command_line(tmp_path):
+    cfg = compose_cfg(["optimizer.lr=0.5", "loss.beta=0.7", "objective.alpha_kl=2", "impact.gamma=3",
+                       "impact.gold_batch_size=9", "objective.stop_grad_norm=0.01", "trainer.max_steps=7",
+                       "model.lora.r=4", "model.lora.alpha=8", "model.lora.target_modules=[q_proj]",
+                       "data.batch_size.retain=5", "trainer.accumulate_grad_batches=3"], tmp_path)
+    assert (cfg.optimizer.lr, cfg.loss.beta, cfg.objective.alpha_kl, cfg.impact.gamma) == (0.5, 0.7, 2, 3)
+    assert (cfg.impact.gold_batch_size, cfg.objective.stop_grad_norm, cfg.trainer.max_steps) == (9, 0.01, 7)
+    assert (cfg.model.lora.r, cfg.model.lora.alpha, list(cfg.model.lora.target_modules)) == (4, 8, ["q_proj"])
+    assert (cfg.data.batch_size.retain, cfg.trainer.accumulate_grad_batches) == (5, 3)
+
+
+def test_fsdp_strategy_instantiates(tmp_path):
+    cfg = compose_cfg(["trainer=fsdp"], tmp_path)
+    strategy = instantiate(cfg.trainer.strategy)
+    assert type(strategy).__name__ == "FSDPStrategy"
+
+
+def _check_metrics(out: Path) -> dict:
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in REQUIRED_KEYS:
+        assert key in metrics, key
+    assert all(isinstance(v, (int, float, str)) for v in metrics.values()), "metrics.json must be flat"
+    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
+    assert (out / "config.yaml").is_file()
+    return metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ablation", ["full", "no_triage", "no_impact", "no_kl", "oracle_punish"])
+def test_two_step_run_per_ablation(ablation, make_cfg):
+    cfg = make_cfg(f"ablation={ablation}")
+    run(cfg)
+    out = Path(cfg.paths.output_dir)
+    m = _check_metrics(out)
+    assert m["train/steps"] == 2
+    n_conflict = m["triage/invert"] + m["triage/punish"]
+    if ablation == "no_triage":
+        assert m["triage/punish"] == m["data/rows"] and m["triage/invert"] == m["triage/retain"] == 0
+    if ablation in ("no_impact", "no_triage"):
+        assert m["impact/max"] == pytest.approx(1.0 / n_conflict)
+    if ablation == "no_kl":
+        # alpha_KL = 0: the KL is measured but does not enter the loss.
+        assert m["train/loss"] == pytest.approx(m["train/loss_invert"] + m["train/loss_punish"], rel=1e-5)
+    if ablation == "full":
+        assert m["train/loss"] == pytest.approx(
+            m["train/loss_invert"] + m["train/loss_punish"] + 0.1 * m["train/loss_kl"], rel=1e-5)
+        assert m["triage/gt_accuracy"] == 1.0
+    if ablation == "oracle_punish":
+        triaged = [json.loads(line) for line in (out / "data" / "triaged.jsonl").read_text().splitlines()]
+        assert all(r.get("correction") for r in triaged if r["category"] == "punish")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_two_step_run_per_loss(loss, make_cfg):
+    cfg = make_cfg(f"loss={loss}")
+    m = run(cfg)
+    _check_metrics(Path(cfg.paths.output_dir))
+    beta = cfg.loss.beta
+    # First step is at theta_ref (Delta = 0): the invert term is the mean-one-weighted mean of l(0).
+    assert m["train/first_loss_kl"] == pytest.approx(0.0, abs=1e-6)
+    l0 = math.log(2) if loss == "sigmoid" else (1 / (2 * beta)) ** 2
+    assert 0 < m["train/first_loss_invert"] < 8 * l0
+
+
+@pytest.mark.slow
+def test_sum_reduction_is_algorithm_1_literal(make_cfg):
+    m = run(make_cfg("objective.reduction=sum", "eval.enabled=false"))
+    # Weights sum to 1 over the conflict set, so a batch of a few pairs carries a small share of l(0).
+    assert m["train/first_loss_invert"] < math.log(2) * 2
+
+
+@pytest.mark.slow
+def test_lora_adapter_weights_change(make_cfg):
+    cfg = make_cfg("eval.enabled=false", "trainer.max_steps=3")
+    run(cfg)
+    weights = load_file(str(Path(cfg.paths.output_dir) / "adapter" / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero and must move"
+
+
+@pytest.mark.slow
+def test_lora_with_gradient_checkpointing_still_trains(make_cfg):
+    cfg = make_cfg("eval.enabled=false", "model.gradient_checkpointing=true")
+    run(cfg)
+    weights = load_file(str(Path(cfg.paths.output_dir) / "adapter" / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+def test_full_finetuning_switch(make_cfg):
+    from transformers import AutoModelForCausalLM
+
+    from trace_realign.model import resolve_model_path
+
+    cfg = make_cfg("model.lora.enabled=false", "eval.enabled=false")
+    m = run(cfg)
+    out = Path(cfg.paths.output_dir) / "model"
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    base_path = resolve_model_path(cfg.model, instantiate(cfg.dataset).corpus(), cfg.paths.cache_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    diffs = [(a - b).abs().max() for a, b in zip(trained.parameters(), base.parameters())]
+    assert max(diffs) > 0
+    assert m["train/first_loss_kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_grad_norm_threshold_stops_training(make_cfg):
+    m = run(make_cfg("objective.stop_grad_norm=1e9", "trainer.max_steps=10", "eval.enabled=false"))
+    assert m["train/steps"] == 1 and m["train/stopped_by_grad_norm"] == 1
+
+
+def test_no_conflicts_stops_with_clear_message(make_cfg):
+    # pi_new == pi_old: every chosen response still complies, so there is nothing to re-align.
+    with pytest.raises(NoConflictsError, match="no pair to invert or punish"):
+        run(make_cfg("dataset.policy_new=pi_old"))
+
+
+@pytest.mark.slow
+def test_empty_punish_category_still_trains(make_cfg, tmp_path):
+    policy = (ROOT / "trace" / "world" / "policies" / "pi_new.yaml").read_text()
+    # Keep politics as it was: with no tightened axis nothing is punished.
+    policy = policy.replace("allowed: [neutral]", "allowed: [comply]")
+    path = tmp_path / "no_punish.yaml"
+    path.write_text(policy)
+    m = run(make_cfg(f"dataset.policy_new={path}", "eval.enabled=false"))
+    assert m["triage/punish"] == 0 and m["triage/invert"] > 0
+    assert m["train/loss_punish"] == 0.0 and m["train/steps"] == 2
+
+
+@pytest.mark.slow
+def test_wandb_offline_without_credentials_and_no_key_in_outputs(make_cfg, tmp_path, monkeypatch):
+    secret = "sk-planted-" + "7" * 40
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", secret)  # a key in the environment must never be written anywhere
+    from trace_realign.loggers import wandb_credentials_present
+
+    assert not wandb_credentials_present()
+    cfg = make_cfg("logger=wandb", "eval.enabled=false")
+    run(cfg)
+    out = Path(cfg.paths.output_dir)
+    offline = list(out.rglob("offline-run-*"))
+    assert offline, "without credentials wandb must run offline"
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_wandb_with_key_in_environment_counts_as_credentials(monkeypatch, tmp_path):
+    from trace_realign.loggers import wandb_credentials_present
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_credentials_present()
+
+
+def test_package_imports_outside_repo_and_stdlib_trace_survives(tmp_path):
+    code = ("import trace, trace_realign, sysconfig, os; "
+            "assert os.path.dirname(trace.__file__) == sysconfig.get_paths()['stdlib'], trace.__file__; "
+            "import trace_realign.train; print(trace_realign.__version__)")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def readme_run_command() -> list[str]:
+    """The run command of the README's quick start (the line after its marker comment)."""
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"# run the embedded default\n(trace-realign[^\n]*)", text)
+    assert match, "README must show the run command under '# run the embedded default'"
+    return shlex.split(match.group(1))
+
+
+@pytest.mark.slow
+def test_readme_run_command(tmp_path):
+    cmd = readme_run_command() + FAST + [f"hydra.run.dir={tmp_path / 'out'}"]
+    exe = Path(sys.executable).parent / cmd[0]
+    res = subprocess.run([str(exe), *cmd[1:]], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "HYDRA_FULL_ERROR": "1"}, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "outputs in" in res.stdout and "eval/after/tpa" in res.stdout
+    _check_metrics(tmp_path / "out")
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_multirun_sweep_writes_one_folder_per_job(tmp_path):
+    exe = Path(sys.executable).parent / "trace-realign"
+    sweep = tmp_path / "sweep"
+    res = subprocess.run([str(exe), "-m", "ablation=full,no_kl", *FAST, "eval.enabled=false",
+                          f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = {json.loads((sweep / str(i) / "metrics.json").read_text()) is not None for i in range(2)}
+    assert names == {True}
+    assert "no_kl" in (sweep / "1" / "config.yaml").read_text()
+
+
+def test_bad_dataset_file_fails_before_training(make_cfg, tmp_path):
+    from trace_realign.records import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+                   + json.dumps({"prompt": "p", "chosen": "", "rejected": "b"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl, record 1, field 'chosen': empty text"):
+        run(make_cfg("dataset=jsonl", f"dataset.train_path={bad}", "logger=none", fast=False))
+
