@@ -263,3 +263,39 @@ def test_bad_dataset_file_fails_before_training(make_cfg, tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl, record 1, field 'chosen': empty text"):
         run(make_cfg("dataset=jsonl", f"dataset.train_path={bad}", "logger=none", fast=False))
 
+
+
+def _impact(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "data" / "impact.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
+    """Impact scores are sharded over ranks and summed: the weights must equal a single process's, and
+    only rank 0 writes outputs."""
+    exe = str(Path(sys.executable).parent / "trace-realign")
+    common = [*FAST, "eval.enabled=false", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, extra in ((one, []), (two, ["trainer=ddp", "trainer.devices=2"])):
+        res = subprocess.run([exe, *common, *extra, f"hydra.run.dir={out}"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    w1, w2 = _impact(one), _impact(two)
+    assert [r["prompt"] for r in w1] == [r["prompt"] for r in w2]
+    assert [r["weight"] for r in w2] == pytest.approx([r["weight"] for r in w1], rel=1e-5, abs=1e-9)
+    m2 = json.loads((two / "metrics.json").read_text())
+    assert m2["train/world_size"] == 2
+    assert m2["train/batch_size_effective"] == 2 * json.loads((one / "metrics.json").read_text())["train/batch_size_effective"]
+    assert not list(tmp_path.glob("outputs")), "no stray output folders from other ranks"
+
+
+@pytest.mark.slow
+def test_impact_weights_are_seeded_and_deterministic(make_cfg, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        cfg = compose_cfg([*FAST, "eval.enabled=false"], tmp_path / name)
+        run(cfg)
+        outs.append(_impact(tmp_path / name))
+    assert outs[0] == outs[1]
+    weights = [r["weight"] for r in outs[0]]
+    assert sum(weights) == pytest.approx(1.0) and min(weights) >= 0

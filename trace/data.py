@@ -223,6 +223,10 @@ class TriagedDataModule(L.LightningDataModule):
         n_i = len(self.rows[INVERT])
         return (INVERT, self.rows[INVERT][k]) if k < n_i else (PUNISH, self.rows[PUNISH][k - n_i])
 
+    def conflict_pair(self, k: int) -> PreferencePair:
+        n_i = len(self.splits[INVERT])
+        return self.splits[INVERT][k] if k < n_i else self.splits[PUNISH][k - n_i]
+
     @property
     def num_conflicts(self) -> int:
         return len(self.splits[INVERT]) + len(self.splits[PUNISH])

@@ -56,6 +56,7 @@ class TraceModule(L.LightningModule):
         # w over the conflict set (invert first, then punish); a buffer so a checkpoint carries it.
         self.register_buffer("weights", torch.zeros(0), persistent=True)
         self.impact_info: dict[str, float] = {}
+        self.impact_raw = torch.zeros(0, dtype=torch.float64)  # <g_J, g_k> before clipping, for inspection
         self.stop_reason = "max_steps"
         self.last_losses: dict[str, float] = {}
         self.first_losses: dict[str, float] = {}
@@ -80,6 +81,7 @@ class TraceModule(L.LightningModule):
         n = dm.num_conflicts
         if not self.use_impact:
             w, info = uniform_weights(n)
+            self.impact_raw = torch.full((n,), float("nan"), dtype=torch.float64)
         else:
             w, info = self.compute_impact(dm)
         self.weights = w.to(self.device, torch.float32)
@@ -92,6 +94,11 @@ class TraceModule(L.LightningModule):
     def compute_impact(self, dm) -> tuple[torch.Tensor, dict[str, float]]:
         """Lines 9-20, sharded over ranks: each rank scores every world-th sample, then the scores are summed."""
         assert self.policy is not None
+        if type(self.trainer.strategy).__name__.startswith("FSDP"):
+            # Per-sample gradients need whole gradients on each rank; FSDP shards them across ranks.
+            raise NotImplementedError(
+                "impact weights are not computed under FSDP yet: use trainer=ddp, or ablation=no_impact"
+            )
         rng = random.Random(self.seed)
         gold = gold_batch(dm.splits[INVERT], dm.splits[PUNISH], dm.splits[RETAIN], self.gold_batch_size, rng)
         params = trainable_parameters(self.policy)
@@ -121,6 +128,7 @@ class TraceModule(L.LightningModule):
         scores = impact_scores(params, g_gold, losses, progress=self.trainer.is_global_zero)
         if world > 1:
             scores = self.trainer.strategy.reduce(scores.to(self.device), reduce_op="sum").cpu()
+        self.impact_raw = scores
         w, info = clip_and_normalise(scores, self.gamma)
         info.update({"impact/gold_retain": gold.n_retain, "impact/gold_invert": gold.n_invert,
                      "impact/gold_punish": gold.n_punish, "impact/grad_norm_gold": float(g_gold.norm())})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics.update(after)
             with (out / "generations.jsonl").open("w") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
+        write_impact(out / "data" / "impact.jsonl", datamodule, module)
         save_dir = out / ("adapter" if cfg.model.lora.enabled else "model")
         module.policy.save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
@@ -132,6 +134,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
         print_summary(out, metrics)
     return metrics
+
+
+def write_impact(path: Path, datamodule: TriagedDataModule, module: TraceModule) -> None:
+    """Each conflict pair with its raw impact score and final weight, for inspection."""
+    weights, raw = module.weights.cpu().tolist(), module.impact_raw.tolist()
+    with path.open("w") as fh:
+        for k in range(datamodule.num_conflicts):
+            category, _ = datamodule.conflict_row(k)
+            pair = datamodule.conflict_pair(k)
+            fh.write(json.dumps({"index": k, "category": category, "prompt": pair.prompt, "chosen": pair.chosen,
+                                 "rejected": pair.rejected, "score": None if math.isnan(raw[k]) else raw[k], "weight": weights[k]}) + "\n")
 
 
 def print_summary(out: Path, metrics: dict[str, Any]) -> None:
