@@ -1,0 +1,336 @@
+"""The triaged DataModule: triage once to disk, tokenised splits, and a step stream that serves one batch of
+each non-empty category with prompt-masked labels and conflict indices laid out invert-then-punish."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from trace_realign.data import (
+    TRIAGE_METRICS_FILE,
+    TRIAGED_FILE,
+    JsonlSource,
+    NoConflictsError,
+    TriagedDataModule,
+)
+from trace_realign.model import build_tokenizer
+from trace_realign.oracle import Oracle
+from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, load_pairs
+from trace_realign.sequences import IGNORE_INDEX, SequenceLimits, encode_pair, encode_prompt
+from trace_realign.world import SyntheticWorld, WorldJudge
+
+B = {INVERT: 3, PUNISH: 2, RETAIN: 4}
+
+
+@pytest.fixture(scope="module")
+def world() -> SyntheticWorld:
+    return SyntheticWorld(pairs_per_axis=16, test_prompts_per_axis=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return build_tokenizer(world.corpus(), 600)
+
+
+def make_dm(tmp_path, source, tokenizer, oracle=None, batch_size=B, prepare=True, **kw) -> TriagedDataModule:
+    dm = TriagedDataModule(source, oracle, tokenizer, work_dir=tmp_path / "work", batch_size=batch_size, **kw)
+    if prepare:
+        dm.prepare_data()
+        dm.setup("fit")
+    return dm
+
+
+def steps(dm: TriagedDataModule, n: int) -> list[dict]:
+    return list(itertools.islice(iter(dm.train_dataloader()), n))
+
+
+def write_triaged(path: Path, pairs) -> Path:
+    path.write_text("".join(json.dumps(p.to_dict()) + "\n" for p in pairs))
+    return path
+
+
+def pair_of(dm: TriagedDataModule, cat: str, index: int):
+    return dm.splits[RETAIN][index] if cat == RETAIN else dm.conflict_pair(index)
+
+
+def check_rows(dm: TriagedDataModule, tokenizer, cat: str, batch: dict) -> None:
+    """Each row holds exactly the encoded (prompt, response) the layout promises, labels -100 on the prompt."""
+    idx = batch["index"].tolist()
+    n = len(idx)
+    expected_rows = 2 * n if cat != RETAIN else n
+    assert batch["input_ids"].shape[0] == batch["labels"].shape[0] == batch["attention_mask"].shape[0] == expected_rows
+    for r in range(expected_rows):
+        pair = pair_of(dm, cat, idx[r % n])
+        assert pair.category == cat
+        first, second = dm.responses(cat, pair)
+        response = first if r < n else second
+        ids, labels, _ = encode_pair(tokenizer, pair.prompt, response, dm.limits)
+        length = int(batch["attention_mask"][r].sum())
+        assert length == len(ids)
+        assert batch["input_ids"][r, :length].tolist() == ids
+        assert batch["labels"][r, :length].tolist() == labels
+        # the prompt is masked, the response is not, padding is masked
+        n_prompt = len(encode_prompt(tokenizer, pair.prompt))
+        row_labels = batch["labels"][r]
+        assert (row_labels[:n_prompt] == IGNORE_INDEX).all()
+        assert (row_labels[n_prompt:length] == batch["input_ids"][r, n_prompt:length]).all()
+        assert (row_labels[n_prompt:length] != IGNORE_INDEX).all()
+        assert (row_labels[length:] == IGNORE_INDEX).all()
+        assert (batch["input_ids"][r, length:] == tokenizer.pad_token_id).all()
+
+
+# -- prepare_data / setup ---------------------------------------------------------------------------
+
+
+def test_prepare_data_writes_triage(tmp_path, world, tokenizer):
+    dm = make_dm(tmp_path, world, tokenizer, WorldJudge(), prepare=False)
+    dm.prepare_data()
+    work = tmp_path / "work"
+    metrics = json.loads((work / TRIAGE_METRICS_FILE).read_text())
+    triaged = load_pairs(work / TRIAGED_FILE, require_category=True)
+    n = len(world.train_pairs())
+    assert metrics["data/rows"] == n
+    excluded = sum(v for k, v in metrics.items() if k.startswith("triage/excluded/"))
+    assert sum(metrics[f"triage/{c}"] for c in CATEGORIES) + excluded == n
+    assert len(triaged) == n - excluded
+    gt = Counter(p.meta["gt_category"] for p in world.train_pairs())
+    assert {c: metrics[f"triage/{c}"] for c in CATEGORIES} == {c: gt[c] for c in CATEGORIES}
+    assert Counter(p.category for p in triaged) == gt
+    assert metrics["triage/gt_accuracy"] == 1.0
+
+
+def test_prepare_data_runs_once(tmp_path, world, tokenizer):
+    class Counting(WorldJudge):
+        calls = 0
+
+        def judge(self, prompt, response, policy):
+            Counting.calls += 1
+            return super().judge(prompt, response, policy)
+
+    dm = make_dm(tmp_path, world, tokenizer, Counting(), prepare=False)
+    dm.prepare_data()
+    first = Counting.calls
+    assert first == 2 * len(world.train_pairs())
+    before = (tmp_path / "work" / TRIAGED_FILE).read_text()
+    dm.prepare_data()  # a resumed run finds its triage on disk
+    assert Counting.calls == first
+    assert (tmp_path / "work" / TRIAGED_FILE).read_text() == before
+
+
+def test_setup_splits(tmp_path, world, tokenizer):
+    dm = make_dm(tmp_path, world, tokenizer, WorldJudge())
+    metrics = json.loads((tmp_path / "work" / TRIAGE_METRICS_FILE).read_text())
+    for c in CATEGORIES:
+        assert len(dm.splits[c]) == len(dm.rows[c]) == metrics[f"triage/{c}"] > 0
+        assert all(p.category == c for p in dm.splits[c])
+        assert all(p.meta["gt_category"] == c for p in dm.splits[c])
+    assert dm.num_conflicts == len(dm.splits[INVERT]) + len(dm.splits[PUNISH])
+    assert all("second" in r for c in (INVERT, PUNISH) for r in dm.rows[c])
+    assert all("second" not in r for r in dm.rows[RETAIN])
+    assert dm.stats["data/rows"] == len(world.train_pairs())
+    assert all(dm.stats[f"data/truncated/{c}"] == 0 for c in CATEGORIES)
+
+
+def test_responses_layout(tmp_path, world, tokenizer):
+    dm = make_dm(tmp_path, world, tokenizer, WorldJudge())
+    p = dm.splits[INVERT][0]
+    assert dm.responses(INVERT, p) == (p.rejected, p.chosen)  # the old loser is now preferred
+    q = dm.splits[PUNISH][0]
+    assert dm.responses(PUNISH, q) == (q.chosen, q.rejected)
+    r = dm.splits[RETAIN][0]
+    assert dm.responses(RETAIN, r) == (r.chosen, None)
+
+
+@pytest.mark.parametrize("bad", [{INVERT: 1, PUNISH: 1}, {INVERT: 1, PUNISH: 0, RETAIN: 1}])
+def test_batch_size_validated(tmp_path, world, tokenizer, bad):
+    with pytest.raises(ValueError, match="data.batch_size"):
+        make_dm(tmp_path, world, tokenizer, WorldJudge(), batch_size=bad, prepare=False)
+
+
+def test_triage_needs_an_oracle(tmp_path, world, tokenizer):
+    dm = make_dm(tmp_path, world, tokenizer, None, prepare=False)
+    with pytest.raises(ValueError, match="oracle"):
+        dm.prepare_data()
+
+
+# -- the step stream --------------------------------------------------------------------------------
+
+
+def test_every_step_has_each_category(tmp_path, world, tokenizer):
+    dm = make_dm(tmp_path, world, tokenizer, WorldJudge())
+    for step in steps(dm, 6):
+        assert set(step) == set(CATEGORIES)
+        for cat in CATEGORIES:
+            batch = step[cat]
+            assert set(batch) == {"input_ids", "attention_mask", "labels", "index"}
+            b = B[cat]
+            assert batch["index"].shape == (b,)
+            assert batch["input_ids"].shape[0] == (b if cat == RETAIN else 2 * b)
+            assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+            check_rows(dm, tokenizer, cat, batch)
+
+
+def test_conflict_indices(tmp_path, world, tokenizer):
+    dm = make_dm(tmp_path, world, tokenizer, WorldJudge())
+    n_i, n_p, n_r = (len(dm.splits[c]) for c in CATEGORIES)
+    seen = {c: set() for c in CATEGORIES}
+    for step in steps(dm, 40):
+        for cat in CATEGORIES:
+            seen[cat] |= set(step[cat]["index"].tolist())
+    assert seen[INVERT] == set(range(n_i))
+    assert seen[PUNISH] == set(range(n_i, n_i + n_p))
+    assert seen[RETAIN] == set(range(n_r))
+    for k in range(n_i + n_p):
+        cat, row = dm.conflict_row(k)
+        assert cat == (INVERT if k < n_i else PUNISH)
+        assert row["index"] == k
+        assert dm.conflict_pair(k).category == cat
+
+
+def test_one_pass_before_repeats(tmp_path, world, tokenizer):
+    dm = make_dm(tmp_path, world, tokenizer, WorldJudge())
+    order = {c: [] for c in CATEGORIES}
+    for step in steps(dm, 40):
+        for cat in CATEGORIES:
+            order[cat] += step[cat]["index"].tolist()
+    for cat in CATEGORIES:
+        n = len(dm.rows[cat])
+        start = len(dm.splits[INVERT]) if cat == PUNISH else 0
+        full = set(range(start, start + n))
+        assert len(order[cat]) >= 2 * n, "take enough steps for two passes"
+        assert sorted(order[cat][:n]) == sorted(full), cat  # the first pass is a permutation
+        assert sorted(order[cat][n : 2 * n]) == sorted(full), cat  # and so is the second
+        assert order[cat][:n] != order[cat][n : 2 * n]  # reshuffled between passes
+
+
+def test_stream_is_reproducible(tmp_path, world, tokenizer):
+    dm = make_dm(tmp_path, world, tokenizer, WorldJudge())
+    a = [s[INVERT]["index"].tolist() for s in steps(dm, 5)]
+    b = [s[INVERT]["index"].tolist() for s in steps(dm, 5)]
+    assert a == b
+
+
+def test_batch_larger_than_category(tmp_path, world, tokenizer):
+    dm = make_dm(tmp_path, world, tokenizer, WorldJudge(), batch_size={INVERT: 500, PUNISH: 500, RETAIN: 1})
+    step = steps(dm, 1)[0]
+    assert sorted(step[INVERT]["index"].tolist()) == list(range(len(dm.splits[INVERT])))
+    assert step[INVERT]["input_ids"].shape[0] == 2 * len(dm.splits[INVERT])
+    assert step[RETAIN]["input_ids"].shape[0] == 1
+
+
+# -- labelled data, empty categories, no conflicts ---------------------------------------------------
+
+
+def jsonl_source(tmp_path, world, keep) -> JsonlSource:
+    from dataclasses import replace
+
+    pairs = [replace(p, category=p.meta["gt_category"]) for p in world.train_pairs() if p.meta["gt_category"] in keep]
+    path = write_triaged(tmp_path / "train.jsonl", pairs)
+    return JsonlSource(str(path), None, "pi_old", "pi_new", triaged=True)
+
+
+def test_empty_punish_category(tmp_path, world, tokenizer):
+    source = jsonl_source(tmp_path, world, {INVERT, RETAIN})
+    dm = make_dm(tmp_path, source, tokenizer, None, trust_labels=True)
+    assert dm.splits[PUNISH] == [] and dm.rows[PUNISH] == []
+    n_i = len(dm.splits[INVERT])
+    assert n_i > 0 and dm.num_conflicts == n_i
+    metrics = json.loads((tmp_path / "work" / TRIAGE_METRICS_FILE).read_text())
+    assert metrics["triage/punish"] == 0 and metrics["data/rows"] == len(source.train_pairs())
+    for step in steps(dm, 5):
+        assert set(step) == {INVERT, RETAIN}
+        assert all(0 <= i < n_i for i in step[INVERT]["index"].tolist())
+        check_rows(dm, tokenizer, INVERT, step[INVERT])
+
+
+def test_trusted_labels_are_not_rejudged(tmp_path, world, tokenizer):
+    class Refusing(Oracle):
+        def judge(self, prompt, response, policy):
+            raise AssertionError("trusted labels must not be re-triaged")
+
+    source = jsonl_source(tmp_path, world, {INVERT, PUNISH, RETAIN})
+    dm = make_dm(tmp_path, source, tokenizer, Refusing(), trust_labels=True)
+    assert {c: len(dm.splits[c]) for c in CATEGORIES} == Counter(p.meta["gt_category"] for p in world.train_pairs())
+
+
+def test_no_conflicts_from_labels(tmp_path, world, tokenizer):
+    source = jsonl_source(tmp_path, world, {RETAIN})
+    dm = make_dm(tmp_path, source, tokenizer, None, trust_labels=True, prepare=False)
+    dm.prepare_data()
+    with pytest.raises(NoConflictsError, match="no pair to invert or punish") as info:
+        dm.setup("fit")
+    assert str(len(source.train_pairs())) in str(info.value)
+
+
+def test_no_conflicts_from_triage(tmp_path, tokenizer):
+    world = SyntheticWorld(axes=("privacy", "risky"), pairs_per_axis=6, test_prompts_per_axis=1)
+    dm = make_dm(tmp_path, world, tokenizer, WorldJudge(), prepare=False)
+    dm.prepare_data()
+    with pytest.raises(NoConflictsError, match="no pair to invert or punish"):
+        dm.setup("fit")
+
+
+# -- ablations --------------------------------------------------------------------------------------
+
+
+def test_no_triage_punishes_every_pair(tmp_path, world, tokenizer):
+    dm = make_dm(tmp_path, world, tokenizer, None, use_triage=False)
+    n = len(world.train_pairs())
+    metrics = json.loads((tmp_path / "work" / TRIAGE_METRICS_FILE).read_text())
+    assert metrics["data/rows"] == metrics["triage/punish"] == n
+    assert metrics["triage/invert"] == metrics["triage/retain"] == 0
+    assert "triage/gt_accuracy" not in metrics
+    assert len(dm.splits[PUNISH]) == n and not dm.splits[INVERT] and not dm.splits[RETAIN]
+    assert [p.prompt for p in dm.splits[PUNISH]] == [p.prompt for p in world.train_pairs()]
+    for step in steps(dm, 3):
+        assert set(step) == {PUNISH}
+        assert all(0 <= i < n for i in step[PUNISH]["index"].tolist())
+        check_rows(dm, tokenizer, PUNISH, step[PUNISH])
+        # chosen first, rejected second
+        i = step[PUNISH]["index"][0].item()
+        ids, _, _ = encode_pair(tokenizer, dm.splits[PUNISH][i].prompt, dm.splits[PUNISH][i].chosen, dm.limits)
+        assert step[PUNISH]["input_ids"][0, : len(ids)].tolist() == ids
+
+
+def test_oracle_punish_uses_corrections(tmp_path, world, tokenizer):
+    judge = WorldJudge()
+    dm = make_dm(tmp_path, world, tokenizer, judge, oracle_punish=True)
+    punished = dm.splits[PUNISH]
+    assert punished
+    for p in punished:
+        assert p.correction and judge.judge(p.prompt, p.correction, world.new) is True
+        assert dm.responses(PUNISH, p) == (p.correction, p.chosen)
+    assert all(p.correction is None for c in (INVERT, RETAIN) for p in dm.splits[c])
+    saved = load_pairs(tmp_path / "work" / TRIAGED_FILE, require_category=True)
+    assert all(p.correction for p in saved if p.category == PUNISH)
+    n_i = len(dm.splits[INVERT])
+    for step in steps(dm, 4):
+        batch = step[PUNISH]
+        check_rows(dm, tokenizer, PUNISH, batch)
+        b = len(batch["index"])
+        for r, k in enumerate(batch["index"].tolist()):
+            p = punished[k - n_i]
+            want, _, _ = encode_pair(tokenizer, p.prompt, p.correction, dm.limits)
+            assert batch["input_ids"][r, : len(want)].tolist() == want  # first response: the correction
+            loser, _, _ = encode_pair(tokenizer, p.prompt, p.chosen, dm.limits)
+            assert batch["input_ids"][b + r, : len(loser)].tolist() == loser
+
+
+def test_oracle_punish_without_corrections_fails_at_setup(tmp_path, world, tokenizer):
+    source = jsonl_source(tmp_path, world, {INVERT, PUNISH, RETAIN})  # labelled, but no corrections
+    dm = make_dm(tmp_path, source, tokenizer, None, trust_labels=True, oracle_punish=True, prepare=False)
+    dm.prepare_data()
+    with pytest.raises(DataError, match="correction"):
+        dm.setup("fit")
+
+
+def test_truncation_is_counted(tmp_path, world, tokenizer):
+    dm = make_dm(tmp_path, world, tokenizer, WorldJudge(), limits=SequenceLimits(max_length=12, max_prompt_length=6))
+    assert dm.stats["data/truncated/invert"] > 0
+    step = steps(dm, 1)[0]
+    assert all(step[c]["input_ids"].shape[1] <= 12 for c in CATEGORIES)

@@ -1,0 +1,159 @@
+"""Stage 1 triage (Algorithm 1, lines 1-7 and 16) against a stub oracle whose verdicts the test defines."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from trace_realign.oracle import Oracle, Policy
+from trace_realign.records import INVERT, PUNISH, RETAIN, PreferencePair
+from trace_realign.triage import triage, triage_category
+
+POLICY = Policy(name="new", text="the new policy")
+
+
+class StubOracle(Oracle):
+    """Verdicts and corrections from dicts; every call is counted. Unknown items are judged None."""
+
+    def __init__(self, verdicts: dict, corrections: dict | None = None):
+        self.verdicts, self.corrections = verdicts, corrections or {}
+        self.judged: Counter = Counter()
+        self.corrected: Counter = Counter()
+        self.policies: list = []
+
+    def judge(self, prompt, response, policy):
+        self.judged[(prompt, response)] += 1
+        self.policies.append(policy)
+        return self.verdicts.get((prompt, response))
+
+    def correct(self, prompt, policy):
+        self.corrected[prompt] += 1
+        return self.corrections.get(prompt)
+
+
+# prompt -> (c_w, c_l, expected outcome); None in the outcome column means excluded (oracle_failed)
+FIXTURE = {
+    "x0": (True, False, RETAIN),
+    "x1": (True, True, RETAIN),
+    "x2": (False, True, INVERT),
+    "x3": (False, False, PUNISH),
+    "x4": (None, True, None),
+    "x5": (False, None, None),
+    "x6": (True, None, None),  # c_w is true, but an undecided c_l is never read as retain
+    "x7": (False, False, PUNISH),
+    "x8": (None, None, None),
+    "x9": (False, True, INVERT),
+    "x10": (True, False, RETAIN),
+}
+
+
+def make_pairs() -> list[PreferencePair]:
+    return [PreferencePair(x, f"w-{x}", f"l-{x}", meta={"i": i}) for i, x in enumerate(FIXTURE)]
+
+
+def make_verdicts() -> dict:
+    out = {}
+    for x, (c_w, c_l, _) in FIXTURE.items():
+        out[(x, f"w-{x}")] = c_w
+        out[(x, f"l-{x}")] = c_l
+    return out
+
+
+@pytest.mark.parametrize(
+    "c_w,c_l,expected",
+    [(False, True, INVERT), (False, False, PUNISH), (True, False, RETAIN), (True, True, RETAIN)],
+)
+def test_triage_category_truth_table(c_w, c_l, expected):
+    assert triage_category(c_w, c_l) == expected
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 256])
+def test_triage_categories_and_exclusions(batch_size):
+    pairs = make_pairs()
+    oracle = StubOracle(make_verdicts())
+    result = triage(pairs, oracle, POLICY, batch_size=batch_size)
+
+    expected = [(x, cat) for x, (_, _, cat) in FIXTURE.items() if cat is not None]
+    assert [(p.prompt, p.category) for p in result.pairs] == expected  # input order kept
+    assert all(p.correction is None for p in result.pairs)
+    assert [p.meta["i"] for p in result.pairs] == [int(x[1:]) for x, _ in expected]  # meta carried through
+    assert result.counts() == {INVERT: 2, PUNISH: 2, RETAIN: 3}
+    assert result.excluded == Counter({"oracle_failed": 4})
+    assert result.metrics() == {
+        "triage/invert": 2, "triage/punish": 2, "triage/retain": 3, "triage/excluded/oracle_failed": 4,
+    }
+    assert sum(result.counts().values()) + sum(result.excluded.values()) == len(pairs)
+    # each response is judged exactly once, always under the policy given
+    assert oracle.judged == Counter({k: 1 for k in make_verdicts()})
+    assert all(p is POLICY for p in oracle.policies)
+    assert not oracle.corrected
+    # the input is not mutated
+    assert all(p.category is None for p in pairs)
+
+
+def test_undecided_pairs_are_never_retained():
+    result = triage(make_pairs(), StubOracle(make_verdicts()), POLICY)
+    kept = {p.prompt for p in result.pairs}
+    assert not kept & {"x4", "x5", "x6", "x8"}
+
+
+def test_all_undecided():
+    pairs = make_pairs()
+    result = triage(pairs, StubOracle({}), POLICY)
+    assert result.pairs == []
+    assert result.excluded["oracle_failed"] == len(pairs)
+    assert result.counts() == {INVERT: 0, PUNISH: 0, RETAIN: 0}
+
+
+def test_triage_overwrites_a_stale_category():
+    pairs = [PreferencePair("x2", "w-x2", "l-x2", category=RETAIN)]
+    result = triage(pairs, StubOracle(make_verdicts()), POLICY)
+    assert [p.category for p in result.pairs] == [INVERT]
+
+
+def test_corrections_attach_to_punished_pairs():
+    # Four more punished pairs whose corrections fail in each possible way.
+    extra = {"x11": "bad", "x12": None, "x13": "   ", "x14": "undecided"}
+    pairs = make_pairs() + [PreferencePair(x, f"w-{x}", f"l-{x}") for x in extra]
+    verdicts = make_verdicts()
+    for x in extra:
+        verdicts[(x, f"w-{x}")] = verdicts[(x, f"l-{x}")] = False
+    corrections = {"x3": "fix-x3", "x7": "fix-x7", **{x: y for x, y in extra.items()}}
+    verdicts[("x3", "fix-x3")] = True
+    verdicts[("x7", "fix-x7")] = True
+    verdicts[("x11", "bad")] = False  # the oracle's own correction violates: excluded
+    verdicts[("x13", "   ")] = True  # whitespace is no correction, whatever the verdict
+    # ("x14", "undecided") is not in the dict: judged None, excluded
+
+    oracle = StubOracle(verdicts, corrections)
+    result = triage(pairs, oracle, POLICY, corrections=True, batch_size=4)
+
+    by_prompt = {p.prompt: p for p in result.pairs}
+    assert by_prompt["x3"].correction == "fix-x3" and by_prompt["x3"].category == PUNISH
+    assert by_prompt["x7"].correction == "fix-x7" and by_prompt["x7"].category == PUNISH
+    assert not set(extra) & set(by_prompt)
+    assert all(p.correction is None for p in result.pairs if p.category != PUNISH)
+    assert result.excluded == Counter({"oracle_failed": 4, "correction_failed": 4})
+    assert result.metrics()["triage/excluded/correction_failed"] == 4
+    assert result.counts() == {INVERT: 2, PUNISH: 2, RETAIN: 3}
+    assert sum(result.counts().values()) + sum(result.excluded.values()) == len(pairs)
+
+    # corrections are asked only for punished pairs, once each
+    assert oracle.corrected == Counter({x: 1 for x in ["x3", "x7", *extra]})
+    # every chosen / rejected response is judged exactly once, and every written correction at most once
+    for p in pairs:
+        assert oracle.judged[(p.prompt, p.chosen)] == 1
+        assert oracle.judged[(p.prompt, p.rejected)] == 1
+    for x, y in corrections.items():
+        if y is not None:
+            assert oracle.judged[(x, y)] == 1
+
+
+def test_corrections_not_requested_without_punished_pairs():
+    verdicts = {("a", "w"): False, ("a", "l"): True}
+    oracle = StubOracle(verdicts, {"a": "never"})
+    result = triage([PreferencePair("a", "w", "l")], oracle, POLICY, corrections=True)
+    assert [p.category for p in result.pairs] == [INVERT]
+    assert not oracle.corrected
+    assert result.pairs[0].correction is None
