@@ -102,6 +102,9 @@ def clip_and_normalise(scores: torch.Tensor, gamma: float) -> tuple[torch.Tensor
     """
     if gamma <= 0:
         raise ValueError(f"impact.gamma must be positive, got {gamma}")
+    if not torch.isfinite(scores).all():
+        bad = torch.nonzero(~torch.isfinite(scores)).flatten().tolist()
+        raise FloatingPointError(f"impact scores are not finite for conflict samples {bad[:10]} (of {len(bad)})")
     w = torch.clamp(scores / gamma, min=0.0)
     z = w.abs().sum()
     info = {

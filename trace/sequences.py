@@ -20,6 +20,13 @@ class SequenceLimits:
     max_length: int = 512
     max_prompt_length: int = 256
 
+    def __post_init__(self) -> None:
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length={self.max_prompt_length} must be positive and below "
+                f"data.max_length={self.max_length}, leaving room for the response"
+            )
+
 
 def prompt_text(tokenizer, prompt: str) -> str:
     """The prompt as the model sees it at generation time."""
@@ -47,7 +54,7 @@ def encode_pair(tokenizer, prompt: str, response: str, limits: SequenceLimits) -
         p_ids, truncated = p_ids[-limits.max_prompt_length :], True  # keep the end: it holds the question
     room = limits.max_length - len(p_ids)
     if len(r_ids) > room:
-        r_ids, truncated = r_ids[: max(room, 1)], True
+        r_ids, truncated = r_ids[:room], True
     return p_ids + r_ids, [IGNORE_INDEX] * len(p_ids) + r_ids, truncated
 
 
