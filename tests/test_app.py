@@ -54,7 +54,8 @@ def test_ablation_groups_set_their_flags(tmp_path):
     assert flags["no_triage"].triage is False
     assert flags["no_impact"].impact is False and flags["no_impact"].triage is True
     assert flags["no_kl"].kl is False and flags["no_kl"].impact is True
-    assert flags["oracle_punish"].oracle_punish is True
+    assert flags["oracle_punish"].terms.punish == "relational_correction"
+    assert flags["oracle_punish"].terms.invert == "relational_flip"
 
 
 def test_hyperparameters_override_from_command_line(tmp_path):

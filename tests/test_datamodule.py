@@ -19,6 +19,7 @@ from trace_realign.data import (
     TriagedDataModule,
 )
 from trace_realign.model import build_tokenizer
+from trace_realign.objective import TRACE_TERMS
 from trace_realign.oracle import Oracle
 from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, load_pairs
 from trace_realign.sequences import IGNORE_INDEX, SequenceLimits, encode_pair, encode_prompt
@@ -35,6 +36,9 @@ def world() -> SyntheticWorld:
 @pytest.fixture(scope="module")
 def tokenizer(world):
     return build_tokenizer(world.corpus(), 600)
+
+
+ORACLE_PUNISH = {**TRACE_TERMS, PUNISH: "relational_correction"}
 
 
 def make_dm(tmp_path, source, tokenizer, oracle=None, batch_size=B, prepare=True, **kw) -> TriagedDataModule:
@@ -67,8 +71,7 @@ def check_rows(dm: TriagedDataModule, tokenizer, cat: str, batch: dict) -> None:
     for r in range(expected_rows):
         pair = pair_of(dm, cat, idx[r % n])
         assert pair.category == cat
-        first, second = dm.responses(cat, pair)
-        response = first if r < n else second
+        response = dm.responses(cat, pair)[r // n]
         ids, labels, _ = encode_pair(tokenizer, pair.prompt, response, dm.limits)
         length = int(batch["attention_mask"][r].sum())
         assert length == len(ids)
@@ -143,7 +146,7 @@ def test_responses_layout(tmp_path, world, tokenizer):
     q = dm.splits[PUNISH][0]
     assert dm.responses(PUNISH, q) == (q.chosen, q.rejected)
     r = dm.splits[RETAIN][0]
-    assert dm.responses(RETAIN, r) == (r.chosen, None)
+    assert dm.responses(RETAIN, r) == (r.chosen,)
 
 
 @pytest.mark.parametrize("bad", [{INVERT: 1, PUNISH: 1}, {INVERT: 1, PUNISH: 0, RETAIN: 1}])
@@ -299,7 +302,7 @@ def test_no_triage_punishes_every_pair(tmp_path, world, tokenizer):
 
 def test_oracle_punish_uses_corrections(tmp_path, world, tokenizer):
     judge = WorldJudge()
-    dm = make_dm(tmp_path, world, tokenizer, judge, oracle_punish=True)
+    dm = make_dm(tmp_path, world, tokenizer, judge, terms=ORACLE_PUNISH)
     punished = dm.splits[PUNISH]
     assert punished
     for p in punished:
@@ -323,7 +326,7 @@ def test_oracle_punish_uses_corrections(tmp_path, world, tokenizer):
 
 def test_oracle_punish_without_corrections_fails_at_setup(tmp_path, world, tokenizer):
     source = jsonl_source(tmp_path, world, {INVERT, PUNISH, RETAIN})  # labelled, but no corrections
-    dm = make_dm(tmp_path, source, tokenizer, None, trust_labels=True, oracle_punish=True, prepare=False)
+    dm = make_dm(tmp_path, source, tokenizer, None, trust_labels=True, terms=ORACLE_PUNISH, prepare=False)
     dm.prepare_data()
     with pytest.raises(DataError, match="correction"):
         dm.setup("fit")
@@ -334,3 +337,22 @@ def test_truncation_is_counted(tmp_path, world, tokenizer):
     assert dm.stats["data/truncated/invert"] > 0
     step = steps(dm, 1)[0]
     assert all(step[c]["input_ids"].shape[1] <= 12 for c in CATEGORIES)
+
+
+def test_term_table_decides_the_layout_and_what_is_served(tmp_path, world, tokenizer):
+    # Plain preference training (DPO) on retained pairs; a category with no term is not served at all.
+    terms = {INVERT: None, PUNISH: None, RETAIN: "relational"}
+    dm = make_dm(tmp_path, world, tokenizer, WorldJudge(), terms=terms)
+    r = dm.splits[RETAIN][0]
+    assert dm.responses(RETAIN, r) == (r.chosen, r.rejected)
+    step = steps(dm, 1)[0]
+    assert set(step) == {RETAIN} and step[RETAIN]["input_ids"].shape[0] == 2 * B[RETAIN]
+
+
+def test_no_pair_for_the_training_terms_is_an_error(tmp_path, world, tokenizer):
+    source = jsonl_source(tmp_path, world, {INVERT, PUNISH})  # nothing retained
+    dm = make_dm(tmp_path, source, tokenizer, None, trust_labels=True, prepare=False,
+                 terms={INVERT: None, PUNISH: None, RETAIN: "nll"})
+    dm.prepare_data()
+    with pytest.raises(NoConflictsError, match=r"categories that train \(\['retain'\]\)"):
+        dm.setup("fit")

@@ -20,7 +20,7 @@ from trace_realign.impact import (
     uniform_weights,
 )
 from trace_realign.model import build_tiny_model_dir, load_policy, load_tokenizer, trainable_parameters
-from trace_realign.objective import ObjectiveConfig, conflict_losses, policy_and_reference_logps
+from trace_realign.objective import TRACE_TERMS, ObjectiveConfig, conflict_losses, policy_and_reference_logps
 from trace_realign.records import INVERT, PUNISH, RETAIN, PreferencePair
 from trace_realign.sequences import SequenceLimits, encode_pair
 
@@ -439,7 +439,7 @@ def test_none_closure_scores_zero(setup):
 def test_oracle_punish_scores_use_relational_loss(setup):
     # With oracle_punish the punish row (y_c, y_w) is scored with the relational loss, not NPO.
     _, policy, reference, params, tok = setup
-    cfg = ObjectiveConfig(beta=BETA, oracle_punish=True)
+    cfg = ObjectiveConfig(beta=BETA, terms={**TRACE_TERMS, "punish": "relational_correction"})
     triples = gold_triples()
     g_gold_bf = brute_grad(policy, reference, params, tok, triples, INVERT)
     p = PUNISH_PAIRS[0]

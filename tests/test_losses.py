@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trace_realign.losses import kl_anchor, log_ratio_margin, npo_loss, relational_loss
-from trace_realign.objective import ObjectiveConfig, conflict_losses
+from trace_realign.objective import TRACE_TERMS, ObjectiveConfig, conflict_losses
 from trace_realign.records import INVERT, PUNISH, RETAIN
 
 # Per-sequence log-probabilities for three samples; Delta is positive, negative and zero in turn.
@@ -229,7 +229,7 @@ def test_conflict_losses_punish_is_npo_on_both_rows():
 
 
 def test_conflict_losses_oracle_punish_is_relational():
-    cfg = ObjectiveConfig(beta=0.3, oracle_punish=True)
+    cfg = ObjectiveConfig(beta=0.3, terms={**TRACE_TERMS, "punish": "relational_correction"})
     pol, ref = stacked()
     got = conflict_losses(PUNISH, pol, ref, cfg)
     ds = [(a - c) - (b - d) for a, b, c, d in zip(FIRST_POL, SECOND_POL, FIRST_REF, SECOND_REF)]
@@ -241,7 +241,7 @@ def test_conflict_losses_oracle_punish_is_relational():
 
 def test_conflict_losses_rejects_retain():
     pol, ref = stacked()
-    with pytest.raises(ValueError, match="no conflict loss"):
+    with pytest.raises(ValueError, match="no pair loss for category .retain. \(its term is .kl.\)"):
         conflict_losses(RETAIN, pol, ref, ObjectiveConfig())
 
 
@@ -269,3 +269,15 @@ def test_objective_config_accepts_valid_edges():
         for reduction in ("mean", "sum"):
             cfg = ObjectiveConfig(beta=1e-6, relational=relational, alpha_kl=0.0, reduction=reduction)
             assert cfg.alpha_kl == 0.0
+
+
+def test_term_table_validation_and_dpo_term():
+    with pytest.raises(ValueError, match="unknown terms"):
+        ObjectiveConfig(terms={INVERT: "dpo_typo"})
+    # relational on retained pairs prefers y_w over y_l: the plain DPO loss on rows (chosen, rejected).
+    cfg = ObjectiveConfig(beta=0.5, terms={RETAIN: "relational"})
+    pol = torch.tensor([-1.0, -3.0])
+    ref = torch.tensor([-2.0, -2.0])
+    expected = -math.log(1 / (1 + math.exp(-0.5 * ((-1 + 2) - (-3 + 2)))))
+    assert conflict_losses(RETAIN, pol, ref, cfg).item() == pytest.approx(expected)
+    assert cfg.terms == {INVERT: None, PUNISH: None, RETAIN: "relational"}

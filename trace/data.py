@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from trace_realign.objective import TERM_RESPONSES, TRACE_TERMS, ObjectiveConfig
 from trace_realign.oracle import Oracle, Policy
 from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, PreferencePair, load_pairs, save_pairs
 from trace_realign.sequences import SequenceLimits, encode_pair, pad_batch
@@ -121,7 +122,7 @@ class TriagedDataModule(L.LightningDataModule):
         batch_size: Mapping[str, int],
         limits: SequenceLimits = SequenceLimits(),
         use_triage: bool = True,
-        oracle_punish: bool = False,
+        terms: Mapping[str, str | None] | None = None,
         trust_labels: bool = False,
         seed: int = 0,
         num_workers: int = 0,
@@ -135,7 +136,9 @@ class TriagedDataModule(L.LightningDataModule):
         self.source, self.oracle, self.tokenizer = source, oracle, tokenizer
         self.work_dir = Path(work_dir)
         self.batch_size = {c: int(batch_size[c]) for c in CATEGORIES}
-        self.limits, self.use_triage, self.oracle_punish = limits, use_triage, oracle_punish
+        self.limits, self.use_triage = limits, use_triage
+        self.objective_terms = ObjectiveConfig(terms=terms if terms is not None else TRACE_TERMS).terms
+        self.needs_corrections = "relational_correction" in self.objective_terms.values()
         self.trust_labels, self.seed, self.num_workers = trust_labels, seed, num_workers
         self.splits: dict[str, list[PreferencePair]] = {}
         self.rows: dict[str, list[dict[str, Any]]] = {}
@@ -157,7 +160,7 @@ class TriagedDataModule(L.LightningDataModule):
         else:
             if self.oracle is None:
                 raise ValueError("triage needs an oracle (oracle=...) or a triaged dataset (dataset.triaged=true)")
-            result = triage(pairs, self.oracle, self.source.new, corrections=self.oracle_punish)
+            result = triage(pairs, self.oracle, self.source.new, corrections=self.needs_corrections)
         metrics = {"data/rows": len(pairs), **result.metrics()}
         if self.use_triage and not self.trust_labels:
             metrics.update(ground_truth_agreement(result.pairs))
@@ -172,28 +175,32 @@ class TriagedDataModule(L.LightningDataModule):
         pairs = load_pairs(self.work_dir / TRIAGED_FILE, require_category=True)
         self.stats = json.loads((self.work_dir / TRIAGE_METRICS_FILE).read_text())
         self.splits = {c: [p for p in pairs if p.category == c] for c in CATEGORIES}
-        if not self.splits[INVERT] and not self.splits[PUNISH]:
-            raise NoConflictsError(
-                f"triage found no pair to invert or punish among {len(pairs)} pairs "
-                f"({self.stats}); pi_new changes nothing this data can teach"
-            )
-        if self.oracle_punish:
-            lacking = [i for i, p in enumerate(self.splits[PUNISH]) if not p.correction]
-            if lacking:
-                raise DataError(str(self.work_dir / TRIAGED_FILE), lacking[0], "correction",
-                                f"oracle-guided punish needs a correction for every punished pair ({len(lacking)} lack one)")
+        training = [c for c, t in self.objective_terms.items() if t not in (None, "kl")]
+        if not any(self.splits[c] for c in training):
+            counts = {c: len(self.splits[c]) for c in CATEGORIES}
+            if set(training) <= {INVERT, PUNISH}:
+                raise NoConflictsError(
+                    f"triage found no pair to invert or punish among {len(pairs)} pairs ({counts}); "
+                    "pi_new changes nothing this data can teach"
+                )
+            raise NoConflictsError(f"no pair in the categories that train ({training}) among {len(pairs)} pairs ({counts})")
+        for cat, term in self.objective_terms.items():
+            if term is not None and "correction" in TERM_RESPONSES[term]:
+                lacking = [i for i, p in enumerate(self.splits[cat]) if not p.correction]
+                if lacking:
+                    raise DataError(str(self.work_dir / TRIAGED_FILE), lacking[0], "correction",
+                                    f"term {term!r} needs a correction for every {cat} pair ({len(lacking)} lack one)")
         truncated = Counter()
         offset = {INVERT: 0, PUNISH: len(self.splits[INVERT]), RETAIN: 0}
         for cat in CATEGORIES:
             self.rows[cat] = []
+            if self.objective_terms[cat] is None:
+                continue  # a category no term uses is not served
             for i, p in enumerate(self.splits[cat]):
-                first, second = self.responses(cat, p)
                 row: dict[str, Any] = {"index": offset[cat] + i}
-                row["first"], t1 = self._encode(p.prompt, first)
-                truncated[cat] += t1
-                if second is not None:
-                    row["second"], t2 = self._encode(p.prompt, second)
-                    truncated[cat] += t2
+                for slot, response in zip(("first", "second"), self.responses(cat, p)):
+                    row[slot], cut = self._encode(p.prompt, response)
+                    truncated[cat] += cut
                 self.rows[cat].append(row)
         self.stats.update({f"data/truncated/{c}": truncated[c] for c in CATEGORIES})
         if sum(truncated.values()):
@@ -201,13 +208,9 @@ class TriagedDataModule(L.LightningDataModule):
         if not self.splits[RETAIN]:
             log.warning("no retained pairs: the KL anchor has nothing to hold on to")
 
-    def responses(self, category: str, p: PreferencePair) -> tuple[str, str | None]:
-        """The (first, second) responses of a pair in the row layout of objective.py."""
-        if category == INVERT:
-            return p.rejected, p.chosen
-        if category == PUNISH:
-            return (p.correction, p.chosen) if self.oracle_punish else (p.chosen, p.rejected)
-        return p.chosen, None
+    def responses(self, category: str, p: PreferencePair) -> tuple[str, ...]:
+        """The responses of a pair in the row order of its category's term (objective.TERM_RESPONSES)."""
+        return tuple(getattr(p, name) for name in TERM_RESPONSES[self.objective_terms[category]])
 
     def _encode(self, prompt: str, response: str) -> tuple[tuple[list[int], list[int]], bool]:
         ids, labels, truncated = encode_pair(self.tokenizer, prompt, response, self.limits)

@@ -21,6 +21,8 @@ from trace_realign.model import load_policy, trainable_parameters
 from trace_realign.objective import (
     ObjectiveConfig,
     conflict_losses,
+    nll,
+    pair_losses,
     policy_and_reference_logps,
     reduce,
     retain_kl,
@@ -79,7 +81,7 @@ class TraceModule(L.LightningModule):
             return  # resumed: the weights were computed at theta_ref and came with the checkpoint
         dm = self.trainer.datamodule
         n = dm.num_conflicts
-        if not self.use_impact:
+        if not self.use_impact or n == 0:
             w, info = uniform_weights(n)
             self.impact_raw = torch.full((n,), float("nan"), dtype=torch.float64)
         else:
@@ -145,19 +147,24 @@ class TraceModule(L.LightningModule):
         # Mean reduction uses mean-one weights, so uniform weights give plain batch means.
         scale = float(self.weights.numel()) if cfg.reduction == "mean" else 1.0
         zero = torch.zeros((), device=self.device)
-        terms = {INVERT: zero, PUNISH: zero, "kl": zero}
-        for category in (INVERT, PUNISH):
-            if category in batch:
-                part = batch[category]
+        terms = {INVERT: zero, PUNISH: zero, RETAIN: zero, "kl": zero}
+        for category, part in batch.items():
+            term = cfg.terms[category]
+            if term == "kl":
+                with torch.set_grad_enabled(cfg.alpha_kl > 0):  # logged even when it does not train (no_kl)
+                    terms["kl"] = reduce(retain_kl(self.policy, self.reference, part), cfg.reduction)
+                continue
+            if term == "nll":
+                per_sample = nll(self.policy, part)
+            else:
                 pol, ref = policy_and_reference_logps(self.policy, self.reference, part)
-                w = self.weights[part["index"]] * scale
-                terms[category] = reduce(w * conflict_losses(category, pol, ref, cfg), cfg.reduction)
-        if RETAIN in batch:
-            with torch.set_grad_enabled(cfg.alpha_kl > 0):  # logged even when it does not train (no_kl)
-                terms["kl"] = reduce(retain_kl(self.policy, self.reference, batch[RETAIN]), cfg.reduction)
-        loss = terms[INVERT] + terms[PUNISH] + cfg.alpha_kl * terms["kl"]
-        values = {"train/loss": loss, "train/loss_invert": terms[INVERT],
-                  "train/loss_punish": terms[PUNISH], "train/loss_kl": terms["kl"]}
+                per_sample = pair_losses(term, pol, ref, cfg)
+            if category in (INVERT, PUNISH):  # the conflict set carries impact weights
+                per_sample = self.weights[part["index"]] * scale * per_sample
+            terms[category] = reduce(per_sample, cfg.reduction)
+        loss = terms[INVERT] + terms[PUNISH] + terms[RETAIN] + cfg.alpha_kl * terms["kl"]
+        values = {"train/loss": loss, "train/loss_invert": terms[INVERT], "train/loss_punish": terms[PUNISH],
+                  "train/loss_retain": terms[RETAIN], "train/loss_kl": terms["kl"]}
         self.log_dict(values, prog_bar=False, on_step=True, on_epoch=False)
         self.log("loss", loss, prog_bar=True, logger=False)
         self.last_losses = {k: float(v.detach()) for k, v in values.items()}

@@ -1,26 +1,42 @@
 """The hybrid TRACE objective (Algorithm 1, lines 24-28), shared by training and impact scoring.
 
-Batches of the two conflict categories stack their two responses: rows [0, b) hold the first response
-and rows [b, 2b) the second, where
-    invert:            first = y_l (now preferred), second = y_w            -> relational loss
-    punish (NPO):      first = y_w,                 second = y_l            -> NPO on both
-    punish (oracle):   first = y_c (correction),    second = y_w            -> relational loss
-Retain batches hold y_w alone and feed the KL anchor.
+A method is a table: which term applies to which triage category. TRACE is
+    invert -> relational_flip   prefer y_l over y_w                 (line 24)
+    punish -> npo               suppress y_w and y_l                (line 26)
+              relational_correction: prefer y_c over y_w             (line 25, oracle-guided)
+    retain -> kl                KL(pi_ref || pi_theta) on y_w       (line 27)
+and other tables give its ablations and plain preference training (relational: prefer y_w over y_l,
+as DPO; nll: supervised fine-tuning on y_w).
+
+Batches of pair terms stack two responses: rows [0, b) hold the first and rows [b, 2b) the second, in
+the order TERM_RESPONSES gives. Single-response terms hold one row per sample.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
 from torch import nn
 
 from trace_realign.losses import RELATIONAL_LOSSES, kl_anchor, npo_loss, relational_loss
 from trace_realign.model import reference_of
-from trace_realign.records import INVERT, PUNISH
+from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN
 from trace_realign.sequences import sequence_logps, shift_for_loss
 
 REDUCTIONS = ("mean", "sum")
+# Which fields of a record feed each term, in row order.
+TERM_RESPONSES: dict[str, tuple[str, ...]] = {
+    "relational_flip": ("rejected", "chosen"),
+    "relational": ("chosen", "rejected"),
+    "relational_correction": ("correction", "chosen"),
+    "npo": ("chosen", "rejected"),
+    "kl": ("chosen",),
+    "nll": ("chosen",),
+}
+RELATIONAL_TERMS = ("relational_flip", "relational", "relational_correction")
+TRACE_TERMS: dict[str, str | None] = {INVERT: "relational_flip", PUNISH: "npo", RETAIN: "kl"}
 
 
 @dataclass(frozen=True)
@@ -36,9 +52,13 @@ class ObjectiveConfig:
     relational: str = "sigmoid"
     alpha_kl: float = 0.1
     reduction: str = "mean"
-    oracle_punish: bool = False
+    terms: Mapping[str, str | None] = field(default_factory=lambda: dict(TRACE_TERMS))
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "terms", {c: self.terms.get(c) for c in CATEGORIES})
+        unknown = {c: t for c, t in self.terms.items() if t is not None and t not in TERM_RESPONSES}
+        if unknown:
+            raise ValueError(f"ablation.terms: unknown terms {unknown}; expected one of {list(TERM_RESPONSES)} or null")
         if self.relational not in RELATIONAL_LOSSES:
             raise ValueError(f"loss.type: unknown relational loss {self.relational!r}; expected one of {RELATIONAL_LOSSES}")
         if self.reduction not in REDUCTIONS:
@@ -49,17 +69,30 @@ class ObjectiveConfig:
             raise ValueError(f"objective.alpha_kl must be >= 0, got {self.alpha_kl}")
 
 
+    @property
+    def needs_corrections(self) -> bool:
+        return "relational_correction" in self.terms.values()
+
+
+def pair_losses(term: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+    """Per-sample loss of a stacked pair batch (see the module docstring for the row layout)."""
+    b = policy_logps.shape[0] // 2
+    p1, p2, r1, r2 = policy_logps[:b], policy_logps[b:], ref_logps[:b], ref_logps[b:]
+    if term in RELATIONAL_TERMS:
+        return relational_loss(p1, p2, r1, r2, cfg.beta, cfg.relational)  # lines 24 and 25
+    if term == "npo":
+        return npo_loss(p1, p2, r1, r2, cfg.beta)  # line 26
+    raise ValueError(f"{term!r} is not a pair term")
+
+
 def conflict_losses(
     category: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor, cfg: ObjectiveConfig
 ) -> torch.Tensor:
-    """Per-sample loss of a stacked conflict batch (see the module docstring for the row layout)."""
-    b = policy_logps.shape[0] // 2
-    p1, p2, r1, r2 = policy_logps[:b], policy_logps[b:], ref_logps[:b], ref_logps[b:]
-    if category == INVERT or (category == PUNISH and cfg.oracle_punish):
-        return relational_loss(p1, p2, r1, r2, cfg.beta, cfg.relational)  # lines 24 and 25
-    if category == PUNISH:
-        return npo_loss(p1, p2, r1, r2, cfg.beta)  # line 26
-    raise ValueError(f"no conflict loss for category {category!r}")
+    """Per-sample loss of a stacked batch of `category` under the configured term table."""
+    term = cfg.terms.get(category)
+    if term is None or len(TERM_RESPONSES[term]) != 2:
+        raise ValueError(f"no pair loss for category {category!r} (its term is {term!r})")
+    return pair_losses(term, policy_logps, ref_logps, cfg)
 
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -84,6 +117,13 @@ def retain_kl(policy: nn.Module, reference: nn.Module | None, batch: dict[str, t
     ref_logits, _, mask = shift_for_loss(ref_logits, batch["labels"])
     pol_logits = pol_logits[:, :-1, :]
     return kl_anchor(ref_logits, pol_logits, mask.to(pol_logits.dtype))
+
+
+def nll(policy: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean negative log-likelihood per response token, one value per sequence (supervised fine-tuning)."""
+    logps = sequence_logps(forward_logits(policy, batch), batch["labels"])
+    n_tokens = (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
+    return -logps / n_tokens
 
 
 def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:

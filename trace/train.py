@@ -54,6 +54,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_path, cfg.model)
 
     ablation = cfg.ablation
+    objective = ObjectiveConfig(
+        beta=cfg.loss.beta,
+        relational=cfg.loss.type,
+        alpha_kl=cfg.objective.alpha_kl if ablation.kl else 0.0,
+        reduction=cfg.objective.reduction,
+        terms=OmegaConf.to_container(ablation.terms, resolve=True),
+    )
     datamodule = TriagedDataModule(
         source=source,
         oracle=oracle,
@@ -62,7 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         batch_size=cfg.data.batch_size,
         limits=SequenceLimits(cfg.data.max_length, cfg.data.max_prompt_length),
         use_triage=ablation.triage,
-        oracle_punish=ablation.oracle_punish,
+        terms=objective.terms,
         trust_labels=bool(getattr(source, "triaged", False)),
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
@@ -71,13 +78,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
 
-    objective = ObjectiveConfig(
-        beta=cfg.loss.beta,
-        relational=cfg.loss.type,
-        alpha_kl=cfg.objective.alpha_kl if ablation.kl else 0.0,
-        reduction=cfg.objective.reduction,
-        oracle_punish=ablation.oracle_punish,
-    )
     module = TraceModule(
         model_path=model_path,
         model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
