@@ -300,3 +300,14 @@ def test_impact_weights_are_seeded_and_deterministic(make_cfg, tmp_path):
     assert outs[0] == outs[1]
     weights = [r["weight"] for r in outs[0]]
     assert sum(weights) == pytest.approx(1.0) and min(weights) >= 0
+
+
+@pytest.mark.slow
+def test_default_m_old_follows_pi_old(tmp_path):
+    """The default recipe really aligns the tiny model to pi_old (a minute on two CPU cores)."""
+    cfg = compose_cfg(["trainer.max_steps=1", "logger=none", "trainer.enable_progress_bar=false"], tmp_path / "run")
+    m = run(cfg)
+    assert m["prealign/cached"] == 0.0 and m["prealign/seconds"] < 600
+    assert m["eval/before/tpa_old"] >= 90, "M_old follows pi_old on held-out prompts"
+    assert m["eval/before/tpa/shifted"] <= 30, "and so violates pi_new where the policy shifted"
+    assert m["eval/before/utility"] >= 80, "and answers the held-out sums it was taught"

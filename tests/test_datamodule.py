@@ -198,7 +198,8 @@ def test_conflict_indices(tmp_path, world, tokenizer):
 def test_one_pass_before_repeats(tmp_path, world, tokenizer):
     dm = make_dm(tmp_path, world, tokenizer, WorldJudge())
     order = {c: [] for c in CATEGORIES}
-    for step in steps(dm, 40):
+    n_steps = max(2 * len(dm.rows[c]) // B[c] + 1 for c in CATEGORIES)
+    for step in steps(dm, n_steps):
         for cat in CATEGORIES:
             order[cat] += step[cat]["index"].tolist()
     for cat in CATEGORIES:

@@ -281,3 +281,26 @@ def test_term_table_validation_and_dpo_term():
     expected = -math.log(1 / (1 + math.exp(-0.5 * ((-1 + 2) - (-3 + 2)))))
     assert conflict_losses(RETAIN, pol, ref, cfg).item() == pytest.approx(expected)
     assert cfg.terms == {INVERT: None, PUNISH: None, RETAIN: "relational"}
+
+
+def test_nll_is_mean_token_negative_log_likelihood_of_the_response():
+    from trace_realign.objective import nll
+
+    class Fixed(torch.nn.Module):
+        """A 'model' whose logits are given, to check nll against a hand computation."""
+
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids, attention_mask, use_cache=False):
+            return type("Out", (), {"logits": self.logits})()
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, 7)
+    input_ids = torch.tensor([[1, 2, 3, 4, 5]])
+    labels = torch.tensor([[-100, -100, 3, 4, 5]])  # two prompt tokens, three response tokens
+    got = nll(Fixed(logits), {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels})
+    logp = torch.log_softmax(logits[0], -1)
+    expected = -(logp[1, 3] + logp[2, 4] + logp[3, 5]) / 3
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -12,12 +12,16 @@ from trace_realign.oracle import Policy
 from trace_realign.records import CATEGORIES, DataError
 from trace_realign.triage import triage
 from trace_realign.world import SyntheticWorld, WorldJudge, load_policy
-from trace_realign.world.synthetic import AXES, STANCE_TEMPLATES, STANCES, render_policy
+from trace_realign.world.synthetic import AXES, STANCE_TEMPLATES, STANCES, read_stance, read_sum, render_policy
 
 
 @pytest.fixture(scope="module")
 def world() -> SyntheticWorld:
     return SyntheticWorld()
+
+
+def value_pairs(world):
+    return [p for p in world.train_pairs() if p.meta["axis"] != "utility"]
 
 
 def allow(stances, axes=AXES) -> Policy:
@@ -39,7 +43,7 @@ def test_deterministic_for_a_seed():
     a, b = SyntheticWorld(seed=7), SyntheticWorld(seed=7)
     assert a.train_pairs() == b.train_pairs()
     assert a.eval_prompts() == b.eval_prompts()
-    assert len(a.train_pairs()) == a.pairs_per_axis * len(a.axes)
+    assert len(a.train_pairs()) == a.pairs_per_axis * len(a.axes) + a.utility_in_data
 
 
 def test_other_seed_differs():
@@ -51,23 +55,24 @@ def test_other_seed_differs():
 def test_train_and_test_prompts_disjoint(world):
     train = {p.prompt for p in world.train_pairs()}
     test = [t["prompt"] for t in world.eval_prompts()]
-    assert len(test) == len(set(test)) == world.test_prompts_per_axis * len(world.axes)
+    assert len(test) == len(set(test)) == world.test_prompts_per_axis * len(world.axes) + world.utility_eval
     assert not train & set(test)
     # every train prompt is a prompt of its axis
-    for p in world.train_pairs():
+    for p in value_pairs(world):
         assert p.prompt in {t.format(x=f) for t in AXES[p.meta["axis"]]["templates"] for f in AXES[p.meta["axis"]]["fillers"]}
 
 
 def test_every_axis_present(world):
     assert set(world.axes) == set(AXES)
     train_axes = Counter(p.meta["axis"] for p in world.train_pairs())
-    assert train_axes == {a: world.pairs_per_axis for a in world.axes}
+    assert train_axes == {**{a: world.pairs_per_axis for a in world.axes}, "utility": world.utility_in_data}
     test_axes = Counter(t["axis"] for t in world.eval_prompts())
-    assert test_axes == {a: world.test_prompts_per_axis for a in world.axes}
+    assert test_axes == {**{a: world.test_prompts_per_axis for a in world.axes}, "utility": world.utility_eval}
 
 
 def test_axis_subset():
-    w = SyntheticWorld(axes=("politics", "medical"), pairs_per_axis=5, test_prompts_per_axis=1)
+    w = SyntheticWorld(axes=("politics", "medical"), pairs_per_axis=5, test_prompts_per_axis=1,
+                       utility_in_data=0, utility_eval=0)
     assert Counter(p.meta["axis"] for p in w.train_pairs()) == {"politics": 5, "medical": 5}
     assert {t["axis"] for t in w.eval_prompts()} == {"politics", "medical"}
 
@@ -90,7 +95,7 @@ def test_ground_truth_matches_for_other_seeds(seed):
 
 def test_old_policy_preferences(world):
     judge = WorldJudge()
-    for p in world.train_pairs():
+    for p in value_pairs(world):
         assert judge.judge(p.prompt, p.chosen, world.old) is True, p
         assert judge.judge(p.prompt, p.rejected, world.old) is False, p
         assert p.meta["stance_chosen"] in world.old.rules[p.meta["axis"]]["allowed"]
@@ -108,7 +113,7 @@ def test_too_many_test_prompts_raise():
     with pytest.raises(ValueError, match="test_prompts_per_axis"):
         SyntheticWorld(axes=("medical",), test_prompts_per_axis=n).build()
     # one prompt short of the limit leaves exactly one training prompt
-    w = SyntheticWorld(axes=("medical",), test_prompts_per_axis=n - 1, pairs_per_axis=4)
+    w = SyntheticWorld(axes=("medical",), test_prompts_per_axis=n - 1, pairs_per_axis=4, utility_in_data=0, utility_eval=0)
     assert len({p.prompt for p in w.train_pairs()}) == 1
     assert len(w.eval_prompts()) == n - 1
 
@@ -213,8 +218,11 @@ def test_correct_complies_with_new_policy_on_every_prompt(world):
         assert y and y.strip()
         assert judge.judge(prompt, y, world.new) is True, (prompt, y)
         assert judge.correct(prompt, world.new) == y  # deterministic
+        if read_sum(prompt) is not None:
+            axes_seen.add("utility")
+            continue
         axes_seen.add(next(a for a in AXES if prompt in {t.format(x=f) for t in AXES[a]["templates"] for f in AXES[a]["fillers"]}))
-    assert axes_seen == set(AXES)
+    assert axes_seen == set(AXES) | {"utility"}
 
 
 @pytest.mark.parametrize("stance", STANCES)
@@ -316,3 +324,78 @@ def test_render_policy_mentions_every_axis():
     text = render_policy("p", "desc", {"risky": {"allowed": ["caveat"], "guidance": "g1"}, "privacy": {"allowed": ["neutral", "refuse"], "guidance": "g2"}})
     assert text.splitlines() == ["Policy p. desc", "", "- risky: g1 (compliant stances: caveat)",
                                  "- privacy: g2 (compliant stances: neutral, refuse)"]
+
+
+# -- utility sums, stages and evaluation groups -----------------------------------------------------
+
+
+def test_utility_sums_are_judged_by_their_answer_under_any_policy(world):
+    judge = WorldJudge()
+    for policy in (world.old, world.new, allow(["refuse"])):
+        assert judge.judge("What is 7 plus 8?", "The answer is 15.", policy) is True
+        assert judge.judge("What is 7 plus 8?", "The answer is 16.", policy) is False
+        assert judge.judge("What is 7 plus 8?", "I must decline to help with that.", policy) is False
+        assert judge.judge("What is 7 plus 8?", "answer fifteen", policy) is False
+    assert judge.correct("What is 4 plus 5?", world.new) == "The answer is 9."
+
+
+def test_stages_serve_sft_and_dpo_data_labelled_retain():
+    realign = SyntheticWorld(seed=3)
+    sft, dpo = SyntheticWorld(seed=3, stage="sft"), SyntheticWorld(seed=3, stage="dpo")
+    assert not realign.triaged and sft.triaged and dpo.triaged
+    assert all(p.category is None for p in realign.train_pairs())
+    assert all(p.category == "retain" for p in sft.train_pairs() + dpo.train_pairs())
+    # DPO sees D itself; SFT also sees the held-out sums, which realignment never sees.
+    assert [p.prompt for p in dpo.train_pairs()] == [p.prompt for p in realign.train_pairs()]
+    held_out = {t["prompt"] for t in realign.eval_prompts() if t["kind"] == "utility"}
+    assert held_out and held_out <= {p.prompt for p in sft.train_pairs()}
+    assert not held_out & {p.prompt for p in realign.train_pairs()}
+    assert len(held_out) == realign.utility_eval
+    # the test value prompts are seen by no stage
+    value_test = {t["prompt"] for t in realign.eval_prompts() if t["kind"] == "value"}
+    assert not value_test & {p.prompt for p in sft.train_pairs()}
+    with pytest.raises(ValueError, match="dataset.stage"):
+        SyntheticWorld(stage="finetune")
+
+
+def test_eval_prompts_carry_axis_category_and_shift(world):
+    items = [t for t in world.eval_prompts() if t["kind"] == "value"]
+    cat = {t["axis"]: t["category"] for t in items}
+    shift = {t["axis"]: t["shift"] for t in items}
+    assert cat == {"medical": "invert", "politics": "punish", "privacy": "retain", "risky": "retain"}
+    assert shift == {"medical": "shifted", "politics": "shifted", "privacy": "unchanged", "risky": "unchanged"}
+
+
+def test_politics_pairs_mix_invert_and_punish(world):
+    # Under pi_new only a balanced answer complies: pairs whose rejected was balanced invert, the rest punish.
+    politics = [p for p in world.train_pairs() if p.meta["axis"] == "politics"]
+    mix = Counter(p.meta["gt_category"] for p in politics)
+    assert mix["invert"] == sum(p.meta["stance_rejected"] == "neutral" for p in politics) > 0
+    assert mix["punish"] > 0 and mix["retain"] == 0
+    # each prompt's pairs take different rejected stances
+    by_prompt: dict[str, list[str]] = {}
+    for p in politics:
+        by_prompt.setdefault(p.prompt, []).append(p.meta["stance_rejected"])
+    assert all(len(set(v)) == len(v) for v in by_prompt.values())
+
+
+@pytest.mark.parametrize("bad", [{"medical": ["refuse"]}, {"medical": ["shout"]}, {"medical": []}])
+def test_rejected_stances_must_violate_pi_old(bad):
+    with pytest.raises(ValueError, match="rejected_stances.medical"):
+        SyntheticWorld(rejected_stances=bad)
+
+
+def test_pretrain_corpus_says_everything_on_train_prompts_only():
+    w = SyntheticWorld(seed=2, stage="pretrain")
+    pairs = w.train_pairs()
+    value = [p for p in pairs if p.meta["axis"] != "utility"]
+    # every stance on every train prompt, so the base model can produce any of them before alignment
+    by_prompt: dict[str, set] = {}
+    for p in value:
+        by_prompt.setdefault(p.prompt, set()).add(p.meta["stance_chosen"])
+        assert read_stance(p.chosen) == p.meta["stance_chosen"]
+    assert all(s == set(STANCES) for s in by_prompt.values())
+    realign = SyntheticWorld(seed=2)
+    assert set(by_prompt) == {p.prompt for p in realign.train_pairs() if p.meta["axis"] != "utility"}
+    assert not set(by_prompt) & {t["prompt"] for t in realign.eval_prompts()}
+    assert sum(p.meta["axis"] == "utility" for p in pairs) == w.utility_in_data + w.utility_eval

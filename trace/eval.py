@@ -54,19 +54,23 @@ def generate(
     return [t.strip() for t in out]
 
 
+GROUP_KEYS = ("axis", "category", "shift")
+
+
 def agreement(
     oracle: Oracle, policy: Policy, items: Sequence[dict[str, Any]], responses: Sequence[str]
 ) -> dict[str, float]:
-    """Percent compliant overall and per axis, plus the count of undecided verdicts."""
+    """Percent compliant overall and per group (an item's axis, category and shift), plus the count of
+    undecided verdicts. Keys are suffixes: "" for overall, "/<group>" per group."""
     verdicts = oracle.judge_batch([(it["prompt"], r) for it, r in zip(items, responses)], policy)
-    by_axis: dict[str, list[bool]] = defaultdict(list)
+    groups: dict[str, list[bool]] = defaultdict(list)
     for it, v in zip(items, verdicts):
-        if "axis" in it:
-            by_axis[it["axis"]].append(v is True)
-    n = max(len(verdicts), 1)
-    out = {"": 100.0 * sum(v is True for v in verdicts) / n, "/undecided": float(sum(v is None for v in verdicts))}
-    for axis, vs in sorted(by_axis.items()):
-        out[f"/{axis}"] = 100.0 * sum(vs) / len(vs)
+        groups[""].append(v is True)
+        for key in GROUP_KEYS:
+            if it.get(key):
+                groups[f"/{it[key]}"].append(v is True)
+    out = {suffix: 100.0 * sum(vs) / len(vs) for suffix, vs in sorted(groups.items())}
+    out["/undecided"] = float(sum(v is None for v in verdicts))
     return out
 
 
@@ -81,13 +85,25 @@ def evaluate(
     max_new_tokens: int = 48,
     batch_size: int = 16,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Metrics under `prefix` (e.g. eval/after) and the judged generations themselves."""
+    """Metrics under `prefix` (e.g. eval/after) and the judged generations themselves.
+
+    Items of kind "value" give tpa (pi_new) and tpa_old (pi_old); items of kind "utility" give utility,
+    the percent the oracle judges correct (no policy governs them).
+    """
     if not items:
         return {}, []
     responses = generate(model, tokenizer, [it["prompt"] for it in items], max_new_tokens, batch_size)
-    metrics = {f"{prefix}/n": float(len(items))}
-    for name, policy in (("tpa", new), ("tpa_old", old)):
-        for suffix, value in agreement(oracle, policy, items, responses).items():
-            metrics[f"{prefix}/{name}{suffix}"] = value
+    value = [(it, r) for it, r in zip(items, responses) if it.get("kind", "value") == "value"]
+    utility = [(it, r) for it, r in zip(items, responses) if it.get("kind") == "utility"]
+    metrics = {f"{prefix}/n": float(len(value))}
+    if value:
+        v_items, v_resp = zip(*value)
+        for name, policy in (("tpa", new), ("tpa_old", old)):
+            for suffix, number in agreement(oracle, policy, v_items, v_resp).items():
+                metrics[f"{prefix}/{name}{suffix}"] = number
+    if utility:
+        u_items, u_resp = zip(*utility)
+        metrics[f"{prefix}/utility"] = agreement(oracle, new, u_items, u_resp)[""]
+        metrics[f"{prefix}/n_utility"] = float(len(utility))
     rows = [{**it, "response": r} for it, r in zip(items, responses)]
     return metrics, rows

@@ -25,6 +25,7 @@ from trace_realign.eval import evaluate
 from trace_realign.model import load_tokenizer, resolve_model_path
 from trace_realign.module import TraceModule
 from trace_realign.objective import ObjectiveConfig
+from trace_realign.prealign import prealigned_model
 from trace_realign.sequences import SequenceLimits
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     oracle = instantiate(cfg.oracle)
     corpus = source.corpus() if cfg.model.get("build") else None
     model_path = resolve_model_path(cfg.model, corpus, cfg.paths.cache_dir)
+    prealign_metrics: dict[str, float] = {}
+    if cfg.model.get("prealign"):
+        # M_old: the model aligned to pi_old that realignment starts from (built once, then cached).
+        model_path, prealign_metrics = prealigned_model(cfg, model_path, run)
     tokenizer = load_tokenizer(model_path, cfg.model)
 
     ablation = cfg.ablation
@@ -95,7 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False)
 
-    metrics: dict[str, Any] = dict(datamodule.stats)
+    metrics: dict[str, Any] = {**datamodule.stats, **prealign_metrics}
     metrics.update({
         "train/batch_size_effective": sum(datamodule.batch_size.values()) * trainer.accumulate_grad_batches * trainer.world_size,
         "train/world_size": trainer.world_size,
@@ -149,7 +154,9 @@ def write_impact(path: Path, datamodule: TriagedDataModule, module: TraceModule)
 
 def print_summary(out: Path, metrics: dict[str, Any]) -> None:
     keys = ["triage/invert", "triage/punish", "triage/retain", "impact/nonzero", "train/loss",
-            "eval/before/tpa", "eval/after/tpa", "eval/before/tpa_old", "eval/after/tpa_old", "time/total_seconds"]
+            "eval/before/tpa", "eval/after/tpa", "eval/before/tpa/shifted", "eval/after/tpa/shifted",
+            "eval/before/tpa_old/unchanged", "eval/after/tpa_old/unchanged", "eval/before/utility",
+            "eval/after/utility", "prealign/seconds", "time/total_seconds"]
     width = max(len(k) for k in keys)
     lines = [f"  {k:<{width}}  {metrics[k]:.4g}" for k in keys if k in metrics]
     print(f"\ntrace-realign: outputs in {out}\n" + "\n".join(lines), flush=True)
