@@ -311,3 +311,13 @@ def test_default_m_old_follows_pi_old(tmp_path):
     assert m["eval/before/tpa_old"] >= 90, "M_old follows pi_old on held-out prompts"
     assert m["eval/before/tpa/shifted"] <= 30, "and so violates pi_new where the policy shifted"
     assert m["eval/before/utility"] >= 80, "and answers the held-out sums it was taught"
+
+
+@pytest.mark.slow
+def test_a_category_without_a_term_gets_no_weight_and_no_batches(make_cfg):
+    m = run(make_cfg("ablation.terms.invert=null", "eval.enabled=false"))
+    assert m["train/loss_invert"] == 0.0 and m["train/steps"] == 2
+    out = Path(make_cfg().paths.output_dir)
+    rows = [json.loads(line) for line in (out / "data" / "impact.jsonl").read_text().splitlines()]
+    assert all(r["weight"] == 0.0 for r in rows if r["category"] == "invert")
+    assert any(r["weight"] > 0 for r in rows if r["category"] == "punish")

@@ -357,3 +357,12 @@ def test_no_pair_for_the_training_terms_is_an_error(tmp_path, world, tokenizer):
     dm.prepare_data()
     with pytest.raises(NoConflictsError, match=r"categories that train \(\['retain'\]\)"):
         dm.setup("fit")
+
+
+def test_conflict_rows_follow_the_weight_index_when_a_category_is_not_served(tmp_path, world, tokenizer):
+    # With no term for invert, punish rows keep their place after the inverted pairs in the weight vector.
+    dm = make_dm(tmp_path, world, tokenizer, WorldJudge(), terms={INVERT: None, PUNISH: "npo", RETAIN: "kl"})
+    n_i = len(dm.splits[INVERT])
+    assert n_i and dm.conflict_row(0) == (INVERT, None)
+    category, row = dm.conflict_row(n_i)
+    assert category == PUNISH and row["index"] == n_i

@@ -221,10 +221,12 @@ class TriagedDataModule(L.LightningDataModule):
         rows = [{"index": -1, "first": self._encode(x, w)[0], "second": self._encode(x, l)[0]} for x, w, l in triples]
         return collate(rows, self.tokenizer.pad_token_id)
 
-    def conflict_row(self, k: int) -> tuple[str, dict[str, Any]]:
-        """Category and encoded row of conflict sample k (invert first, then punish)."""
-        n_i = len(self.rows[INVERT])
-        return (INVERT, self.rows[INVERT][k]) if k < n_i else (PUNISH, self.rows[PUNISH][k - n_i])
+    def conflict_row(self, k: int) -> tuple[str, dict[str, Any] | None]:
+        """Category and encoded row of conflict sample k (invert first, then punish); the row is None
+        when no term trains that category."""
+        n_i = len(self.splits[INVERT])
+        category, i = (INVERT, k) if k < n_i else (PUNISH, k - n_i)
+        return category, (self.rows[category][i] if self.rows[category] else None)
 
     def conflict_pair(self, k: int) -> PreferencePair:
         n_i = len(self.splits[INVERT])

@@ -126,7 +126,8 @@ class TraceModule(L.LightningModule):
             return make
 
         rank, world = self.global_rank, self.trainer.world_size
-        losses = [sample(k) if k % world == rank else None for k in range(dm.num_conflicts)]
+        served = [dm.conflict_row(k)[1] is not None for k in range(dm.num_conflicts)]
+        losses = [sample(k) if k % world == rank and served[k] else None for k in range(dm.num_conflicts)]
         scores = impact_scores(params, g_gold, losses, progress=self.trainer.is_global_zero)
         if world > 1:
             scores = self.trainer.strategy.reduce(scores.to(self.device), reduce_op="sum").cpu()
