@@ -454,3 +454,12 @@ def test_non_finite_scores_are_an_error_not_nan_weights():
     # A NaN score would silently turn every weight into NaN through the normaliser.
     with pytest.raises(FloatingPointError, match=r"samples \[1\]"):
         clip_and_normalise(torch.tensor([0.5, float("nan"), 0.2], dtype=torch.float64), 1.0)
+
+
+def test_uniform_fallback_and_no_impact_weigh_only_served_samples():
+    served = torch.tensor([True, False, True, True])
+    w, info = clip_and_normalise(torch.tensor([-1.0, 0.0, -2.0, 0.0], dtype=torch.float64), 1.0, served)
+    assert info["impact/fallback_uniform"] == 1
+    assert w.tolist() == pytest.approx([1 / 3, 0.0, 1 / 3, 1 / 3])
+    w, info = uniform_weights(4, served)
+    assert w.tolist() == pytest.approx([1 / 3, 0.0, 1 / 3, 1 / 3]) and info["impact/nonzero"] == 3

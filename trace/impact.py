@@ -94,11 +94,14 @@ def impact_scores(
     return scores
 
 
-def clip_and_normalise(scores: torch.Tensor, gamma: float) -> tuple[torch.Tensor, dict[str, float]]:
+def clip_and_normalise(
+    scores: torch.Tensor, gamma: float, served: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Line 20: w <- max(0, w / gamma), then w / sum|w|.
 
     If every score clips to zero, no sample helps the gold objective at theta_ref and Algorithm 1 leaves
-    nothing to train on; the weights then fall back to uniform and the fallback is reported.
+    nothing to train on; the weights then fall back to uniform over the `served` samples (those a term
+    trains; all by default) and the fallback is reported.
     """
     if gamma <= 0:
         raise ValueError(f"impact.gamma must be positive, got {gamma}")
@@ -117,7 +120,7 @@ def clip_and_normalise(scores: torch.Tensor, gamma: float) -> tuple[torch.Tensor
     if z <= 0:
         log.warning("every impact score clipped to 0: using uniform weights")
         info["impact/fallback_uniform"] = 1
-        w = torch.full_like(w, 1.0 / len(w))
+        w, _ = uniform_weights(len(w), served)
     else:
         w = w / z
     info["impact/max"] = float(w.max())
@@ -125,7 +128,9 @@ def clip_and_normalise(scores: torch.Tensor, gamma: float) -> tuple[torch.Tensor
     return w, info
 
 
-def uniform_weights(n: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """The no_impact ablation: every conflict sample weighs the same."""
-    w = torch.full((n,), 1.0 / n if n else 0.0, dtype=torch.float64)
-    return w, {"impact/nonzero": n, "impact/max": float(w.max()) if n else 0.0, "impact/fallback_uniform": 0}
+def uniform_weights(n: int, served: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The no_impact ablation: every served conflict sample weighs the same (unserved ones 0)."""
+    mask = torch.ones(n, dtype=torch.float64) if served is None else served.to(torch.float64)
+    w = mask / mask.sum() if mask.sum() > 0 else mask
+    return w, {"impact/nonzero": int((w > 0).sum()), "impact/max": float(w.max()) if n else 0.0,
+               "impact/fallback_uniform": 0}

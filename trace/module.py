@@ -82,7 +82,7 @@ class TraceModule(L.LightningModule):
         dm = self.trainer.datamodule
         n = dm.num_conflicts
         if not self.use_impact or n == 0:
-            w, info = uniform_weights(n)
+            w, info = uniform_weights(n, torch.tensor([dm.conflict_row(k)[1] is not None for k in range(n)]))
             self.impact_raw = torch.full((n,), float("nan"), dtype=torch.float64)
         else:
             w, info = self.compute_impact(dm)
@@ -132,7 +132,7 @@ class TraceModule(L.LightningModule):
         if world > 1:
             scores = self.trainer.strategy.reduce(scores.to(self.device), reduce_op="sum").cpu()
         self.impact_raw = scores
-        w, info = clip_and_normalise(scores, self.gamma)
+        w, info = clip_and_normalise(scores, self.gamma, torch.tensor(served))
         info.update({"impact/gold_retain": gold.n_retain, "impact/gold_invert": gold.n_invert,
                      "impact/gold_punish": gold.n_punish, "impact/grad_norm_gold": float(g_gold.norm())})
         self.policy.zero_grad(set_to_none=True)
