@@ -29,6 +29,7 @@ FAST = [
     "eval.max_new_tokens=4",
     "trainer.enable_progress_bar=false",
     "logger=none",
+    "select.enabled=false",
 ]
 
 

@@ -321,3 +321,10 @@ def test_a_category_without_a_term_gets_no_weight_and_no_batches(make_cfg):
     rows = [json.loads(line) for line in (out / "data" / "impact.jsonl").read_text().splitlines()]
     assert all(r["weight"] == 0.0 for r in rows if r["category"] == "invert")
     assert any(r["weight"] > 0 for r in rows if r["category"] == "punish")
+
+
+@pytest.mark.slow
+def test_selection_by_oracle_runs_and_reports(make_cfg):
+    m = run(make_cfg("select.enabled=true", "select.every_n_steps=1", "select.prompts=4", "trainer.max_steps=3"))
+    assert m["select/checks"] == 4  # theta_ref and each of the three steps
+    assert 0 <= m["select/best_step"] <= 3 and 0 <= m["select/best_tpa"] <= 100

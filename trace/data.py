@@ -228,6 +228,11 @@ class TriagedDataModule(L.LightningDataModule):
         category, i = (INVERT, k) if k < n_i else (PUNISH, k - n_i)
         return category, (self.rows[category][i] if self.rows[category] else None)
 
+    def selection_prompts(self, n: int) -> list[str]:
+        """A seeded sample of n distinct training prompts (every category) for choosing when to stop."""
+        prompts = sorted({p.prompt for c in CATEGORIES for p in self.splits[c]})
+        return random.Random(f"{self.seed}:select").sample(prompts, min(n, len(prompts)))
+
     def conflict_pair(self, k: int) -> PreferencePair:
         n_i = len(self.splits[INVERT])
         return self.splits[INVERT][k] if k < n_i else self.splits[PUNISH][k - n_i]

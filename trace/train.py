@@ -26,6 +26,7 @@ from trace_realign.model import load_tokenizer, resolve_model_path
 from trace_realign.module import TraceModule
 from trace_realign.objective import ObjectiveConfig
 from trace_realign.prealign import prealigned_model
+from trace_realign.select import SelectByOracle
 from trace_realign.sequences import SequenceLimits
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     module.configure_model()
     loggers = build_loggers(cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False)
+    callbacks = []
+    select = cfg.get("select") or {}
+    if select.get("enabled"):
+        callbacks.append(SelectByOracle(
+            datamodule.selection_prompts(int(select.prompts)), oracle, source.new, tokenizer,
+            every_n_steps=int(select.every_n_steps), max_new_tokens=cfg.eval.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+        ))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
     metrics: dict[str, Any] = {**datamodule.stats, **prealign_metrics}
     metrics.update({
@@ -119,6 +128,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics.update({k: float(v) for k, v in module.impact_info.items()})
     metrics.update(module.last_losses)
     metrics.update(module.first_losses)
+    for cb in callbacks:
+        metrics.update(cb.metrics())
     metrics.update({"train/steps": trainer.global_step, "train/seconds": time.time() - t_fit,
                     "train/stopped_by_grad_norm": int(module.stop_reason == "grad_norm")})
 

@@ -1,0 +1,57 @@
+"""Choosing when to stop by the oracle: the best-judged parameters are the ones kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trace_realign.oracle import Oracle, Policy
+from trace_realign.select import SelectByOracle
+
+
+class Trainer:
+    global_step = 0
+
+
+class Module:
+    def __init__(self):
+        self.policy = torch.nn.Linear(2, 1)
+        self.policy.bias.requires_grad_(False)  # frozen parameters are neither saved nor restored
+
+
+class ScoreByWeight(SelectByOracle):
+    """Scores the model by a made-up schedule instead of generating: peak at step 20."""
+
+    def __init__(self, schedule):
+        super().__init__(["p"], Oracle(), Policy("p", ""), tokenizer=None, every_n_steps=10)
+        self.schedule = schedule
+        self.trainer = None
+
+    def score(self, model):
+        return self.schedule[self.trainer.global_step]
+
+
+def test_best_parameters_are_restored_and_ties_keep_the_earlier():
+    trainer, module = Trainer(), Module()
+    cb = ScoreByWeight({0: 10.0, 10: 50.0, 20: 80.0, 30: 80.0, 40: 5.0})
+    cb.trainer = trainer
+    snapshots = {}
+    cb.on_train_start(trainer, module)
+    for step in range(1, 41):
+        trainer.global_step = step
+        with torch.no_grad():
+            module.policy.weight.add_(1.0)  # training moves the weights every step
+        snapshots[step] = module.policy.weight.detach().clone()
+        cb.on_train_batch_end(trainer, module)
+    bias = module.policy.bias.detach().clone()
+    cb.on_train_end(trainer, module)
+    assert cb.best_step == 20 and cb.best_score == 80.0
+    assert torch.equal(module.policy.weight, snapshots[20])
+    assert torch.equal(module.policy.bias, bias)
+    assert [s for s, _ in cb.history] == [0, 10, 20, 30, 40]
+    assert cb.metrics() == {"select/best_step": 20.0, "select/best_tpa": 80.0, "select/checks": 5.0}
+
+
+def test_every_n_steps_must_be_positive():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SelectByOracle(["p"], Oracle(), Policy("p", ""), tokenizer=None, every_n_steps=0)

@@ -1,0 +1,76 @@
+"""Choosing when to stop by the oracle: keep the parameters whose generations comply best.
+
+Relational losses keep pushing margins after the behaviour has flipped, and past some point the
+generations on conflict prompts degenerate; where that point lies moves with the seed, so neither a fixed
+T_max nor the gradient-norm threshold can see it. This callback generates on a fixed sample of the
+training prompts every few steps, has the oracle judge them against pi_new (TRACE already pays for the
+oracle), and restores the best-scoring trainable parameters at the end. Held-out evaluation prompts are
+never used, so the selection does not see the test set.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+
+from trace_realign.eval import generate
+from trace_realign.oracle import Oracle, Policy
+
+log = logging.getLogger(__name__)
+
+
+class SelectByOracle(L.Callback):
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        oracle: Oracle,
+        policy: Policy,
+        tokenizer: Any,
+        every_n_steps: int = 25,
+        max_new_tokens: int = 32,
+        batch_size: int = 32,
+    ):
+        if every_n_steps < 1:
+            raise ValueError(f"select.every_n_steps must be >= 1, got {every_n_steps}")
+        self.prompts, self.oracle, self.policy, self.tokenizer = list(prompts), oracle, policy, tokenizer
+        self.every, self.max_new_tokens, self.batch_size = every_n_steps, max_new_tokens, batch_size
+        self.history: list[tuple[int, float]] = []
+        self.best_score, self.best_step = float("-inf"), -1
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def score(self, model: torch.nn.Module) -> float:
+        responses = generate(model, self.tokenizer, self.prompts, self.max_new_tokens, self.batch_size, progress=False)
+        verdicts = self.oracle.judge_batch(list(zip(self.prompts, responses)), self.policy)
+        return 100.0 * sum(v is True for v in verdicts) / max(len(verdicts), 1)
+
+    def _consider(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        step = trainer.global_step
+        score = self.score(module.policy)
+        self.history.append((step, score))
+        if score > self.best_score:  # ties keep the earlier, less trained parameters
+            self.best_score, self.best_step = score, step
+            self.best_state = {n: p.detach().cpu().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._consider(trainer, module)  # step 0: theta_ref itself is a candidate
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step % self.every == 0:
+            self._consider(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self.history or self.history[-1][0] != trainer.global_step:
+            self._consider(trainer, module)
+        if self.best_state is not None:
+            params = dict(module.policy.named_parameters())
+            with torch.no_grad():
+                for name, value in self.best_state.items():
+                    params[name].copy_(value.to(params[name].device))
+        log.info("select: kept step %d (selection TPA %.1f) of %s", self.best_step, self.best_score, self.history)
+
+    def metrics(self) -> dict[str, float]:
+        return {"select/best_step": float(self.best_step), "select/best_tpa": self.best_score,
+                "select/checks": float(len(self.history))}
