@@ -20,6 +20,7 @@ class FakeStages:
 
     def __call__(self, cfg):
         stage = cfg.dataset.stage
+        assert cfg.select.enabled is False, "M_old must never be selected by pi_new"
         self.calls.append(stage)
         if stage == self.fail_at:
             raise KeyboardInterrupt("interrupted")
@@ -61,6 +62,7 @@ def test_a_changed_config_rebuilds(cfg, tmp_path):
 def test_user_training_settings_do_not_change_m_old(cfg, tmp_path):
     first, _ = prealigned_model(cfg, str(tmp_path / "base"), FakeStages())
     cfg.trainer.max_steps, cfg.optimizer.lr, cfg.loss.beta = 3, 0.5, 0.9
+    cfg.select.enabled = not cfg.select.enabled
     stages = FakeStages()
     second, _ = prealigned_model(cfg, str(tmp_path / "base"), stages)
     assert second == first and stages.calls == []

@@ -48,6 +48,7 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
     s.trainer.accumulate_grad_batches = 1
     s.trainer.devices, s.trainer.strategy = 1, "auto"
     s.eval.enabled = False
+    s.select = {"enabled": False}  # M_old follows pi_old: nothing may select it by pi_new
     s.logger = {}
     s.seed = int(stage.get("seed", 0))
     s.paths.output_dir = str(out_dir)
@@ -59,7 +60,7 @@ def _key(stage_cfgs: list[DictConfig]) -> str:
     parts = []
     for s in stage_cfgs:
         c = OmegaConf.to_container(s, resolve=True)
-        for k in ("paths", "hydra", "logger", "eval", "tags", "task_name", "optimized_metric"):
+        for k in ("paths", "hydra", "logger", "eval", "select", "tags", "task_name", "optimized_metric"):
             c.pop(k, None)
         c["model"]["name_or_path"] = Path(c["model"]["name_or_path"]).name  # the base dir name is its hash
         c["trainer"] = {k: c["trainer"][k] for k in ("max_steps", "gradient_clip_val", "precision")}
