@@ -328,3 +328,13 @@ def test_selection_by_oracle_runs_and_reports(make_cfg):
     m = run(make_cfg("select.enabled=true", "select.every_n_steps=1", "select.prompts=4", "trainer.max_steps=3"))
     assert m["select/checks"] == 4  # theta_ref and each of the three steps
     assert 0 <= m["select/best_step"] <= 3 and 0 <= m["select/best_tpa"] <= 100
+
+
+@pytest.mark.slow
+def test_oracle_noise_reaches_triage_not_evaluation(make_cfg):
+    m = run(make_cfg("oracle.noise=0.3", "dataset.pairs_per_axis=24"))
+    assert m["oracle/noise"] == 0.3 and m["oracle/noise_flipped"] > 0
+    assert m["triage/gt_accuracy"] < 1.0  # the noisy labels really changed triage
+    clean = run(make_cfg("dataset.pairs_per_axis=24"))
+    # evaluation judged M_old's generations with the clean judge in both runs
+    assert m["eval/before/tpa"] == clean["eval/before/tpa"]

@@ -63,6 +63,7 @@ def test_user_training_settings_do_not_change_m_old(cfg, tmp_path):
     first, _ = prealigned_model(cfg, str(tmp_path / "base"), FakeStages())
     cfg.trainer.max_steps, cfg.optimizer.lr, cfg.loss.beta = 3, 0.5, 0.9
     cfg.select.enabled = not cfg.select.enabled
+    cfg.oracle.noise = 0.2
     stages = FakeStages()
     second, _ = prealigned_model(cfg, str(tmp_path / "base"), stages)
     assert second == first and stages.calls == []

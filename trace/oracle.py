@@ -7,6 +7,7 @@ dataset's own labels all implement this one interface; triage and evaluation onl
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -39,3 +40,50 @@ class Oracle:
 
     def correct_batch(self, prompts: Sequence[str], policy: Policy) -> list[str | None]:
         return [self.correct(p, policy) for p in prompts]
+
+
+class NoisyOracle(Oracle):
+    """Flips a seeded fraction p of another oracle's verdicts (the robustness study, paper Table 8).
+
+    Whether an item flips depends only on (seed, policy, prompt, response), so a re-run, a resumed run and
+    a second question about the same item all see the same verdict. Undecided verdicts stay undecided.
+    """
+
+    def __init__(self, base: Oracle, p: float, seed: int = 0):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"oracle.noise must be in [0, 1], got {p}")
+        self.base, self.p, self.seed = base, p, seed
+        self.flipped = 0
+
+    def _flips(self, prompt: str, response: str, policy: Policy) -> bool:
+        digest = hashlib.sha256(f"{self.seed}\0{policy.name}\0{prompt}\0{response}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64 < self.p
+
+    def judge_batch(self, items: Sequence[tuple[str, str]], policy: Policy) -> list[bool | None]:
+        out = []
+        for (prompt, response), verdict in zip(items, self.base.judge_batch(items, policy)):
+            if verdict is not None and self._flips(prompt, response, policy):
+                verdict = not verdict
+                self.flipped += 1
+            out.append(verdict)
+        return out
+
+    def judge(self, prompt: str, response: str, policy: Policy) -> bool | None:
+        return self.judge_batch([(prompt, response)], policy)[0]
+
+    def correct_batch(self, prompts: Sequence[str], policy: Policy) -> list[str | None]:
+        return self.base.correct_batch(prompts, policy)
+
+
+def build_oracles(oracle_cfg: Any, seed: int) -> tuple[Oracle, Oracle]:
+    """(the oracle realignment may use, the clean oracle evaluation judges with).
+
+    `noise` is not the oracle's own setting: it wraps the oracle for triage and selection only, so that
+    TPA is always measured by the clean judge.
+    """
+    from hydra.utils import instantiate
+
+    cfg = dict(oracle_cfg)
+    noise = float(cfg.pop("noise", 0.0) or 0.0)
+    clean = instantiate(cfg)
+    return (NoisyOracle(clean, noise, seed) if noise > 0 else clean), clean

@@ -49,6 +49,8 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
     s.trainer.devices, s.trainer.strategy = 1, "auto"
     s.eval.enabled = False
     s.select = {"enabled": False}  # M_old follows pi_old: nothing may select it by pi_new
+    if "noise" in s.oracle:
+        s.oracle.noise = 0.0  # stage data come labelled; the oracle's noise is realignment's business
     s.logger = {}
     s.seed = int(stage.get("seed", 0))
     s.paths.output_dir = str(out_dir)
@@ -60,7 +62,7 @@ def _key(stage_cfgs: list[DictConfig]) -> str:
     parts = []
     for s in stage_cfgs:
         c = OmegaConf.to_container(s, resolve=True)
-        for k in ("paths", "hydra", "logger", "eval", "select", "tags", "task_name", "optimized_metric"):
+        for k in ("paths", "hydra", "logger", "eval", "select", "oracle", "tags", "task_name", "optimized_metric"):
             c.pop(k, None)
         c["model"]["name_or_path"] = Path(c["model"]["name_or_path"]).name  # the base dir name is its hash
         c["trainer"] = {k: c["trainer"][k] for k in ("max_steps", "gradient_clip_val", "precision")}

@@ -25,6 +25,7 @@ from trace_realign.eval import evaluate
 from trace_realign.model import load_tokenizer, resolve_model_path
 from trace_realign.module import TraceModule
 from trace_realign.objective import ObjectiveConfig
+from trace_realign.oracle import NoisyOracle, build_oracles
 from trace_realign.prealign import prealigned_model
 from trace_realign.select import SelectByOracle
 from trace_realign.sequences import SequenceLimits
@@ -50,7 +51,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
 
     source = instantiate(cfg.dataset)
-    oracle = instantiate(cfg.oracle)
+    # Noise (oracle.noise) reaches triage and selection only; evaluation always uses the clean judge.
+    oracle, judge = build_oracles(cfg.oracle, cfg.seed)
     corpus = source.corpus() if cfg.model.get("build") else None
     model_path = resolve_model_path(cfg.model, corpus, cfg.paths.cache_dir)
     prealign_metrics: dict[str, float] = {}
@@ -117,7 +119,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     items = source.eval_prompts()
     if cfg.eval.max_prompts:
         items = items[: cfg.eval.max_prompts]
-    judge_kwargs = dict(oracle=oracle, new=source.new, old=source.old, items=items,
+    judge_kwargs = dict(oracle=judge, new=source.new, old=source.old, items=items,
                         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
     if cfg.eval.enabled and cfg.eval.before and trainer.is_global_zero:
         before, _ = evaluate(module.policy, tokenizer, prefix="eval/before", **judge_kwargs)
@@ -130,6 +132,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(module.first_losses)
     for cb in callbacks:
         metrics.update(cb.metrics())
+    if isinstance(oracle, NoisyOracle):
+        metrics["oracle/noise"], metrics["oracle/noise_flipped"] = oracle.p, oracle.flipped
     metrics.update({"train/steps": trainer.global_step, "train/seconds": time.time() - t_fit,
                     "train/stopped_by_grad_norm": int(module.stop_reason == "grad_norm")})
 
