@@ -137,8 +137,8 @@ class TriagedDataModule(L.LightningDataModule):
         self.work_dir = Path(work_dir)
         self.batch_size = {c: int(batch_size[c]) for c in CATEGORIES}
         self.limits, self.use_triage = limits, use_triage
-        self.objective_terms = ObjectiveConfig(terms=terms if terms is not None else TRACE_TERMS).terms
-        self.needs_corrections = "relational_correction" in self.objective_terms.values()
+        objective = ObjectiveConfig(terms=terms if terms is not None else TRACE_TERMS)
+        self.objective_terms, self.needs_corrections = objective.terms, objective.needs_corrections
         self.trust_labels, self.seed, self.num_workers = trust_labels, seed, num_workers
         self.splits: dict[str, list[PreferencePair]] = {}
         self.rows: dict[str, list[dict[str, Any]]] = {}

@@ -68,7 +68,6 @@ class ObjectiveConfig:
         if self.alpha_kl < 0:
             raise ValueError(f"objective.alpha_kl must be >= 0, got {self.alpha_kl}")
 
-
     @property
     def needs_corrections(self) -> bool:
         return "relational_correction" in self.terms.values()

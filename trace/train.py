@@ -171,7 +171,7 @@ def print_summary(out: Path, metrics: dict[str, Any]) -> None:
     keys = ["triage/invert", "triage/punish", "triage/retain", "impact/nonzero", "train/loss",
             "eval/before/tpa", "eval/after/tpa", "eval/before/tpa/shifted", "eval/after/tpa/shifted",
             "eval/before/tpa_old/unchanged", "eval/after/tpa_old/unchanged", "eval/before/utility",
-            "eval/after/utility", "prealign/seconds", "time/total_seconds"]
+            "eval/after/utility", "select/best_step", "prealign/seconds", "time/total_seconds"]
     width = max(len(k) for k in keys)
     lines = [f"  {k:<{width}}  {metrics[k]:.4g}" for k in keys if k in metrics]
     print(f"\ntrace-realign: outputs in {out}\n" + "\n".join(lines), flush=True)

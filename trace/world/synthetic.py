@@ -339,10 +339,8 @@ class SyntheticWorld:
         held_out = sums[self.utility_in_data : self.utility_in_data + self.utility_eval]
         utility_pairs = [self._sum_pair(a, b, rng) for a, b in in_data]
         sft_only = [self._sum_pair(a, b, rng) for a, b in held_out]
-        for item in test:
-            item["category"] = None  # filled below, once every axis has its pairs
         self._built = {"train": train, "utility": utility_pairs, "utility_sft_only": sft_only, "test": test}
-        for item in test:
+        for item in test:  # now that every axis has its pairs
             item["category"] = self.axis_category(item["axis"])
             item["shift"] = axis_kind(self.old, self.new, item["axis"])
         test += [{"prompt": p.prompt, "axis": "utility", "kind": "utility"} for p in sft_only]
