@@ -338,3 +338,25 @@ def test_oracle_noise_reaches_triage_not_evaluation(make_cfg):
     clean = run(make_cfg("dataset.pairs_per_axis=24"))
     # evaluation judged M_old's generations with the clean judge in both runs
     assert m["eval/before/tpa"] == clean["eval/before/tpa"]
+
+
+@pytest.mark.slow
+def test_llm_oracle_end_to_end_against_a_local_server(make_cfg, monkeypatch):
+    from fake_openai import FakeOpenAI
+
+    secret = "sk-planted-" + "5" * 32
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    server = FakeOpenAI()
+    try:
+        cfg = make_cfg("oracle=openai", f"oracle.base_url={server.url}", "oracle.progress=false")
+        m = run(cfg)
+    finally:
+        server.close()
+    assert m["oracle/calls"] == len(server.requests) > 0 and m["oracle/failed"] == 0
+    assert m["oracle/cost_usd"] > 0
+    # this server finds nothing compliant: every pair is punished, no gold batch can be built
+    assert m["triage/punish"] == m["data/rows"] and m["impact/gold_empty"] == 1
+    out = Path(cfg.paths.output_dir)
+    for path in list(out.rglob("*")) + list(Path(cfg.paths.cache_dir).rglob("*.jsonl")):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path

@@ -103,6 +103,14 @@ class TraceModule(L.LightningModule):
             )
         rng = random.Random(self.seed)
         gold = gold_batch(dm.splits[INVERT], dm.splits[PUNISH], dm.splits[RETAIN], self.gold_batch_size, rng)
+        served = [dm.conflict_row(k)[1] is not None for k in range(dm.num_conflicts)]
+        if not gold.triples:
+            # Algorithm 2 finds no compliant response to build J from (e.g. every pair is punished):
+            # the impact score is undefined, so every conflict weighs the same, and the run says so.
+            log.warning("empty gold batch: impact weights fall back to uniform")
+            w, info = uniform_weights(dm.num_conflicts, torch.tensor(served))
+            self.impact_raw = torch.full((dm.num_conflicts,), float("nan"), dtype=torch.float64)
+            return w, {**info, "impact/fallback_uniform": 1, "impact/gold_empty": 1}
         params = trainable_parameters(self.policy)
         cfg = self.objective
 
@@ -126,7 +134,6 @@ class TraceModule(L.LightningModule):
             return make
 
         rank, world = self.global_rank, self.trainer.world_size
-        served = [dm.conflict_row(k)[1] is not None for k in range(dm.num_conflicts)]
         losses = [sample(k) if k % world == rank and served[k] else None for k in range(dm.num_conflicts)]
         scores = impact_scores(params, g_gold, losses, progress=self.trainer.is_global_zero)
         if world > 1:

@@ -147,6 +147,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         save_dir = out / ("adapter" if cfg.model.lora.enabled else "model")
         module.policy.save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
+        if hasattr(judge, "metrics"):  # an oracle that pays per call accounts for every call of the run
+            metrics.update(judge.metrics())
         metrics["time/total_seconds"] = time.time() - start
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         write_metrics(out / "metrics.json", metrics)

@@ -1,0 +1,76 @@
+"""A local OpenAI-compatible chat server for tests: scripted failures, counted calls."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeOpenAI:
+    """Answers POST /v1/chat/completions. `script` is consumed one action per request:
+    "ok", "429", "500", "drop", "malformed", "prose", "refuse"; when empty, "ok".
+    A verdict is compliant when the judged response contains "COMPLY"."""
+
+    def __init__(self, latency: float = 0.0, schema_supported: bool = True):
+        self.script: list[str] = []
+        self.latency, self.schema_supported = latency, schema_supported
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with fake.lock:
+                    fake.requests.append({"body": body, "auth": self.headers.get("Authorization")})
+                    action = fake.script.pop(0) if fake.script else "ok"
+                time.sleep(fake.latency)
+                fmt = (body.get("response_format") or {}).get("type")
+                if fmt == "json_schema" and not fake.schema_supported:
+                    return self._send(400, {"error": {"message": "response_format json_schema is not supported"}})
+                if action == "429":
+                    return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.01"})
+                if action == "500":
+                    return self._send(500, {"error": {"message": "boom"}})
+                if action == "drop":
+                    self.connection.close()
+                    return
+                user = body["messages"][-1]["content"]
+                verdict = "COMPLY" in user.split("Response:", 1)[-1]
+                content = {
+                    "ok": json.dumps({"compliant": verdict, "rationale": "checked"}),
+                    "malformed": '{"compliant": maybe',
+                    "prose": "The response is compliant with the policy." if verdict else "It violates the policy.",
+                    "refuse": None,
+                }[action]
+                message = {"role": "assistant", "content": content}
+                if action == "refuse":
+                    message["refusal"] = "I cannot judge this."
+                self._send(200, {
+                    "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
+                })
+
+            def _send(self, code, payload, headers=None):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,99 @@
+"""The LLM oracle against a local OpenAI-compatible server: exact call counts, retries, fallbacks, caching."""
+
+from __future__ import annotations
+
+import pytest
+
+from fake_openai import FakeOpenAI
+from trace_realign.llm_oracle import OpenAIOracle, parse_verdict
+from trace_realign.oracle import Policy
+
+POLICY = Policy(name="pi_new", text="Answer medical questions.")
+ITEMS = [(f"prompt {i}", "COMPLY please" if i % 2 == 0 else "no way") for i in range(20)]
+EXPECTED = [i % 2 == 0 for i in range(20)]
+
+
+@pytest.fixture
+def server():
+    s = FakeOpenAI()
+    yield s
+    s.close()
+
+
+def oracle(server, tmp_path, **kw):
+    return OpenAIOracle(model="judge", base_url=server.url, cache_path=str(tmp_path / "verdicts.jsonl"),
+                        backoff_base=0.01, progress=False, **kw)
+
+
+def test_verdicts_and_an_identical_rerun_is_free(server, tmp_path):
+    o = oracle(server, tmp_path, price_input_per_m=2.5, price_output_per_m=10.0)
+    assert o.judge_batch(ITEMS, POLICY) == EXPECTED
+    m = o.metrics()
+    assert m["oracle/calls"] == 20 and len(server.requests) == 20 and m["oracle/failed"] == 0
+    assert m["oracle/input_tokens"] == 2000 and m["oracle/cost_usd"] == pytest.approx((2000 * 2.5 + 200 * 10.0) / 1e6)
+    again = oracle(server, tmp_path)
+    assert again.judge_batch(ITEMS, POLICY) == EXPECTED
+    assert again.metrics()["oracle/calls"] == 0 and again.metrics()["oracle/cached"] == 20
+    assert len(server.requests) == 20
+    # structured output was asked for
+    assert server.requests[0]["body"]["response_format"]["type"] == "json_schema"
+
+
+def test_retries_on_429_500_and_dropped_connections(server, tmp_path):
+    server.script = ["429", "500", "drop", "429"]
+    o = oracle(server, tmp_path, concurrency=1)
+    assert o.judge_batch(ITEMS[:3], POLICY) == EXPECTED[:3]
+    m = o.metrics()
+    assert m["oracle/retries"] == 4 and m["oracle/calls"] == 7 and m["oracle/failed"] == 0
+
+
+def test_gives_up_after_retries_and_records_the_failure(server, tmp_path):
+    server.script = ["500"] * 3
+    o = oracle(server, tmp_path, retries=2, concurrency=1)
+    assert o.judge_batch(ITEMS[:1], POLICY) == [None]
+    assert o.metrics()["oracle/failed"] == 1 and o.metrics()["oracle/calls"] == 3
+    again = oracle(server, tmp_path)
+    assert again.judge_batch(ITEMS[:1], POLICY) == [None] and again.metrics()["oracle/calls"] == 0
+
+
+def test_malformed_json_and_refusal_fail_prose_is_read(server, tmp_path):
+    server.script = ["malformed", "refuse", "prose", "prose"]
+    o = oracle(server, tmp_path, concurrency=1)
+    assert o.judge_batch(ITEMS[:4], POLICY) == [None, None, True, False]
+    assert o.metrics()["oracle/failed"] == 2
+    rows = list(o.store)
+    assert any("refused" in r.get("failed", "") for r in rows)
+
+
+def test_falls_back_from_json_schema_to_json_mode(tmp_path):
+    server = FakeOpenAI(schema_supported=False)
+    try:
+        o = oracle(server, tmp_path, concurrency=1)
+        assert o.judge_batch(ITEMS[:3], POLICY) == EXPECTED[:3]
+        formats = [(r["body"].get("response_format") or {}).get("type") for r in server.requests]
+        assert formats == ["json_schema", "json_object", "json_object", "json_object"]
+    finally:
+        server.close()
+
+
+def test_api_key_from_environment_only_and_never_written(server, tmp_path, monkeypatch):
+    secret = "sk-planted-" + "9" * 32
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    o = oracle(server, tmp_path)
+    o.judge_batch(ITEMS[:2], POLICY)
+    assert server.requests[0]["auth"] == f"Bearer {secret}"
+    assert secret not in (tmp_path / "verdicts.jsonl").read_text()
+    assert secret not in repr(vars(o))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('{"compliant": true, "rationale": "fine"}', True),
+    ('```json\n{"compliant": false, "rationale": "no"}\n```', False),
+    ("The response is non-compliant.", False),
+    ("It complies.", True),
+    ("banana", None),
+    ('{"compliant": maybe', None),
+    ("", None),
+])
+def test_parse_verdict(text, expected):
+    assert parse_verdict(text)[0] is expected
