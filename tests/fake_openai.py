@@ -41,6 +41,11 @@ class FakeOpenAI:
                     self.connection.close()
                     return
                 user = body["messages"][-1]["content"]
+                if "Write the assistant's reply" in body["messages"][0]["content"]:
+                    # BADFIX prompts never get a good correction; FLAKY ones only from the second attempt on
+                    bad = "BADFIX" in user or ("FLAKY" in user and "(attempt 1)" in user)
+                    text = "no good" if bad else "COMPLY: a balanced answer."
+                    return self._reply(body, {"role": "assistant", "content": text})
                 verdict = "COMPLY" in user.split("Response:", 1)[-1]
                 content = {
                     "ok": json.dumps({"compliant": verdict, "rationale": "checked"}),
@@ -51,6 +56,9 @@ class FakeOpenAI:
                 message = {"role": "assistant", "content": content}
                 if action == "refuse":
                     message["refusal"] = "I cannot judge this."
+                self._reply(body, message)
+
+            def _reply(self, body, message):
                 self._send(200, {
                     "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],

@@ -97,3 +97,23 @@ def test_api_key_from_environment_only_and_never_written(server, tmp_path, monke
 ])
 def test_parse_verdict(text, expected):
     assert parse_verdict(text)[0] is expected
+
+
+def test_corrections_are_judged_and_retried_a_bounded_number_of_times(server, tmp_path):
+    from trace_realign.records import PreferencePair
+    from trace_realign.triage import triage
+
+    pairs = [PreferencePair(p, "no A", "no B") for p in ("FLAKY prompt", "prompt 1", "prompt 2")]  # all punish
+    o = oracle(server, tmp_path, concurrency=1)
+    result = triage(pairs, o, POLICY, corrections=True)
+    assert [p.category for p in result.pairs] == ["punish"] * 3
+    assert all(p.correction.startswith("COMPLY") for p in result.pairs)
+    writes = [r for r in server.requests if "Write the assistant" in r["body"]["messages"][0]["content"]]
+    assert len(writes) == 4  # three first tries, one retry for the rejected correction
+    # a prompt whose corrections always fail is excluded, with a count, after the bounded tries
+    before = len(server.requests)
+    result = triage([PreferencePair("BADFIX prompt", "no A", "no B")], oracle(server, tmp_path / "b", concurrency=1),
+                    POLICY, corrections=True)
+    assert result.pairs == [] and result.excluded["correction_failed"] == 1
+    # two verdicts, three writes, and one judgment: the same rejected text is not judged twice (cache)
+    assert len(server.requests) - before == 2 + 3 + 1

@@ -139,15 +139,16 @@ def test_corrections_attach_to_punished_pairs():
     assert result.counts() == {INVERT: 2, PUNISH: 2, RETAIN: 3}
     assert sum(result.counts().values()) + sum(result.excluded.values()) == len(pairs)
 
-    # corrections are asked only for punished pairs, once each
-    assert oracle.corrected == Counter({x: 1 for x in ["x3", "x7", *extra]})
-    # every chosen / rejected response is judged exactly once, and every written correction at most once
+    # corrections are asked only for punished pairs: accepted ones once, rejected ones for every
+    # one of the bounded attempts (3 by default), then given up
+    assert oracle.corrected == Counter({"x3": 1, "x7": 1, **{x: 3 for x in extra}})
+    # every chosen / rejected response is judged exactly once; an accepted correction once, a rejected
+    # one once per attempt
     for p in pairs:
         assert oracle.judged[(p.prompt, p.chosen)] == 1
         assert oracle.judged[(p.prompt, p.rejected)] == 1
-    for x, y in corrections.items():
-        if y is not None:
-            assert oracle.judged[(x, y)] == 1
+    assert oracle.judged[("x3", "fix-x3")] == oracle.judged[("x7", "fix-x7")] == 1
+    assert oracle.judged[("x11", "bad")] == 3
 
 
 def test_corrections_not_requested_without_punished_pairs():

@@ -46,6 +46,11 @@ VERDICT_SCHEMA = {
     },
 }
 FORMATS = ("json_schema", "json_object", "text")
+WRITER_TEMPLATE_VERSION = "correct-v1"
+WRITER_SYSTEM = (
+    "Write the assistant's reply to the user's prompt so that it complies with the written policy. "
+    "Reply with the response text only."
+)
 _NEGATIVE = re.compile(r"\b(non[- ]?compliant|not compliant|violates|does not comply)\b", re.I)
 _POSITIVE = re.compile(r"\b(compliant|complies)\b", re.I)
 
@@ -127,6 +132,22 @@ class OpenAIOracle(Oracle):
             self.stats["seconds"] += time.time() - start
         return [self._known(k)["compliant"] for k in keys]
 
+    def correct_batch(self, prompts: Sequence[str], policy: Policy, attempt: int = 0) -> list[str | None]:
+        """Compliant responses y_c for punished prompts; attempt n asks afresh (a different cache key)."""
+        tag = f"attempt {attempt + 1}"
+        keys = [verdict_key(self.model, policy.text, p, tag, WRITER_TEMPLATE_VERSION) for p in prompts]
+        todo = {}
+        for k, p in zip(keys, prompts):
+            if self._known(k) is not None:
+                self.stats["cached"] += 1
+            elif k not in todo:
+                todo[k] = (p, tag)
+        if todo:
+            start = time.time()
+            asyncio.run(self._ask_all(todo, policy, write=True))
+            self.stats["seconds"] += time.time() - start
+        return [self._known(k).get("correction") for k in keys]
+
     def _known(self, key: str) -> dict[str, Any] | None:
         if self.store is not None:
             return self.store.get(key)
@@ -146,16 +167,20 @@ class OpenAIOracle(Oracle):
         key = os.environ.get(self.api_key_env) or "no-key"
         return AsyncOpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=0)
 
-    async def _ask_all(self, todo: dict[str, tuple[str, str]], policy: Policy) -> None:
+    async def _ask_all(self, todo: dict[str, tuple[str, str]], policy: Policy, write: bool = False) -> None:
         client = self._client()
         gate = asyncio.Semaphore(self.concurrency)
-        bar = tqdm(total=len(todo), desc=f"oracle {self.model}", unit="verdict", disable=not self.progress, leave=False)
+        unit = "correction" if write else "verdict"
+        bar = tqdm(total=len(todo), desc=f"oracle {self.model}", unit=unit, disable=not self.progress, leave=False)
 
-        async def one(key: str, prompt: str, response: str) -> None:
+        async def one(key: str, prompt: str, extra: str) -> None:
             async with gate:
-                answer = await self._ask(client, policy, prompt, response)
+                if write:
+                    answer = await self._write(client, policy, prompt, extra)
+                else:
+                    answer = await self._ask(client, policy, prompt, extra)
             self._record(key, answer)  # durable as soon as it arrives
-            if answer["compliant"] is None:
+            if answer.get("compliant", True) is None or answer.get("failed"):
                 self.stats["failed"] += 1
             bar.update(1)
 
@@ -165,16 +190,39 @@ class OpenAIOracle(Oracle):
             bar.close()
             await client.close()
 
-    async def _ask(self, client, policy: Policy, prompt: str, response: str) -> dict[str, Any]:
-        import openai
+    async def _write(self, client, policy: Policy, prompt: str, attempt: str) -> dict[str, Any]:
+        """A response to `prompt` that complies with the policy (Algorithm 1, line 16)."""
+        messages = [
+            {"role": "system", "content": WRITER_SYSTEM},
+            {"role": "user", "content": f"Policy:\n{policy.text}\n\nPrompt:\n{prompt}\n\n({attempt})"},
+        ]
+        reply = await self._call(client, messages, "text", temperature=max(self.temperature, 0.7))
+        if "failed" in reply:
+            return reply
+        text = (reply["content"] or "").strip()
+        return {"correction": text} if text else {"failed": "empty correction"}
 
+    async def _ask(self, client, policy: Policy, prompt: str, response: str) -> dict[str, Any]:
         messages = [
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": f"Policy:\n{policy.text}\n\nPrompt:\n{prompt}\n\nResponse:\n{response}"},
         ]
+        reply = await self._call(client, messages, None)
+        if "failed" in reply:
+            return {"compliant": None, "failed": reply["failed"]}
+        compliant, rationale = parse_verdict(reply["content"])
+        if compliant is None:
+            return {"compliant": None, "failed": rationale}
+        return {"compliant": compliant, "rationale": rationale}
+
+    async def _call(self, client, messages: list[dict[str, str]], fixed_format: str | None,
+                    temperature: float | None = None) -> dict[str, Any]:
+        """One chat completion with retries and format fallback: {"content": ...} or {"failed": why}."""
+        import openai
+
         attempt = 0
         while True:
-            fmt = self.format
+            fmt = fixed_format or self.format
             kwargs: dict[str, Any] = {}
             if fmt == "json_schema":
                 kwargs["response_format"] = {"type": "json_schema", "json_schema": VERDICT_SCHEMA}
@@ -183,7 +231,8 @@ class OpenAIOracle(Oracle):
             try:
                 self.stats["calls"] += 1
                 reply = await client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=self.temperature,
+                    model=self.model, messages=messages,
+                    temperature=self.temperature if temperature is None else temperature,
                     max_tokens=self.max_tokens, **kwargs,
                 )
             except openai.BadRequestError as exc:
@@ -194,14 +243,14 @@ class OpenAIOracle(Oracle):
                         log.warning("oracle: server refused response_format=%s; using %s", fmt, nxt)
                         self.format = nxt
                     continue
-                return {"compliant": None, "failed": f"bad request: {str(exc)[:200]}"}
+                return {"failed": f"bad request: {str(exc)[:200]}"}
             except (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
                     openai.APIConnectionError, openai.APIStatusError) as exc:
                 status = getattr(exc, "status_code", None)
                 if status is not None and status < 500 and status != 429:
-                    return {"compliant": None, "failed": f"http {status}"}
+                    return {"failed": f"http {status}"}
                 if attempt >= self.retries:
-                    return {"compliant": None, "failed": f"gave up after {attempt} retries: {type(exc).__name__}"}
+                    return {"failed": f"gave up after {attempt} retries: {type(exc).__name__}"}
                 attempt += 1
                 self.stats["retries"] += 1
                 await asyncio.sleep(self._delay(attempt, exc))
@@ -212,13 +261,10 @@ class OpenAIOracle(Oracle):
                 self.stats["output_tokens"] += usage.completion_tokens or 0
             message = reply.choices[0].message if reply.choices else None
             if message is None:
-                return {"compliant": None, "failed": "no choices"}
+                return {"failed": "no choices"}
             if getattr(message, "refusal", None):
-                return {"compliant": None, "failed": f"refused to judge: {message.refusal[:200]}"}
-            compliant, rationale = parse_verdict(message.content)
-            if compliant is None:
-                return {"compliant": None, "failed": rationale}
-            return {"compliant": compliant, "rationale": rationale}
+                return {"failed": f"refused: {message.refusal[:200]}"}
+            return {"content": message.content}
 
     def _delay(self, attempt: int, exc: Exception) -> float:
         response = getattr(exc, "response", None)

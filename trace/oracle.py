@@ -38,7 +38,8 @@ class Oracle:
         """A response to `prompt` that complies with `policy`, or None when the oracle cannot write one."""
         return None
 
-    def correct_batch(self, prompts: Sequence[str], policy: Policy) -> list[str | None]:
+    def correct_batch(self, prompts: Sequence[str], policy: Policy, attempt: int = 0) -> list[str | None]:
+        """Corrections for `prompts`; `attempt` counts earlier tries whose corrections were rejected."""
         return [self.correct(p, policy) for p in prompts]
 
 
@@ -71,8 +72,8 @@ class NoisyOracle(Oracle):
     def judge(self, prompt: str, response: str, policy: Policy) -> bool | None:
         return self.judge_batch([(prompt, response)], policy)[0]
 
-    def correct_batch(self, prompts: Sequence[str], policy: Policy) -> list[str | None]:
-        return self.base.correct_batch(prompts, policy)
+    def correct_batch(self, prompts: Sequence[str], policy: Policy, attempt: int = 0) -> list[str | None]:
+        return self.base.correct_batch(prompts, policy, attempt)
 
 
 def build_oracles(oracle_cfg: Any, seed: int) -> tuple[Oracle, Oracle]:

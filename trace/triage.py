@@ -76,18 +76,23 @@ def triage(
     return result
 
 
-def _attach_corrections(result: TriageResult, oracle: Oracle, policy: Policy) -> None:
-    punished = [i for i, p in enumerate(result.pairs) if p.category == PUNISH and p.correction is None]
-    if not punished:
-        return
-    prompts = [result.pairs[i].prompt for i in punished]
-    written = oracle.correct_batch(prompts, policy)
-    checks = oracle.judge_batch([(pr, y or "") for pr, y in zip(prompts, written)], policy)
-    drop = set()
-    for i, y_c, ok in zip(punished, written, checks):
-        if y_c is None or not y_c.strip() or ok is not True:
-            result.excluded["correction_failed"] += 1
-            drop.add(i)
-        else:
-            result.pairs[i] = replace(result.pairs[i], correction=y_c)
+def _attach_corrections(result: TriageResult, oracle: Oracle, policy: Policy, attempts: int = 3) -> None:
+    """Line 16: y_c for every punished pair, itself judged before use; a prompt whose corrections keep
+    failing is retried up to `attempts` times, then its pair is excluded and counted."""
+    pending = [i for i, p in enumerate(result.pairs) if p.category == PUNISH and p.correction is None]
+    for attempt in range(attempts):
+        if not pending:
+            break
+        prompts = [result.pairs[i].prompt for i in pending]
+        written = oracle.correct_batch(prompts, policy, attempt=attempt)
+        checks = oracle.judge_batch([(pr, y or "") for pr, y in zip(prompts, written)], policy)
+        still = []
+        for i, y_c, ok in zip(pending, written, checks):
+            if y_c is not None and y_c.strip() and ok is True:
+                result.pairs[i] = replace(result.pairs[i], correction=y_c)
+            else:
+                still.append(i)
+        pending = still
+    result.excluded["correction_failed"] += len(pending)
+    drop = set(pending)
     result.pairs = [p for i, p in enumerate(result.pairs) if i not in drop]
