@@ -360,3 +360,23 @@ def test_llm_oracle_end_to_end_against_a_local_server(make_cfg, monkeypatch):
     for path in list(out.rglob("*")) + list(Path(cfg.paths.cache_dir).rglob("*.jsonl")):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_trace_data_pays_once_and_trace_realign_reuses_its_verdicts(tmp_path):
+    from fake_openai import FakeOpenAI
+
+    from trace_realign.prepare import prepare
+
+    server = FakeOpenAI()
+    try:
+        common = [*FAST, "oracle=openai", f"oracle.base_url={server.url}", "oracle.progress=false",
+                  f"oracle.cache_path={tmp_path / 'verdicts.jsonl'}", "eval.enabled=false", "ablation=no_impact"]
+        data = prepare(compose_cfg(common, tmp_path / "data_run"))
+        assert (tmp_path / "data_run" / "data" / "triaged.jsonl").is_file()
+        assert data["oracle/calls"] == 2 * data["data/rows"] and data["oracle/cached"] == 0
+        trained = run(compose_cfg(common, tmp_path / "train_run"))
+    finally:
+        server.close()
+    assert trained["oracle/calls"] == 0 and trained["oracle/cached"] == 2 * data["data/rows"]
+    assert json.loads((tmp_path / "data_run" / "metrics.json").read_text())["triage/punish"] == trained["triage/punish"]

@@ -43,24 +43,10 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     path.write_text(json.dumps(dict(sorted(flat.items())), indent=2) + "\n")
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """One realignment run; returns the metrics it wrote to metrics.json."""
-    start = time.time()
-    L.seed_everything(cfg.seed, workers=True)
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    source = instantiate(cfg.dataset)
-    # Noise (oracle.noise) reaches triage and selection only; evaluation always uses the clean judge.
-    oracle, judge = build_oracles(cfg.oracle, cfg.seed)
-    corpus = source.corpus() if cfg.model.get("build") else None
-    model_path = resolve_model_path(cfg.model, corpus, cfg.paths.cache_dir)
-    prealign_metrics: dict[str, float] = {}
-    if cfg.model.get("prealign"):
-        # M_old: the model aligned to pi_old that realignment starts from (built once, then cached).
-        model_path, prealign_metrics = prealigned_model(cfg, model_path, run)
-    tokenizer = load_tokenizer(model_path, cfg.model)
-
+def build_datamodule(
+    cfg: DictConfig, source: Any, oracle: Any, tokenizer: Any, out: Path
+) -> tuple[ObjectiveConfig, TriagedDataModule]:
+    """The objective's term table and the DataModule that triages and serves for it."""
     ablation = cfg.ablation
     objective = ObjectiveConfig(
         beta=cfg.loss.beta,
@@ -82,6 +68,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
     )
+    return objective, datamodule
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """One realignment run; returns the metrics it wrote to metrics.json."""
+    start = time.time()
+    L.seed_everything(cfg.seed, workers=True)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    source = instantiate(cfg.dataset)
+    # Noise (oracle.noise) reaches triage and selection only; evaluation always uses the clean judge.
+    oracle, judge = build_oracles(cfg.oracle, cfg.seed)
+    corpus = source.corpus() if cfg.model.get("build") else None
+    model_path = resolve_model_path(cfg.model, corpus, cfg.paths.cache_dir)
+    prealign_metrics: dict[str, float] = {}
+    if cfg.model.get("prealign"):
+        # M_old: the model aligned to pi_old that realignment starts from (built once, then cached).
+        model_path, prealign_metrics = prealigned_model(cfg, model_path, run)
+    tokenizer = load_tokenizer(model_path, cfg.model)
+
+    ablation = cfg.ablation
+    objective, datamodule = build_datamodule(cfg, source, oracle, tokenizer, out)
     # Triage before any model is trained: bad data and "nothing to re-align" fail here.
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -169,14 +178,15 @@ def write_impact(path: Path, datamodule: TriagedDataModule, module: TraceModule)
                                  "rejected": pair.rejected, "score": None if math.isnan(raw[k]) else raw[k], "weight": weights[k]}) + "\n")
 
 
-def print_summary(out: Path, metrics: dict[str, Any]) -> None:
-    keys = ["triage/invert", "triage/punish", "triage/retain", "impact/nonzero", "train/loss",
+def print_summary(out: Path, metrics: dict[str, Any], name: str = "trace-realign") -> None:
+    keys = ["data/rows", "triage/invert", "triage/punish", "triage/retain", "triage/gt_accuracy",
+            "oracle/calls", "oracle/cached", "oracle/failed", "oracle/cost_usd", "impact/nonzero", "train/loss",
             "eval/before/tpa", "eval/after/tpa", "eval/before/tpa/shifted", "eval/after/tpa/shifted",
             "eval/before/tpa_old/unchanged", "eval/after/tpa_old/unchanged", "eval/before/utility",
             "eval/after/utility", "select/best_step", "prealign/seconds", "time/total_seconds"]
     width = max(len(k) for k in keys)
     lines = [f"  {k:<{width}}  {metrics[k]:.4g}" for k in keys if k in metrics]
-    print(f"\ntrace-realign: outputs in {out}\n" + "\n".join(lines), flush=True)
+    print(f"\n{name}: outputs in {out}\n" + "\n".join(lines), flush=True)
 
 
 def finish_loggers() -> None:

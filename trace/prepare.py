@@ -1,0 +1,47 @@
+"""`trace-data`: the data stages alone (build, triage), on the same configs as `trace-realign`.
+
+    trace-data oracle=openai oracle.model=gpt-4o         # pay for triage once
+    trace-realign oracle=openai oracle.model=gpt-4o      # reuses every paid verdict from the cache
+
+Writes data/triaged.jsonl, data/triage.json and metrics.json (triage counts, exclusions and the oracle's
+accounting) into its Hydra run directory. Verdicts are cached by content, so the training run that follows
+asks the oracle nothing it has already answered.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from trace_realign.data import TRIAGE_METRICS_FILE
+from trace_realign.oracle import build_oracles
+from trace_realign.train import build_datamodule, print_summary, write_metrics
+
+
+def prepare(cfg: DictConfig) -> dict:
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source = instantiate(cfg.dataset)
+    oracle, _ = build_oracles(cfg.oracle, cfg.seed)
+    _, datamodule = build_datamodule(cfg, source, oracle, tokenizer=None, out=out)
+    datamodule.prepare_data()
+    metrics = json.loads((out / "data" / TRIAGE_METRICS_FILE).read_text())
+    if hasattr(oracle, "metrics"):
+        metrics.update(oracle.metrics())
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    write_metrics(out / "metrics.json", metrics)
+    print_summary(out, metrics, name="trace-data")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="pkg://trace_realign.conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    prepare(cfg)
+
+
+if __name__ == "__main__":
+    main()
