@@ -46,6 +46,10 @@ class FakeOpenAI:
                     bad = "BADFIX" in user or ("FLAKY" in user and "(attempt 1)" in user)
                     text = "no good" if bad else "COMPLY: a balanced answer."
                     return self._reply(body, {"role": "assistant", "content": text})
+                if "Response A:" in user:
+                    a, b = user.split("Response A:", 1)[1].split("Response B:", 1)
+                    content = json.dumps({"a_compliant": "COMPLY" in a, "b_compliant": "COMPLY" in b, "rationale": "x"})
+                    return self._reply(body, {"role": "assistant", "content": content})
                 verdict = "COMPLY" in user.split("Response:", 1)[-1]
                 content = {
                     "ok": json.dumps({"compliant": verdict, "rationale": "checked"}),

@@ -117,3 +117,19 @@ def test_corrections_are_judged_and_retried_a_bounded_number_of_times(server, tm
     assert result.pairs == [] and result.excluded["correction_failed"] == 1
     # two verdicts, three writes, and one judgment: the same rejected text is not judged twice (cache)
     assert len(server.requests) - before == 2 + 3 + 1
+
+
+def test_pair_mode_halves_the_calls_and_triages_the_same(server, tmp_path):
+    from trace_realign.records import PreferencePair
+    from trace_realign.triage import triage
+
+    pairs = [PreferencePair(f"p{i}", "COMPLY w" if i % 3 == 0 else "w", "COMPLY l" if i % 2 == 0 else "l")
+             for i in range(12)]
+    single = triage(pairs, oracle(server, tmp_path / "a"), POLICY)
+    calls_single = len(server.requests)
+    paired_oracle = oracle(server, tmp_path / "b", pair_mode=True)
+    paired = triage(pairs, paired_oracle, POLICY)
+    assert [p.category for p in paired.pairs] == [p.category for p in single.pairs]
+    assert len(server.requests) - calls_single == calls_single // 2 == 12
+    again = oracle(server, tmp_path / "b", pair_mode=True)
+    assert triage(pairs, again, POLICY).counts() == paired.counts() and again.metrics()["oracle/calls"] == 0

@@ -48,3 +48,12 @@ def test_build_oracles_keeps_evaluation_clean():
     assert isinstance(noisy, NoisyOracle) and isinstance(clean, WorldJudge) and noisy.base is clean
     plain, clean2 = build_oracles({"_target_": "trace_realign.world.WorldJudge", "seed": 0, "noise": 0.0}, seed=0)
     assert plain is clean2
+
+
+def test_pairs_and_single_verdicts_flip_the_same_items():
+    pairs = [(f"x{i}", f"w{i}", f"l{i}") for i in range(300)]
+    noisy = NoisyOracle(Always(True), 0.3, seed=4)
+    by_pair = noisy.judge_pairs(pairs, POLICY)
+    single = NoisyOracle(Always(True), 0.3, seed=4).judge_batch(
+        [(x, w) for x, w, _ in pairs] + [(x, l) for x, _, l in pairs], POLICY)
+    assert [c for c, _ in by_pair] == single[:300] and [c for _, c in by_pair] == single[300:]

@@ -47,6 +47,22 @@ VERDICT_SCHEMA = {
 }
 FORMATS = ("json_schema", "json_object", "text")
 WRITER_TEMPLATE_VERSION = "correct-v1"
+PAIR_TEMPLATE_VERSION = "pair-v1"
+PAIR_SYSTEM = (
+    "You judge whether each of two AI assistant responses complies with a written policy. Answer with a "
+    'JSON object {"a_compliant": true|false, "b_compliant": true|false, "rationale": "<one short sentence>"}.'
+)
+PAIR_SCHEMA = {
+    "name": "pair_verdict",
+    "strict": True,
+    "schema": {
+        "type": "object",
+        "properties": {"a_compliant": {"type": "boolean"}, "b_compliant": {"type": "boolean"},
+                       "rationale": {"type": "string"}},
+        "required": ["a_compliant", "b_compliant", "rationale"],
+        "additionalProperties": False,
+    },
+}
 WRITER_SYSTEM = (
     "Write the assistant's reply to the user's prompt so that it complies with the written policy. "
     "Reply with the response text only."
@@ -95,6 +111,7 @@ class OpenAIOracle(Oracle):
         price_input_per_m: float = 0.0,
         price_output_per_m: float = 0.0,
         cache_path: str | None = None,
+        pair_mode: bool = False,
         progress: bool = True,
     ):
         if concurrency < 1 or retries < 0:
@@ -106,7 +123,7 @@ class OpenAIOracle(Oracle):
         self.store = VerdictStore(cache_path) if cache_path else None
         self.memory: dict[str, dict[str, Any]] = {}
         self.format = FORMATS[0]
-        self.progress = progress
+        self.progress, self.pair_mode = progress, pair_mode
         self.stats = {k: 0.0 for k in ("calls", "cached", "failed", "retries", "input_tokens", "output_tokens", "seconds")}
 
     # -- accounting --
@@ -132,6 +149,23 @@ class OpenAIOracle(Oracle):
             self.stats["seconds"] += time.time() - start
         return [self._known(k)["compliant"] for k in keys]
 
+    def judge_pairs(self, pairs: Sequence[tuple[str, str, str]], policy: Policy) -> list[tuple[bool | None, bool | None]]:
+        """With pair_mode, both responses of a pair in one call (half the calls); else two verdicts."""
+        if not self.pair_mode:
+            return super().judge_pairs(pairs, policy)
+        keys = [verdict_key(self.model, policy.text, x, f"{w}\0{l}", PAIR_TEMPLATE_VERSION) for x, w, l in pairs]
+        todo = {}
+        for k, (x, w, l) in zip(keys, pairs):
+            if self._known(k) is not None:
+                self.stats["cached"] += 1
+            elif k not in todo:
+                todo[k] = (x, (w, l))
+        if todo:
+            start = time.time()
+            asyncio.run(self._ask_all(todo, policy, mode="pair"))
+            self.stats["seconds"] += time.time() - start
+        return [(self._known(k)["compliant"], self._known(k)["compliant_rejected"]) for k in keys]
+
     def correct_batch(self, prompts: Sequence[str], policy: Policy, attempt: int = 0) -> list[str | None]:
         """Compliant responses y_c for punished prompts; attempt n asks afresh (a different cache key)."""
         tag = f"attempt {attempt + 1}"
@@ -144,7 +178,7 @@ class OpenAIOracle(Oracle):
                 todo[k] = (p, tag)
         if todo:
             start = time.time()
-            asyncio.run(self._ask_all(todo, policy, write=True))
+            asyncio.run(self._ask_all(todo, policy, mode="write"))
             self.stats["seconds"] += time.time() - start
         return [self._known(k).get("correction") for k in keys]
 
@@ -167,16 +201,18 @@ class OpenAIOracle(Oracle):
         key = os.environ.get(self.api_key_env) or "no-key"
         return AsyncOpenAI(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=0)
 
-    async def _ask_all(self, todo: dict[str, tuple[str, str]], policy: Policy, write: bool = False) -> None:
+    async def _ask_all(self, todo: dict[str, tuple[str, Any]], policy: Policy, mode: str = "judge") -> None:
         client = self._client()
         gate = asyncio.Semaphore(self.concurrency)
-        unit = "correction" if write else "verdict"
+        unit = {"judge": "verdict", "pair": "pair", "write": "correction"}[mode]
         bar = tqdm(total=len(todo), desc=f"oracle {self.model}", unit=unit, disable=not self.progress, leave=False)
 
         async def one(key: str, prompt: str, extra: str) -> None:
             async with gate:
-                if write:
+                if mode == "write":
                     answer = await self._write(client, policy, prompt, extra)
+                elif mode == "pair":
+                    answer = await self._ask_pair(client, policy, prompt, *extra)
                 else:
                     answer = await self._ask(client, policy, prompt, extra)
             self._record(key, answer)  # durable as soon as it arrives
@@ -202,6 +238,25 @@ class OpenAIOracle(Oracle):
         text = (reply["content"] or "").strip()
         return {"correction": text} if text else {"failed": "empty correction"}
 
+    async def _ask_pair(self, client, policy: Policy, prompt: str, chosen: str, rejected: str) -> dict[str, Any]:
+        messages = [
+            {"role": "system", "content": PAIR_SYSTEM},
+            {"role": "user", "content": f"Policy:\n{policy.text}\n\nPrompt:\n{prompt}\n\n"
+                                        f"Response A:\n{chosen}\n\nResponse B:\n{rejected}"},
+        ]
+        reply = await self._call(client, messages, None, schema=PAIR_SCHEMA)
+        failed = {"compliant": None, "compliant_rejected": None}
+        if "failed" in reply:
+            return {**failed, "failed": reply["failed"]}
+        try:
+            data = json.loads(re.search(r"\{.*\}", reply["content"] or "", re.S).group(0))
+            a, b = data["a_compliant"], data["b_compliant"]
+            if not (isinstance(a, bool) and isinstance(b, bool)):
+                raise TypeError
+        except (AttributeError, json.JSONDecodeError, KeyError, TypeError):
+            return {**failed, "failed": f"unreadable pair reply: {str(reply['content'])[:80]!r}"}
+        return {"compliant": a, "compliant_rejected": b, "rationale": str(data.get("rationale", ""))[:500]}
+
     async def _ask(self, client, policy: Policy, prompt: str, response: str) -> dict[str, Any]:
         messages = [
             {"role": "system", "content": SYSTEM},
@@ -216,7 +271,7 @@ class OpenAIOracle(Oracle):
         return {"compliant": compliant, "rationale": rationale}
 
     async def _call(self, client, messages: list[dict[str, str]], fixed_format: str | None,
-                    temperature: float | None = None) -> dict[str, Any]:
+                    temperature: float | None = None, schema: dict[str, Any] = VERDICT_SCHEMA) -> dict[str, Any]:
         """One chat completion with retries and format fallback: {"content": ...} or {"failed": why}."""
         import openai
 
@@ -225,7 +280,7 @@ class OpenAIOracle(Oracle):
             fmt = fixed_format or self.format
             kwargs: dict[str, Any] = {}
             if fmt == "json_schema":
-                kwargs["response_format"] = {"type": "json_schema", "json_schema": VERDICT_SCHEMA}
+                kwargs["response_format"] = {"type": "json_schema", "json_schema": schema}
             elif fmt == "json_object":
                 kwargs["response_format"] = {"type": "json_object"}
             try:

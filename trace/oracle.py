@@ -34,6 +34,12 @@ class Oracle:
     def judge_batch(self, items: Sequence[tuple[str, str]], policy: Policy) -> list[bool | None]:
         return [self.judge(prompt, response, policy) for prompt, response in items]
 
+    def judge_pairs(self, pairs: Sequence[tuple[str, str, str]], policy: Policy) -> list[tuple[bool | None, bool | None]]:
+        """(c_w, c_l) for each (prompt, chosen, rejected); oracles that can judge both in one go override."""
+        n = len(pairs)
+        verdicts = self.judge_batch([(x, w) for x, w, _ in pairs] + [(x, l) for x, _, l in pairs], policy)
+        return list(zip(verdicts[:n], verdicts[n:]))
+
     def correct(self, prompt: str, policy: Policy) -> str | None:
         """A response to `prompt` that complies with `policy`, or None when the oracle cannot write one."""
         return None
@@ -61,16 +67,23 @@ class NoisyOracle(Oracle):
         return int.from_bytes(digest[:8], "big") / 2**64 < self.p
 
     def judge_batch(self, items: Sequence[tuple[str, str]], policy: Policy) -> list[bool | None]:
-        out = []
-        for (prompt, response), verdict in zip(items, self.base.judge_batch(items, policy)):
-            if verdict is not None and self._flips(prompt, response, policy):
-                verdict = not verdict
-                self.flipped += 1
-            out.append(verdict)
-        return out
+        return [self._maybe_flip(x, y, v, policy) for (x, y), v in zip(items, self.base.judge_batch(items, policy))]
 
     def judge(self, prompt: str, response: str, policy: Policy) -> bool | None:
         return self.judge_batch([(prompt, response)], policy)[0]
+
+    def judge_pairs(self, pairs: Sequence[tuple[str, str, str]], policy: Policy) -> list[tuple[bool | None, bool | None]]:
+        # Keep the base oracle's own way of judging pairs (one call each, for instance); flip per response.
+        out = []
+        for (x, w, l), (c_w, c_l) in zip(pairs, self.base.judge_pairs(pairs, policy)):
+            out.append(tuple(self._maybe_flip(x, y, v, policy) for y, v in ((w, c_w), (l, c_l))))
+        return out
+
+    def _maybe_flip(self, prompt: str, response: str, verdict: bool | None, policy: Policy) -> bool | None:
+        if verdict is not None and self._flips(prompt, response, policy):
+            self.flipped += 1
+            return not verdict
+        return verdict
 
     def correct_batch(self, prompts: Sequence[str], policy: Policy, attempt: int = 0) -> list[str | None]:
         return self.base.correct_batch(prompts, policy, attempt)

@@ -59,10 +59,9 @@ def triage(
     bar = tqdm(total=len(pairs), desc="triage", unit="pair", leave=False)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        items = [(p.prompt, p.chosen) for p in chunk] + [(p.prompt, p.rejected) for p in chunk]
-        verdicts = oracle.judge_batch(items, policy)
         n = len(chunk)
-        for p, c_w, c_l in zip(chunk, verdicts[:n], verdicts[n:]):
+        verdicts = oracle.judge_pairs([(p.prompt, p.chosen, p.rejected) for p in chunk], policy)
+        for p, (c_w, c_l) in zip(chunk, verdicts):
             if c_w is None or c_l is None:
                 # An undecided verdict is not compliance: count the pair out instead of guessing.
                 result.excluded["oracle_failed"] += 1
