@@ -133,3 +133,48 @@ def test_pair_mode_halves_the_calls_and_triages_the_same(server, tmp_path):
     assert len(server.requests) - calls_single == calls_single // 2 == 12
     again = oracle(server, tmp_path / "b", pair_mode=True)
     assert triage(pairs, again, POLICY).counts() == paired.counts() and again.metrics()["oracle/calls"] == 0
+
+
+JUDGE_RUN = """
+import sys
+from trace_realign.llm_oracle import OpenAIOracle
+from trace_realign.oracle import Policy
+o = OpenAIOracle(model="judge", base_url=sys.argv[1], cache_path=sys.argv[2], concurrency=4, progress=False)
+items = [(f"prompt {i}", "COMPLY" if i % 2 else "no") for i in range(int(sys.argv[3]))]
+print(sum(v is True for v in o.judge_batch(items, Policy(name="p", text="t"))), flush=True)
+"""
+
+
+def test_killed_run_resumes_without_asking_twice_or_losing_answers(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trace_realign.verdicts import VerdictStore
+
+    n = 120
+    server = FakeOpenAI(latency=0.02)
+    cache = tmp_path / "verdicts.jsonl"
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", JUDGE_RUN, server.url, str(cache), str(n)],
+                                stdout=subprocess.PIPE, text=True)
+        deadline = time.time() + 30
+        while time.time() < deadline and (not cache.exists() or len(cache.read_text().splitlines()) < 30):
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        done_before = len(VerdictStore(cache))
+        asked_before = len(server.requests)
+        assert 0 < done_before < n
+        res = subprocess.run([sys.executable, "-c", JUDGE_RUN, server.url, str(cache), str(n)],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0 and res.stdout.strip() == str(n // 2)
+    finally:
+        server.close()
+    store = VerdictStore(cache)
+    assert len(store) == n and store.duplicate_lines == 0
+    # nothing already stored was asked again: the resumed run asked exactly for what was missing
+    # (calls in flight at the kill were paid but never stored, so they count as missing)
+    assert len(server.requests) - asked_before == n - done_before
