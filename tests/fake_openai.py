@@ -13,9 +13,9 @@ class FakeOpenAI:
     "ok", "429", "500", "drop", "malformed", "prose", "refuse"; when empty, "ok".
     A verdict is compliant when the judged response contains "COMPLY"."""
 
-    def __init__(self, latency: float = 0.0, schema_supported: bool = True):
+    def __init__(self, latency: float = 0.0, schema_supported: bool = True, json_mode_supported: bool = True):
         self.script: list[str] = []
-        self.latency, self.schema_supported = latency, schema_supported
+        self.latency, self.schema_supported, self.json_mode_supported = latency, schema_supported, json_mode_supported
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         fake = self
@@ -33,6 +33,8 @@ class FakeOpenAI:
                 fmt = (body.get("response_format") or {}).get("type")
                 if fmt == "json_schema" and not fake.schema_supported:
                     return self._send(400, {"error": {"message": "response_format json_schema is not supported"}})
+                if fmt == "json_object" and not fake.json_mode_supported:
+                    return self._send(400, {"error": {"message": "response_format json_object is not supported"}})
                 if action == "429":
                     return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.01"})
                 if action == "500":
@@ -82,6 +84,9 @@ class FakeOpenAI:
         class Server(ThreadingHTTPServer):
             request_queue_size = 256  # many concurrent clients: do not refuse connections at the door
             daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # a client that timed out and hung up is part of the tests
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"

@@ -178,3 +178,26 @@ def test_killed_run_resumes_without_asking_twice_or_losing_answers(tmp_path):
     # nothing already stored was asked again: the resumed run asked exactly for what was missing
     # (calls in flight at the kill were paid but never stored, so they count as missing)
     assert len(server.requests) - asked_before == n - done_before
+
+
+def test_falls_back_to_plain_text_when_no_json_mode(tmp_path):
+    server = FakeOpenAI(schema_supported=False, json_mode_supported=False)
+    try:
+        o = oracle(server, tmp_path, concurrency=1)
+        assert o.judge_batch(ITEMS[:2], POLICY) == EXPECTED[:2]
+        formats = [(r["body"].get("response_format") or {}).get("type") for r in server.requests]
+        assert formats == ["json_schema", "json_object", None, None]
+    finally:
+        server.close()
+
+
+def test_timeouts_are_retried_then_recorded_as_failed(tmp_path):
+    server = FakeOpenAI(latency=0.5)
+    try:
+        o = oracle(server, tmp_path, timeout=0.1, retries=1, concurrency=1)
+        assert o.judge_batch(ITEMS[:1], POLICY) == [None]
+        m = o.metrics()
+        assert m["oracle/retries"] == 1 and m["oracle/calls"] == 2 and m["oracle/failed"] == 1
+        assert "APITimeoutError" in list(o.store)[0]["failed"]
+    finally:
+        server.close()
