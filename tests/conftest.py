@@ -53,3 +53,15 @@ def make_cfg(tmp_path):
         return compose_cfg((FAST if fast else []) + list(overrides), tmp_path / "run")
 
     return make
+
+
+def kill_after_lines(proc, path: Path, lines: int, timeout: float = 30.0) -> None:
+    """SIGKILL `proc` once `path` holds `lines` lines (or after `timeout`): a kill in mid-run."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and (not path.exists() or len(path.read_text().splitlines()) < lines):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

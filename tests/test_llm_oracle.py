@@ -146,12 +146,10 @@ print(sum(v is True for v in o.judge_batch(items, Policy(name="p", text="t"))), 
 
 
 def test_killed_run_resumes_without_asking_twice_or_losing_answers(tmp_path):
-    import os
-    import signal
     import subprocess
     import sys
-    import time
 
+    from conftest import kill_after_lines
     from trace_realign.verdicts import VerdictStore
 
     n = 120
@@ -160,11 +158,7 @@ def test_killed_run_resumes_without_asking_twice_or_losing_answers(tmp_path):
     try:
         proc = subprocess.Popen([sys.executable, "-c", JUDGE_RUN, server.url, str(cache), str(n)],
                                 stdout=subprocess.PIPE, text=True)
-        deadline = time.time() + 30
-        while time.time() < deadline and (not cache.exists() or len(cache.read_text().splitlines()) < 30):
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_after_lines(proc, cache, 30)
         done_before = len(VerdictStore(cache))
         asked_before = len(server.requests)
         assert 0 < done_before < n

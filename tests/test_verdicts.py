@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
+from conftest import kill_after_lines
 from trace_realign.verdicts import VerdictStore, verdict_key
 
 
@@ -65,11 +63,7 @@ print("done", flush=True)
 def test_sigkill_then_resume_loses_nothing_and_repeats_nothing(tmp_path):
     path, n = tmp_path / "verdicts.jsonl", 400
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(n)])
-    deadline = time.time() + 20
-    while time.time() < deadline and (not path.exists() or len(path.read_text().splitlines()) < 50):
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_lines(proc, path, 50, timeout=20)
     answered_before = len(VerdictStore(path))
     assert 0 < answered_before < n, "killed part-way"
     res = subprocess.run([sys.executable, "-c", WRITER, str(path), str(n)], capture_output=True, text=True)

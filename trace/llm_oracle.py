@@ -137,50 +137,35 @@ class OpenAIOracle(Oracle):
 
     def judge_batch(self, items: Sequence[tuple[str, str]], policy: Policy) -> list[bool | None]:
         keys = [verdict_key(self.model, policy.text, p, r, TEMPLATE_VERSION) for p, r in items]
-        todo = {}
-        for k, item in zip(keys, items):
-            if self._known(k) is not None:
-                self.stats["cached"] += 1
-            elif k not in todo:
-                todo[k] = item
-        if todo:
-            start = time.time()
-            asyncio.run(self._ask_all(todo, policy))
-            self.stats["seconds"] += time.time() - start
-        return [self._known(k)["compliant"] for k in keys]
+        return [a["compliant"] for a in self._answers(keys, items, policy, "judge")]
 
     def judge_pairs(self, pairs: Sequence[tuple[str, str, str]], policy: Policy) -> list[tuple[bool | None, bool | None]]:
         """With pair_mode, both responses of a pair in one call (half the calls); else two verdicts."""
         if not self.pair_mode:
             return super().judge_pairs(pairs, policy)
         keys = [verdict_key(self.model, policy.text, x, f"{w}\0{l}", PAIR_TEMPLATE_VERSION) for x, w, l in pairs]
-        todo = {}
-        for k, (x, w, l) in zip(keys, pairs):
-            if self._known(k) is not None:
-                self.stats["cached"] += 1
-            elif k not in todo:
-                todo[k] = (x, (w, l))
-        if todo:
-            start = time.time()
-            asyncio.run(self._ask_all(todo, policy, mode="pair"))
-            self.stats["seconds"] += time.time() - start
-        return [(self._known(k)["compliant"], self._known(k)["compliant_rejected"]) for k in keys]
+        requests = [(x, (w, l)) for x, w, l in pairs]
+        return [(a["compliant"], a["compliant_rejected"]) for a in self._answers(keys, requests, policy, "pair")]
 
     def correct_batch(self, prompts: Sequence[str], policy: Policy, attempt: int = 0) -> list[str | None]:
         """Compliant responses y_c for punished prompts; attempt n asks afresh (a different cache key)."""
         tag = f"attempt {attempt + 1}"
         keys = [verdict_key(self.model, policy.text, p, tag, WRITER_TEMPLATE_VERSION) for p in prompts]
+        return [a.get("correction") for a in self._answers(keys, [(p, tag) for p in prompts], policy, "write")]
+
+    def _answers(self, keys: list[str], requests: Sequence[tuple[str, Any]], policy: Policy, mode: str) -> list[dict[str, Any]]:
+        """The stored answer for every key, asking (once per distinct key) only for those not yet stored."""
         todo = {}
-        for k, p in zip(keys, prompts):
+        for k, request in zip(keys, requests):
             if self._known(k) is not None:
                 self.stats["cached"] += 1
             elif k not in todo:
-                todo[k] = (p, tag)
+                todo[k] = request
         if todo:
             start = time.time()
-            asyncio.run(self._ask_all(todo, policy, mode="write"))
+            asyncio.run(self._ask_all(todo, policy, mode=mode))
             self.stats["seconds"] += time.time() - start
-        return [self._known(k).get("correction") for k in keys]
+        return [self._known(k) for k in keys]
 
     def _known(self, key: str) -> dict[str, Any] | None:
         if self.store is not None:
