@@ -378,5 +378,6 @@ def test_trace_data_pays_once_and_trace_realign_reuses_its_verdicts(tmp_path):
         trained = run(compose_cfg(common, tmp_path / "train_run"))
     finally:
         server.close()
-    assert trained["oracle/calls"] == 0 and trained["oracle/cached"] == 2 * data["data/rows"]
+    # the triage stage itself is reused from the stage cache: not even a cached verdict is looked up
+    assert trained["oracle/calls"] == 0 and trained["data/cache_hits"] >= 1
     assert json.loads((tmp_path / "data_run" / "metrics.json").read_text())["triage/punish"] == trained["triage/punish"]

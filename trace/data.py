@@ -1,9 +1,9 @@
 """Data sources and the LightningDataModule that serves triaged splits.
 
 A data source gives train pairs, held-out evaluation prompts, pi_old / pi_new, and its texts (for a
-locally built tokenizer). The DataModule triages the train pairs with the oracle once (prepare_data, rank
-0 only, written to disk), then serves every training step one batch of each non-empty category:
-B_I ~ D_I, B_P ~ D_II, B_R ~ D_R (Algorithm 1, line 23).
+locally built tokenizer). The DataModule runs the data stages once (prepare_data, rank 0 only: triage,
+split, subset, noise; pipeline.py), then serves every training step one batch of each non-empty
+category: B_I ~ D_I, B_P ~ D_II, B_R ~ D_R (Algorithm 1, line 23).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import logging
 import random
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Protocol
 
@@ -22,15 +21,14 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from trace_realign.objective import TERM_RESPONSES, TRACE_TERMS, ObjectiveConfig
 from trace_realign.oracle import Oracle, Policy
-from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, PreferencePair, load_pairs, save_pairs
+from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, PreferencePair, load_pairs
+from trace_realign.pipeline import EVAL_FILE, TRIAGE_METRICS_FILE, TRIAGED_FILE, DataPlan, Stages, prepare, read_jsonl
 from trace_realign.sequences import SequenceLimits, encode_pair, pad_batch
-from trace_realign.triage import TriageResult, triage
+from trace_realign.stages import StageCache
 from trace_realign.world.synthetic import load_policy
 
 log = logging.getLogger(__name__)
 
-TRIAGED_FILE = "triaged.jsonl"
-TRIAGE_METRICS_FILE = "triage.json"
 
 
 class NoConflictsError(RuntimeError):
@@ -126,6 +124,8 @@ class TriagedDataModule(L.LightningDataModule):
         trust_labels: bool = False,
         seed: int = 0,
         num_workers: int = 0,
+        plan: DataPlan | None = None,
+        cache_dir: str | Path | None = None,
     ):
         super().__init__()
         missing = [c for c in CATEGORIES if c not in batch_size]
@@ -140,33 +140,25 @@ class TriagedDataModule(L.LightningDataModule):
         objective = ObjectiveConfig(terms=terms if terms is not None else TRACE_TERMS)
         self.objective_terms, self.needs_corrections = objective.terms, objective.needs_corrections
         self.trust_labels, self.seed, self.num_workers = trust_labels, seed, num_workers
+        self.plan = plan or DataPlan()
+        # data stages are cached under cache_dir/stages (none given: every stage is built afresh)
+        self.cache_dir = Path(cache_dir) / "stages" if cache_dir is not None else None
         self.splits: dict[str, list[PreferencePair]] = {}
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.stats: dict[str, float] = {}
 
-    # -- stage 1: triage, once, on rank 0 --
+    # -- the data stages, once, on rank 0 (pipeline.py) --
     def prepare_data(self) -> None:
-        if (self.work_dir / TRIAGED_FILE).is_file():
-            return  # this run directory already holds its triage (a resumed run)
-        pairs = self.source.train_pairs()
-        if not self.use_triage:
-            # The no-triage ablation: every pair is treated as a pair to punish (NPO on all pairs).
-            result = TriageResult(pairs=[replace(p, category=PUNISH) for p in pairs])
-        elif self.trust_labels:
-            for i, p in enumerate(pairs):
-                if p.category is None:
-                    raise DataError("dataset", i, "category", "missing, but the dataset is declared triaged")
-            result = TriageResult(pairs=pairs)
-        else:
-            if self.oracle is None:
-                raise ValueError("triage needs an oracle (oracle=...) or a triaged dataset (dataset.triaged=true)")
-            result = triage(pairs, self.oracle, self.source.new, corrections=self.needs_corrections)
-        metrics = {"data/rows": len(pairs), **result.metrics()}
-        if self.use_triage and not self.trust_labels:
-            metrics.update(ground_truth_agreement(result.pairs))
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        save_pairs(result.pairs, self.work_dir / TRIAGED_FILE)
-        (self.work_dir / TRIAGE_METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        if (self.work_dir / TRIAGED_FILE).is_file() and (self.work_dir / TRIAGE_METRICS_FILE).is_file():
+            return  # this run directory already holds its data (a resumed run)
+        stages = Stages(StageCache(self.cache_dir), use_triage=self.use_triage, trust_labels=self.trust_labels,
+                        corrections=self.needs_corrections, seed=self.seed)
+        prepare(self.source, self.oracle, self.plan, stages, self.work_dir)
+
+    def eval_prompts(self) -> list[dict[str, Any]]:
+        """The held-out prompts: the eval split's, or the data source's own."""
+        path = self.work_dir / EVAL_FILE
+        return read_jsonl(path) if path.is_file() else self.source.eval_prompts()
 
     # -- tokenised splits on every rank --
     def setup(self, stage: str | None = None) -> None:
@@ -244,11 +236,3 @@ class TriagedDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         stream = StepStream(self.rows, self.batch_size, self.tokenizer.pad_token_id, self.seed)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
-
-
-def ground_truth_agreement(pairs: list[PreferencePair]) -> dict[str, float]:
-    """Where a dataset knows the true category (meta.gt_category), how often triage matched it."""
-    known = [p for p in pairs if "gt_category" in p.meta]
-    if not known:
-        return {}
-    return {"triage/gt_accuracy": sum(p.category == p.meta["gt_category"] for p in known) / len(known)}

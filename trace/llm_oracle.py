@@ -20,7 +20,6 @@ import os
 import random
 import re
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 from tqdm.auto import tqdm
@@ -67,6 +66,13 @@ WRITER_SYSTEM = (
     "Write the assistant's reply to the user's prompt so that it complies with the written policy. "
     "Reply with the response text only."
 )
+COMPOSE_TEMPLATE_VERSION = "compose-v1"
+COMPOSE_SYSTEM = (
+    "Write the assistant's reply to the user's prompt, following the instruction exactly. "
+    "Reply with the response text only."
+)
+CLASSIFY_TEMPLATE_VERSION = "classify-v1"
+CLASSIFY_SYSTEM = 'Classify the user prompt. Answer with a JSON object {"label": "<one of the allowed labels>"}.'
 _NEGATIVE = re.compile(r"\b(non[- ]?compliant|not compliant|violates|does not comply)\b", re.I)
 _POSITIVE = re.compile(r"\b(compliant|complies)\b", re.I)
 
@@ -93,6 +99,9 @@ def parse_verdict(text: str | None) -> tuple[bool | None, str]:
     if _POSITIVE.search(candidate):
         return True, candidate[:200]
     return None, f"unreadable reply: {candidate[:80]!r}"
+
+
+NO_POLICY = Policy(name="none", text="")
 
 
 class OpenAIOracle(Oracle):
@@ -126,6 +135,10 @@ class OpenAIOracle(Oracle):
         self.progress, self.pair_mode = progress, pair_mode
         self.stats = {k: 0.0 for k in ("calls", "cached", "failed", "retries", "input_tokens", "output_tokens", "seconds")}
 
+    def fingerprint(self) -> str:
+        # What decides an answer: not concurrency, timeouts, prices or where answers are cached.
+        return f"openai:{self.model}@{self.base_url or 'api.openai.com'}:t={self.temperature}:pair={self.pair_mode}:{TEMPLATE_VERSION}"
+
     # -- accounting --
     def metrics(self) -> dict[str, float]:
         cost = (self.stats["input_tokens"] * self.prices[0] + self.stats["output_tokens"] * self.prices[1]) / 1e6
@@ -152,6 +165,20 @@ class OpenAIOracle(Oracle):
         tag = f"attempt {attempt + 1}"
         keys = [verdict_key(self.model, policy.text, p, tag, WRITER_TEMPLATE_VERSION) for p in prompts]
         return [a.get("correction") for a in self._answers(keys, [(p, tag) for p in prompts], policy, "write")]
+
+    def write_batch(self, items: Sequence[tuple[str, str]]) -> list[str | None]:
+        """Free-form responses for (instruction, prompt) items (benchmark construction), cached and
+        accounted like verdicts; None where the call failed."""
+        keys = [verdict_key(self.model, instruction, p, "compose", COMPOSE_TEMPLATE_VERSION) for instruction, p in items]
+        answers = self._answers(keys, [(p, instruction) for instruction, p in items], NO_POLICY, "compose")
+        return [a.get("text") for a in answers]
+
+    def classify_batch(self, prompts: Sequence[str], labels: Sequence[str], question: str) -> list[str | None]:
+        """One of `labels` for each prompt (None when the reply names none of them)."""
+        spec = json.dumps({"question": question, "labels": list(labels)})
+        keys = [verdict_key(self.model, spec, p, "classify", CLASSIFY_TEMPLATE_VERSION) for p in prompts]
+        answers = self._answers(keys, [(p, spec) for p in prompts], NO_POLICY, "classify")
+        return [a.get("label") for a in answers]
 
     def _answers(self, keys: list[str], requests: Sequence[tuple[str, Any]], policy: Policy, mode: str) -> list[dict[str, Any]]:
         """The stored answer for every key, asking (once per distinct key) only for those not yet stored."""
@@ -189,13 +216,17 @@ class OpenAIOracle(Oracle):
     async def _ask_all(self, todo: dict[str, tuple[str, Any]], policy: Policy, mode: str = "judge") -> None:
         client = self._client()
         gate = asyncio.Semaphore(self.concurrency)
-        unit = {"judge": "verdict", "pair": "pair", "write": "correction"}[mode]
+        unit = {"judge": "verdict", "pair": "pair", "write": "correction", "compose": "response", "classify": "label"}[mode]
         bar = tqdm(total=len(todo), desc=f"oracle {self.model}", unit=unit, disable=not self.progress, leave=False)
 
         async def one(key: str, prompt: str, extra: str) -> None:
             async with gate:
                 if mode == "write":
                     answer = await self._write(client, policy, prompt, extra)
+                elif mode == "compose":
+                    answer = await self._compose(client, prompt, extra)
+                elif mode == "classify":
+                    answer = await self._classify(client, prompt, extra)
                 elif mode == "pair":
                     answer = await self._ask_pair(client, policy, prompt, *extra)
                 else:
@@ -222,6 +253,40 @@ class OpenAIOracle(Oracle):
             return reply
         text = (reply["content"] or "").strip()
         return {"correction": text} if text else {"failed": "empty correction"}
+
+    async def _compose(self, client, prompt: str, instruction: str) -> dict[str, Any]:
+        messages = [
+            {"role": "system", "content": COMPOSE_SYSTEM},
+            {"role": "user", "content": f"Instruction:\n{instruction}\n\nPrompt:\n{prompt}"},
+        ]
+        reply = await self._call(client, messages, "text")
+        if "failed" in reply:
+            return reply
+        text = (reply["content"] or "").strip()
+        return {"text": text} if text else {"failed": "empty response"}
+
+    async def _classify(self, client, prompt: str, spec: str) -> dict[str, Any]:
+        task = json.loads(spec)
+        labels = task["labels"]
+        schema = {"name": "label", "strict": True, "schema": {
+            "type": "object", "properties": {"label": {"type": "string", "enum": labels}},
+            "required": ["label"], "additionalProperties": False}}
+        messages = [
+            {"role": "system", "content": CLASSIFY_SYSTEM},
+            {"role": "user", "content": f"{task['question']}\nAllowed labels: {', '.join(labels)}\n\nPrompt:\n{prompt}"},
+        ]
+        reply = await self._call(client, messages, None, schema=schema)
+        if "failed" in reply:
+            return reply
+        content = reply["content"] or ""
+        try:
+            label = json.loads(re.search(r"\{.*\}", content, re.S).group(0))["label"]
+        except (AttributeError, json.JSONDecodeError, KeyError, TypeError):
+            words = [lab for lab in labels if re.search(rf"\b{re.escape(lab)}\b", content, re.I)]
+            label = words[0] if len(words) == 1 else None
+        if label not in labels:
+            return {"failed": f"no allowed label in reply: {content[:80]!r}"}
+        return {"label": label}
 
     async def _ask_pair(self, client, policy: Policy, prompt: str, chosen: str, rejected: str) -> dict[str, Any]:
         messages = [

@@ -31,6 +31,13 @@ class Oracle:
     def judge(self, prompt: str, response: str, policy: Policy) -> bool | None:
         raise NotImplementedError
 
+    def fingerprint(self) -> str:
+        """What decides this oracle's answers, for cache keys of the stages that ask it. The default names
+        the class and its plain settings; oracles with runtime-only settings override it."""
+        plain = {k: v for k, v in sorted(vars(self).items())
+                 if not k.startswith("_") and isinstance(v, (str, int, float, bool, type(None)))}
+        return f"{type(self).__module__}.{type(self).__qualname__}:{plain}"
+
     def judge_batch(self, items: Sequence[tuple[str, str]], policy: Policy) -> list[bool | None]:
         return [self.judge(prompt, response, policy) for prompt, response in items]
 
@@ -62,6 +69,9 @@ class NoisyOracle(Oracle):
         self.base, self.p, self.seed = base, p, seed
         self.flipped = 0
 
+    def fingerprint(self) -> str:
+        return f"noisy(p={self.p}, seed={self.seed}):{self.base.fingerprint()}"
+
     def _flips(self, prompt: str, response: str, policy: Policy) -> bool:
         digest = hashlib.sha256(f"{self.seed}\0{policy.name}\0{prompt}\0{response}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64 < self.p
@@ -89,15 +99,21 @@ class NoisyOracle(Oracle):
         return self.base.correct_batch(prompts, policy, attempt)
 
 
-def build_oracles(oracle_cfg: Any, seed: int) -> tuple[Oracle, Oracle]:
+def build_oracles(oracle_cfg: Any, seed: int, source: Any = None) -> tuple[Oracle, Oracle]:
     """(the oracle realignment may use, the clean oracle evaluation judges with).
 
     `noise` is not the oracle's own setting: it wraps the oracle for triage and selection only, so that
-    TPA is always measured by the clean judge.
+    TPA is always measured by the clean judge. An oracle that reads the dataset's own annotations
+    (oracle=labels) is bound to `source`; a source that has its responses written by an LLM
+    (dataset=synthvaluebench) is handed the clean oracle's client.
     """
     from hydra.utils import instantiate
 
     cfg = dict(oracle_cfg)
     noise = float(cfg.pop("noise", 0.0) or 0.0)
     clean = instantiate(cfg)
+    if hasattr(clean, "bind"):
+        clean.bind(source)
+    if hasattr(source, "bind_writer"):  # a benchmark whose responses the oracle's client writes
+        source.bind_writer(clean)
     return (NoisyOracle(clean, noise, seed) if noise > 0 else clean), clean

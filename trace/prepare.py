@@ -17,7 +17,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from trace_realign.data import TRIAGE_METRICS_FILE
+from trace_realign.pipeline import TRIAGE_METRICS_FILE
 from trace_realign.oracle import build_oracles
 from trace_realign.train import build_datamodule, print_summary, write_metrics
 
@@ -26,7 +26,7 @@ def prepare(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     source = instantiate(cfg.dataset)
-    oracle, _ = build_oracles(cfg.oracle, cfg.seed)
+    oracle, _ = build_oracles(cfg.oracle, cfg.seed, source)
     _, datamodule = build_datamodule(cfg, source, oracle, tokenizer=None, out=out)
     datamodule.prepare_data()
     metrics = json.loads((out / "data" / TRIAGE_METRICS_FILE).read_text())

@@ -16,11 +16,11 @@ from typing import Any
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from trace_realign.data import TriagedDataModule
+from trace_realign.pipeline import DataPlan
 from trace_realign.eval import evaluate
 from trace_realign.model import load_tokenizer, resolve_model_path
 from trace_realign.module import TraceModule
@@ -67,8 +67,22 @@ def build_datamodule(
         trust_labels=bool(getattr(source, "triaged", False)),
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
+        plan=data_plan(cfg.data),
+        cache_dir=cfg.paths.cache_dir,
     )
     return objective, datamodule
+
+
+def data_plan(data: DictConfig) -> DataPlan:
+    splits = data.get("splits")
+    return DataPlan(
+        splits=OmegaConf.to_container(splits, resolve=True) if splits is not None else None,
+        train_split=data.get("train_split", "train"),
+        eval_split=data.get("eval_split"),
+        size=data.get("size"),
+        label_noise=float(data.get("label_noise", 0.0)),
+        dpo_gold_punish=data.get("dpo_gold_punish", "keep"),
+    )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -80,7 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     source = instantiate(cfg.dataset)
     # Noise (oracle.noise) reaches triage and selection only; evaluation always uses the clean judge.
-    oracle, judge = build_oracles(cfg.oracle, cfg.seed)
+    oracle, judge = build_oracles(cfg.oracle, cfg.seed, source)
     corpus = source.corpus() if cfg.model.get("build") else None
     model_path = resolve_model_path(cfg.model, corpus, cfg.paths.cache_dir)
     prealign_metrics: dict[str, float] = {}
@@ -125,7 +139,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "train/batch_size_effective": sum(datamodule.batch_size.values()) * trainer.accumulate_grad_batches * trainer.world_size,
         "train/world_size": trainer.world_size,
     })
-    items = source.eval_prompts()
+    items = datamodule.eval_prompts()
     if cfg.eval.max_prompts:
         items = items[: cfg.eval.max_prompts]
     judge_kwargs = dict(oracle=judge, new=source.new, old=source.old, items=items,

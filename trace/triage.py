@@ -70,12 +70,12 @@ def triage(
         bar.update(n)
     bar.close()
     if corrections:
-        _attach_corrections(result, oracle, policy)
+        attach_corrections(result, oracle, policy)
     log.info("triage: %s, excluded %s", result.counts(), dict(result.excluded))
     return result
 
 
-def _attach_corrections(result: TriageResult, oracle: Oracle, policy: Policy, attempts: int = 3) -> None:
+def attach_corrections(result: TriageResult, oracle: Oracle, policy: Policy, attempts: int = 3) -> None:
     """Line 16: y_c for every punished pair, itself judged before use; a prompt whose corrections keep
     failing is retried up to `attempts` times, then its pair is excluded and counted."""
     pending = [i for i, p in enumerate(result.pairs) if p.category == PUNISH and p.correction is None]

@@ -1,0 +1,228 @@
+"""The data stages, in order, each cached on disk keyed by its inputs (stages.py):
+
+    source    the dataset's pairs (PKU rows cleaned, SynthValueBench written, ...), with removals counted
+    triage    categories by the oracle under pi_new (or the dataset's own labels, or none: no_triage)
+    split     stratified splits by category (data.splits, e.g. train1 / train2 / test)
+    subset    the first data.size pairs of the training split's stratified order (nested: 5k < 10k < 20k)
+    noise     a seeded fraction data.label_noise of training labels flipped (Table 8)
+
+`prepare` runs them and writes, under the run's data/ directory: triaged.jsonl (what trains), eval.jsonl
+(held-out prompts), splits/{trace,dpo,dpo_gold}/<split>.jsonl (TRACE records, {prompt, chosen, rejected}
+for DPO baselines, and the pairs relabelled under pi_new for DPO-Gold), removed.jsonl (every source row
+that made no pair, with its reason) and triage.json (counts that add up).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from trace_realign.oracle import NoisyOracle, Oracle
+from trace_realign.records import CATEGORIES, PUNISH, DataError, PreferencePair, save_pairs
+from trace_realign.splits import category_counts, dpo_gold, flip_labels, nested_subset, stratified_split
+from trace_realign.stages import StageCache, pairs_digest, stage_key
+from trace_realign.triage import TriageResult, attach_corrections, triage
+
+log = logging.getLogger(__name__)
+
+TRIAGED_FILE = "triaged.jsonl"
+TRIAGE_METRICS_FILE = "triage.json"
+EVAL_FILE = "eval.jsonl"
+REMOVED_FILE = "removed.jsonl"
+
+
+@dataclass
+class DataPlan:
+    """How triaged data becomes the training set (the `data` config group's split settings)."""
+
+    splits: Mapping[str, int | None] | None = None  # null: no split, every triaged pair trains
+    train_split: str = "train"
+    eval_split: str | None = None  # a split whose prompts are the held-out evaluation prompts
+    size: int | None = None
+    label_noise: float = 0.0
+    dpo_gold_punish: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.splits is not None:
+            self.splits = dict(self.splits)
+            if self.train_split not in self.splits:
+                raise ValueError(f"data.train_split={self.train_split!r} is not one of data.splits {list(self.splits)}")
+            if self.eval_split is not None and self.eval_split not in self.splits:
+                raise ValueError(f"data.eval_split={self.eval_split!r} is not one of data.splits {list(self.splits)}")
+            if self.eval_split == self.train_split:
+                raise ValueError("data.eval_split must differ from data.train_split (held-out prompts are never trained on)")
+        elif self.eval_split is not None:
+            raise ValueError("data.eval_split needs data.splits")
+        if not 0.0 <= self.label_noise <= 1.0:
+            raise ValueError(f"data.label_noise must be in [0, 1], got {self.label_noise}")
+
+
+@dataclass
+class Stages:
+    """What prepare() needs besides the plan: where to cache and how the ablation triages."""
+
+    cache: StageCache
+    use_triage: bool = True
+    trust_labels: bool = False
+    corrections: bool = False
+    seed: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def source_key(source: Any, pairs: list[PreferencePair]) -> str:
+    fingerprint = getattr(source, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else f"pairs:{pairs_digest(pairs)}"
+
+
+def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, out: Path) -> dict[str, Any]:
+    """Run every stage and write the outputs under `out`; returns the metrics written to triage.json."""
+    pairs = source.train_pairs()
+    stats = dict(source.data_stats()) if hasattr(source, "data_stats") else {"data/rows": len(pairs), "data/pairs": len(pairs)}
+    removed_rows = stats.pop("removed_rows", [])
+    metrics: dict[str, Any] = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+    key = source_key(source, pairs)
+
+    # -- triage --
+    needs_oracle = stages.use_triage or plan.splits is not None  # no_triage still splits by the oracle's view
+    if stages.trust_labels:
+        for i, p in enumerate(pairs):
+            if p.category is None:
+                raise DataError("dataset", i, "category", "missing, but the dataset is declared triaged")
+        triaged, tstats = pairs, {}
+    elif not needs_oracle:
+        triaged, tstats = [replace(p, category=PUNISH) for p in pairs], {}
+    else:
+        if oracle is None:
+            raise ValueError("triage needs an oracle (oracle=...) or a triaged dataset (dataset.triaged=true)")
+        policy = source.new
+        corrections = stages.corrections and stages.use_triage
+        key = stage_key("triage", upstream=key, oracle=oracle.fingerprint(), policy=policy.text,
+                        rules=policy.rules, corrections=corrections)
+
+        def run_triage() -> tuple[list[PreferencePair], dict[str, Any]]:
+            flipped = oracle.flipped if isinstance(oracle, NoisyOracle) else 0
+            result = triage(pairs, oracle, policy, corrections=corrections)
+            out_stats = {f"triage/excluded/{k}": v for k, v in sorted(result.excluded.items())}
+            if isinstance(oracle, NoisyOracle):
+                out_stats["oracle/noise_flipped_triage"] = oracle.flipped - flipped
+            return result.pairs, out_stats
+
+        triaged, tstats = stages.cache.run("triage", key, run_triage)
+    metrics.update(tstats)
+    metrics.update({f"triage/{c}": n for c, n in category_counts(triaged).items()})
+    if needs_oracle and not stages.trust_labels:
+        metrics.update(ground_truth_agreement(triaged))
+
+    # -- split --
+    if plan.splits is not None:
+        key = stage_key("split", upstream=key, sizes=plan.splits, seed=stages.seed)
+
+        def run_split() -> tuple[list[PreferencePair], dict[str, Any]]:
+            parts, unused = stratified_split(triaged, plan.splits, stages.seed)
+            tagged = [replace(p, meta={**p.meta, "split": name}) for name, part in parts.items() for p in part]
+            return tagged, {"data/split_unused": unused}
+
+        tagged, sstats = stages.cache.run("split", key, run_split)
+        metrics.update(sstats)
+        splits = {name: [p for p in tagged if p.meta.get("split") == name] for name in plan.splits}
+    else:
+        splits = {plan.train_split: list(triaged)}
+    for name, part in splits.items():
+        metrics[f"split/{name}/size"] = len(part)
+        metrics.update({f"split/{name}/{c}": n for c, n in category_counts(part).items()})
+
+    # -- subset and noise (training split only) --
+    train = splits[plan.train_split]
+    if plan.size is not None:
+        key = stage_key("subset", upstream=key, split=plan.train_split, size=plan.size, seed=stages.seed)
+        train, _ = stages.cache.run("subset", key, lambda: (nested_subset(train, plan.size, stages.seed), {}))
+    if plan.label_noise > 0:
+        key = stage_key("noise", upstream=key, p=plan.label_noise, seed=stages.seed)
+
+        def run_noise() -> tuple[list[PreferencePair], dict[str, Any]]:
+            noisy, flipped = flip_labels(train, plan.label_noise, stages.seed)
+            return noisy, {"data/noise_flipped": flipped}
+
+        train, nstats = stages.cache.run("noise", key, run_noise)
+        metrics.update(nstats)
+        metrics["data/label_noise"] = plan.label_noise
+    if not stages.use_triage:
+        # The no-triage ablation: every training pair is a pair to punish (NPO on all pairs).
+        train = [replace(p, category=PUNISH) for p in train]
+    if stages.corrections and stages.use_triage and plan.label_noise > 0 and not stages.trust_labels:
+        # Pairs that noise turned into punish have no correction yet: ask for them now, as triage does.
+        result = TriageResult(pairs=train)
+        attach_corrections(result, oracle, source.new)
+        train = result.pairs
+        metrics["triage/excluded/correction_failed"] = (
+            metrics.get("triage/excluded/correction_failed", 0) + result.excluded["correction_failed"])
+    metrics["data/train_pairs"] = len(train)
+    metrics.update({f"data/train/{c}": n for c, n in category_counts(train).items()})
+    metrics["data/cache_hits"] = len(stages.cache.hits)
+
+    # -- outputs --
+    out.mkdir(parents=True, exist_ok=True)
+    save_pairs(train, out / TRIAGED_FILE)
+    if plan.eval_split is not None:
+        items = eval_items(splits[plan.eval_split])
+    else:
+        items = source.eval_prompts()
+    _write_jsonl(out / EVAL_FILE, items)
+    _write_jsonl(out / REMOVED_FILE, removed_rows)
+    write_formats({**splits, plan.train_split: train}, out / "splits", plan.dpo_gold_punish, metrics)
+    (out / TRIAGE_METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+def eval_items(pairs: list[PreferencePair]) -> list[dict[str, Any]]:
+    """Held-out prompts (one per distinct prompt), grouped in evaluation by their pair's category."""
+    items: dict[str, dict[str, Any]] = {}
+    for p in pairs:
+        if p.prompt not in items:
+            item = {"prompt": p.prompt, "kind": "value", "category": p.category}
+            if "axis" in p.meta:
+                item["axis"] = p.meta["axis"]
+            items[p.prompt] = item
+    return list(items.values())
+
+
+def write_formats(splits: Mapping[str, list[PreferencePair]], root: Path, punish: str, metrics: dict[str, Any]) -> None:
+    """Each split as TRACE records, as plain DPO pairs (the preference as annotated) and as DPO-Gold pairs."""
+    for name, part in splits.items():
+        save_pairs(part, root / "trace" / f"{name}.jsonl")
+        save_pairs([PreferencePair(p.prompt, p.chosen, p.rejected) for p in part], root / "dpo" / f"{name}.jsonl")
+        gold, left_out = dpo_gold(part, punish)
+        save_pairs([PreferencePair(p.prompt, p.chosen, p.rejected) for p in gold], root / "dpo_gold" / f"{name}.jsonl")
+        metrics[f"split/{name}/dpo_gold_left_out"] = left_out
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def ground_truth_agreement(pairs: list[PreferencePair]) -> dict[str, float]:
+    """Where a dataset knows the true category (meta.gt_category), how well triage matched it: accuracy,
+    and precision and recall per category (the proxy judge's errors, by kind)."""
+    known = [p for p in pairs if "gt_category" in p.meta]
+    if not known:
+        return {}
+    out = {"triage/gt_accuracy": sum(p.category == p.meta["gt_category"] for p in known) / len(known)}
+    predicted, actual = Counter(p.category for p in known), Counter(p.meta["gt_category"] for p in known)
+    hits = Counter(p.category for p in known if p.category == p.meta["gt_category"])
+    for c in CATEGORIES:
+        if predicted[c]:
+            out[f"triage/gt_precision/{c}"] = hits[c] / predicted[c]
+        if actual[c]:
+            out[f"triage/gt_recall/{c}"] = hits[c] / actual[c]
+    return out

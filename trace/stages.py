@@ -1,0 +1,104 @@
+"""On-disk cache of data stages: each stage's output stored as parquet, keyed by everything it read.
+
+A stage key is a hash of the stage's name, its parameters and the keys of the stages it read, so an
+unchanged input is reused and any change (a file's bytes, a size, a seed, the oracle, the policy)
+rebuilds that stage and every stage after it. A stage is written into a temporary directory that is
+renamed into place only when complete: an interrupted write leaves no entry, never a corrupt one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trace_realign.records import PreferencePair
+
+log = logging.getLogger(__name__)
+
+STAGE_FORMAT = "stage-v1"
+COLUMNS = ("prompt", "chosen", "rejected", "category", "correction", "meta")
+
+
+def stage_key(name: str, **inputs: Any) -> str:
+    """A content hash of a stage's name and inputs (anything JSON can write; sorted, so order-free)."""
+    blob = json.dumps([STAGE_FORMAT, name, inputs], sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes: a local input is reused only while its content is unchanged."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pairs_digest(pairs: Iterable[PreferencePair]) -> str:
+    """sha256 of records' content, for sources that cannot name their inputs otherwise."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps(p.to_dict(), sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _table(pairs: list[PreferencePair]) -> pa.Table:
+    # meta is stored as JSON text: its keys differ from dataset to dataset (and row to row).
+    columns = {c: [getattr(p, c) for p in pairs] for c in COLUMNS[:-1]}
+    columns["meta"] = [json.dumps(p.meta, ensure_ascii=False, sort_keys=True) for p in pairs]
+    schema = pa.schema([(c, pa.string()) for c in COLUMNS])
+    return pa.table(columns, schema=schema)
+
+
+def _pairs(table: pa.Table) -> list[PreferencePair]:
+    rows = table.to_pylist()
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"], r["category"], r["correction"], json.loads(r["meta"]))
+            for r in rows]
+
+
+class StageCache:
+    """Stages under `root/<name>/<key>/` as data.parquet (the records) and stats.json (their account)."""
+
+    def __init__(self, root: str | Path | None):
+        self.root = Path(root) if root is not None else None
+        self.hits: list[str] = []
+        self.built: list[str] = []
+
+    def run(
+        self, name: str, key: str, build: Callable[[], tuple[list[PreferencePair], dict[str, Any]]]
+    ) -> tuple[list[PreferencePair], dict[str, Any]]:
+        """The stage's (records, stats): read from the cache when `key` is stored, else built and stored."""
+        if self.root is None:
+            self.built.append(name)
+            return build()
+        final = self.root / name / key
+        if (final / "stats.json").is_file() and (final / "data.parquet").is_file():
+            self.hits.append(name)
+            log.info("data stage %s: cached (%s)", name, final)
+            return _pairs(pq.read_table(final / "data.parquet")), json.loads((final / "stats.json").read_text())
+        pairs, stats = build()
+        tmp = self.root / name / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.mkdir(parents=True)
+        try:
+            pq.write_table(_table(pairs), tmp / "data.parquet")
+            (tmp / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
+            try:
+                os.rename(tmp, final)  # atomic: the entry appears whole or not at all
+            except OSError:
+                if not final.is_dir():  # anything but "another process stored it first"
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.built.append(name)
+        return pairs, stats
