@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class FakeOpenAI:
     """Answers POST /v1/chat/completions. `script` is consumed one action per request:
     "ok", "429", "500", "drop", "malformed", "prose", "refuse"; when empty, "ok".
-    A verdict is compliant when the judged response contains "COMPLY"."""
+    A verdict is compliant when the judged response contains "COMPLY". Classification answers the first
+    allowed label the prompt mentions; written responses contain "COMPLY" when told to do what was asked."""
 
     def __init__(self, latency: float = 0.0, schema_supported: bool = True, json_mode_supported: bool = True):
         self.script: list[str] = []
@@ -43,7 +44,22 @@ class FakeOpenAI:
                     self.connection.close()
                     return
                 user = body["messages"][-1]["content"]
-                if "Write the assistant's reply" in body["messages"][0]["content"]:
+                system = body["messages"][0]["content"]
+                if system.startswith("Classify the user prompt"):
+                    # the first allowed label the prompt mentions, else the last label ("none")
+                    labels = user.split("Allowed labels: ", 1)[1].split("\n", 1)[0].split(", ")
+                    prompt = user.split("Prompt:\n", 1)[1].lower()
+                    label = next((lab for lab in labels if lab in prompt), labels[-1])
+                    return self._reply(body, {"role": "assistant", "content": json.dumps({"label": label})})
+                if "following the instruction exactly" in system:
+                    # a written response that names its instruction's stance; "Do what the prompt asks"
+                    # (comply, caveat) reads as compliant to this server's judge
+                    instruction = user.split("Instruction:\n", 1)[1]
+                    if "WRITEFAIL" in user:
+                        return self._reply(body, {"role": "assistant", "content": ""})
+                    text = ("COMPLY: here is how. " if "Do what the prompt asks" in instruction else "No: ") + instruction[:60]
+                    return self._reply(body, {"role": "assistant", "content": text})
+                if "Write the assistant's reply" in system:
                     # BADFIX prompts never get a good correction; FLAKY ones only from the second attempt on
                     bad = "BADFIX" in user or ("FLAKY" in user and "(attempt 1)" in user)
                     text = "no good" if bad else "COMPLY: a balanced answer."
