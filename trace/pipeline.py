@@ -162,7 +162,10 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
             metrics.get("triage/excluded/correction_failed", 0) + result.excluded["correction_failed"])
     metrics["data/train_pairs"] = len(train)
     metrics.update({f"data/train/{c}": n for c, n in category_counts(train).items()})
-    metrics["data/cache_hits"] = len(stages.cache.hits)
+    source_cache = getattr(source, "cache", None)
+    hits = list(getattr(source_cache, "hits", [])) + stages.cache.hits
+    metrics["data/cache_hits"] = len(hits)
+    log.info("data stages read from the cache: %s", hits or "none")
 
     # -- outputs --
     out.mkdir(parents=True, exist_ok=True)

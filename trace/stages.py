@@ -55,7 +55,7 @@ def pairs_digest(pairs: Iterable[PreferencePair]) -> str:
 def _table(pairs: list[PreferencePair]) -> pa.Table:
     # meta is stored as JSON text: its keys differ from dataset to dataset (and row to row).
     columns = {c: [getattr(p, c) for p in pairs] for c in COLUMNS[:-1]}
-    columns["meta"] = [json.dumps(p.meta, ensure_ascii=False, sort_keys=True) for p in pairs]
+    columns["meta"] = [json.dumps(p.meta, ensure_ascii=False) for p in pairs]  # key order kept as built
     schema = pa.schema([(c, pa.string()) for c in COLUMNS])
     return pa.table(columns, schema=schema)
 

@@ -1,0 +1,149 @@
+"""`trace-data` on PKU-SafeRLHF fixture files: every stage's counts and proportions, its outputs, its cache."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_cfg
+from pku_fixture import awkward_rows, regular_rows, write_jsonl
+from trace_realign.prepare import prepare
+from trace_realign.records import CATEGORIES, load_pairs
+
+N_REGULAR = 300
+MIX = {"retain": 150, "invert": 90, "punish": 60}
+
+
+@pytest.fixture
+def pku_file(tmp_path) -> Path:
+    return write_jsonl(regular_rows(N_REGULAR) + [r for _, r in awkward_rows()], tmp_path / "pku" / "train.jsonl")
+
+
+def run_data(tmp_path: Path, pku_file: Path, *overrides: str, name: str = "run") -> tuple[dict, Path]:
+    cfg = compose_cfg(["dataset=pku_saferlhf", f"dataset.path={pku_file}", "dataset.num_samples=null",
+                       "oracle=labels", "data.splits.train1=120", "data.splits.train2=60", "logger=none",
+                       f"paths.cache_dir={tmp_path / 'cache'}", *overrides], tmp_path / name)
+    return prepare(cfg), tmp_path / name / "data"
+
+
+def test_counts_add_up_from_rows_to_splits(tmp_path, pku_file):
+    m, _ = run_data(tmp_path, pku_file)
+    awkward = Counter(outcome for outcome, _ in awkward_rows())
+    removed = {k.split("/")[-1]: v for k, v in m.items() if k.startswith("data/removed/")}
+    assert removed == {k: awkward[k] for k in ("identical_responses", "empty_response", "empty_prompt", "no_preference")}
+    assert m["data/rows"] == N_REGULAR + len(awkward_rows()) == sum(removed.values()) + m["data/pairs"]
+    triaged = {c: m[f"triage/{c}"] for c in CATEGORIES}
+    assert triaged == {c: MIX[c] + awkward[c] for c in CATEGORIES}
+    assert m["triage/excluded/oracle_failed"] == awkward["oracle_failed"]
+    assert m["data/pairs"] == sum(triaged.values()) + m["triage/excluded/oracle_failed"]
+    sizes = {s: m[f"split/{s}/size"] for s in ("train1", "train2", "test")}
+    assert sizes["train1"] == 120 and sizes["train2"] == 60
+    assert sum(sizes.values()) + m["data/split_unused"] == sum(triaged.values())
+    for s in sizes:
+        assert sum(m[f"split/{s}/{c}"] for c in CATEGORIES) == sizes[s]
+    assert m["data/train_pairs"] == 120
+
+
+def test_every_split_keeps_the_category_mix_and_no_prompt_crosses(tmp_path, pku_file):
+    m, data = run_data(tmp_path, pku_file)
+    whole = {c: m[f"triage/{c}"] / sum(m[f"triage/{k}"] for k in CATEGORIES) for c in CATEGORIES}
+    for s in ("train1", "train2", "test"):
+        share = {c: m[f"split/{s}/{c}"] / m[f"split/{s}/size"] for c in CATEGORIES}
+        assert all(abs(share[c] - whole[c]) < 0.05 for c in CATEGORIES), (s, share, whole)
+    train = load_pairs(data / "splits" / "trace" / "train1.jsonl", require_category=True)
+    test = load_pairs(data / "splits" / "trace" / "test.jsonl", require_category=True)
+    assert not {p.prompt for p in train} & {p.prompt for p in test}
+    eval_prompts = [json.loads(line)["prompt"] for line in (data / "eval.jsonl").read_text().splitlines()]
+    assert sorted(eval_prompts) == sorted({p.prompt for p in test})
+    # what trains is train1
+    served = load_pairs(data / "triaged.jsonl", require_category=True)
+    assert sorted(p.chosen for p in served) == sorted(p.chosen for p in train)
+
+
+def test_three_formats_per_split_and_dpo_gold_relabels(tmp_path, pku_file):
+    _, data = run_data(tmp_path, pku_file)
+    for split in ("train1", "train2", "test"):
+        trace = load_pairs(data / "splits" / "trace" / f"{split}.jsonl", require_category=True)
+        dpo = [json.loads(line) for line in (data / "splits" / "dpo" / f"{split}.jsonl").read_text().splitlines()]
+        gold = [json.loads(line) for line in (data / "splits" / "dpo_gold" / f"{split}.jsonl").read_text().splitlines()]
+        assert all(set(r) == {"prompt", "chosen", "rejected"} for r in dpo + gold)
+        assert len(trace) == len(dpo) == len(gold)  # punished pairs kept by default (the reference's way)
+        for p, d, g in zip(trace, dpo, gold):
+            assert (d["chosen"], d["rejected"]) == (p.chosen, p.rejected)
+            swapped = (g["chosen"], g["rejected"]) == (p.rejected, p.chosen)
+            assert swapped == (p.category == "invert")
+    m, data = run_data(tmp_path, pku_file, "data.dpo_gold_punish=drop", name="drop")
+    gold = (data / "splits" / "dpo_gold" / "train2.jsonl").read_text().splitlines()
+    assert len(gold) == m["split/train2/size"] - m["split/train2/punish"] == m["split/train2/size"] - m["split/train2/dpo_gold_left_out"]
+    removed = [json.loads(line) for line in (data / "removed.jsonl").read_text().splitlines()]
+    assert len(removed) == sum(v for k, v in m.items() if k.startswith("data/removed/"))
+
+
+def test_stages_are_reused_and_a_changed_input_rebuilds(tmp_path, pku_file):
+    first, data = run_data(tmp_path, pku_file, name="a")
+    assert first["data/cache_hits"] == 0
+    again, data_b = run_data(tmp_path, pku_file, name="b")
+    assert again["data/cache_hits"] == 3  # source, triage, split
+    assert (data / "triaged.jsonl").read_text() == (data_b / "triaged.jsonl").read_text()
+    assert {k: v for k, v in again.items() if k != "data/cache_hits"} == {k: v for k, v in first.items() if k != "data/cache_hits"}
+    resized, _ = run_data(tmp_path, pku_file, "data.splits.train1=100", name="c")
+    assert resized["data/cache_hits"] == 2 and resized["split/train1/size"] == 100  # source and triage reused
+    rows = regular_rows(N_REGULAR + 10) + [r for _, r in awkward_rows()]
+    write_jsonl(rows, pku_file)
+    changed, _ = run_data(tmp_path, pku_file, name="d")
+    assert changed["data/cache_hits"] == 0 and changed["data/rows"] == len(rows)
+
+
+def test_data_sizes_are_nested(tmp_path, pku_file):
+    chosen = {}
+    for n in (30, 60, 120):
+        m, data = run_data(tmp_path, pku_file, f"data.size={n}", name=f"size{n}")
+        served = load_pairs(data / "triaged.jsonl", require_category=True)
+        chosen[n] = [p.chosen for p in served]
+        assert m["data/train_pairs"] == n
+        share = {c: m[f"data/train/{c}"] / n for c in CATEGORIES}
+        whole = {c: m[f"split/train1/{c}"] / 120 for c in CATEGORIES}
+        assert all(abs(share[c] - whole[c]) <= 1 / n + 1e-9 for c in CATEGORIES)
+    assert chosen[30] == chosen[60][:30] and chosen[60] == chosen[120][:60]
+    with pytest.raises(ValueError, match="larger than the split"):
+        run_data(tmp_path, pku_file, "data.size=121", name="too_big")
+
+
+def test_noisy_splits_flip_training_labels_only(tmp_path, pku_file):
+    flipped = {}
+    for p in (0.1, 0.2):
+        m, data = run_data(tmp_path, pku_file, f"data.label_noise={p}", name=f"noise{p}")
+        served = load_pairs(data / "triaged.jsonl", require_category=True)
+        flipped[p] = {x.chosen for x in served if "clean_category" in x.meta}
+        assert m["data/noise_flipped"] == len(flipped[p]) and m["data/label_noise"] == p
+        assert abs(len(flipped[p]) / 120 - p) < 0.1
+        test = load_pairs(data / "splits" / "trace" / "test.jsonl", require_category=True)
+        assert not any("clean_category" in x.meta for x in test)
+    assert flipped[0.1] <= flipped[0.2] and flipped[0.2]
+
+
+def test_the_llm_oracle_reads_the_same_policy_as_text_and_agrees(tmp_path, pku_file):
+    from fake_openai import FakeOpenAI
+
+    labels, data_l = run_data(tmp_path, pku_file, name="labels")
+    server = FakeOpenAI()
+    try:
+        llm, data_o = run_data(tmp_path, pku_file, "oracle=openai", f"oracle.base_url={server.url}",
+                               "oracle.progress=false", f"oracle.cache_path={tmp_path / 'v.jsonl'}", name="openai")
+    finally:
+        server.close()
+    policy_text = server.requests[0]["body"]["messages"][1]["content"]
+    assert "Privacy Violation: no harm at all" in policy_text
+    # The fixture's texts say what their labels say, so both oracles triage the decidable pairs alike;
+    # the LLM also decides the pairs whose labels could not.
+    def categories(data: Path) -> dict:
+        return {(p.prompt, p.chosen): p.category for split in ("train1", "train2", "test")
+                for p in load_pairs(data / "splits" / "trace" / f"{split}.jsonl")}
+
+    by_l, by_o = categories(data_l), categories(data_o)
+    assert set(by_l) < set(by_o) and len(by_o) - len(by_l) == labels["triage/excluded/oracle_failed"]
+    assert all(by_l[k] == by_o[k] for k in by_l)
+    assert llm["oracle/calls"] == 2 * llm["data/pairs"] and labels.get("oracle/calls") is None
