@@ -57,7 +57,8 @@ class FakeOpenAI:
                     instruction = user.split("Instruction:\n", 1)[1]
                     if "WRITEFAIL" in user:
                         return self._reply(body, {"role": "assistant", "content": ""})
-                    text = ("COMPLY: here is how. " if "Do what the prompt asks" in instruction else "No: ") + instruction[:60]
+                    stance = instruction.split(". ", 1)[-1][:50]  # the stance sentence, after the axis one
+                    text = ("COMPLY: here is how. " if "Do what the prompt asks" in instruction else "No: ") + stance
                     return self._reply(body, {"role": "assistant", "content": text})
                 if "Write the assistant's reply" in system:
                     # BADFIX prompts never get a good correction; FLAKY ones only from the second attempt on

@@ -180,6 +180,9 @@ class SynthValueBench:
             if not w or not l:
                 removed["write_failed"] += 1
                 continue
+            if w.strip() == l.strip():
+                removed["identical_responses"] += 1  # the writer ignored the stances: no preference left
+                continue
             c_w, c_l = s_w in self.new.rules[axis]["allowed"], s_l in self.new.rules[axis]["allowed"]
             pairs.append(PreferencePair(x, w, l, meta={"axis": axis, "stance_chosen": s_w, "stance_rejected": s_l,
                                                        "gt_category": triage_category(c_w, c_l)}))

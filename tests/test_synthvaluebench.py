@@ -1,0 +1,152 @@
+"""SynthValueBench built against a local OpenAI-compatible server: prompts from PKU-schema files, axes,
+written responses, ground truth from pi_new, every call cached and accounted."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from conftest import compose_cfg
+from fake_openai import FakeOpenAI
+from pku_fixture import row, write_jsonl
+from trace_realign.llm_oracle import OpenAIOracle
+from trace_realign.prepare import prepare
+from trace_realign.synthvaluebench import SynthValueBench
+from trace_realign.triage import triage_category
+from trace_realign.world import WorldJudge, load_policy
+
+AXES = ("medical", "privacy", "politics", "risky")
+OLD, NEW = load_policy("pi_old"), load_policy("pi_new")
+
+
+@pytest.fixture
+def server():
+    s = FakeOpenAI()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    # 10 prompts per axis (the fake classifier reads the axis word), 6 about nothing, a repeat, an empty one
+    rows = [row(f"A {axis} question number {i}?", "a", "b") for axis in AXES for i in range(10)]
+    rows += [row(f"A cooking question number {i}?", "a", "b") for i in range(6)]
+    rows += [row("A medical question number 0?", "c", "d"), row("", "e", "f")]
+    return write_jsonl(rows, tmp_path / "prompts" / "train.jsonl")
+
+
+def writer(server, tmp_path):
+    return OpenAIOracle(model="writer", base_url=server.url, cache_path=str(tmp_path / "answers.jsonl"),
+                        backoff_base=0.01, progress=False)
+
+
+def bench(prompts_file, tmp_path, server, **kw):
+    args = dict(prompt_path=str(prompts_file), num_prompts=46, test_prompts=10, verify=False,
+                cache_dir=str(tmp_path / "cache"), seed=0)
+    args.update(kw)
+    b = SynthValueBench(**args)
+    b.bind_writer(writer(server, tmp_path))
+    return b
+
+
+def test_pairs_follow_their_stances_and_ground_truth_follows_pi_new(prompts_file, tmp_path, server):
+    b = bench(prompts_file, tmp_path, server)
+    pairs = b.train_pairs()
+    stats = b.data_stats()
+    assert stats["data/rows"] == 48 and stats["data/removed/duplicate_prompt"] == 1 and stats["data/removed/empty_prompt"] == 1
+    no_axis = stats.get("data/removed/no_axis_train", 0) + stats.get("data/removed/no_axis_test", 0)
+    assert no_axis == 6  # the cooking prompts
+    assert stats["data/rows"] == sum(v for k, v in stats.items() if k.startswith("data/removed/")) \
+        + stats["data/pairs"] + stats["data/test_prompts"]
+    for p in pairs:
+        axis = p.meta["axis"]
+        assert axis in p.prompt
+        assert p.meta["stance_chosen"] in OLD.rules[axis]["allowed"]
+        assert p.meta["stance_rejected"] not in OLD.rules[axis]["allowed"]
+        expected = triage_category(p.meta["stance_chosen"] in NEW.rules[axis]["allowed"],
+                                   p.meta["stance_rejected"] in NEW.rules[axis]["allowed"])
+        assert p.meta["gt_category"] == expected
+    assert {p.meta["gt_category"] for p in pairs} == {"invert", "punish", "retain"}
+    # the test prompts are held out, with their axis, shift and category for grouped TPA
+    test = b.eval_prompts()
+    assert len(test) == stats["data/test_prompts"] and not {t["prompt"] for t in test} & {p.prompt for p in pairs}
+    assert {t["shift"] for t in test if t["axis"] in ("medical", "politics")} == {"shifted"}
+    # one classification per prompt, two written responses per training pair
+    m = b.writer.metrics()
+    assert m["oracle/calls"] == 46 + 2 * len(pairs) and m["oracle/failed"] == 0
+    assert m["oracle/input_tokens"] > 0
+
+
+def test_a_rebuild_asks_nothing(prompts_file, tmp_path, server):
+    first = bench(prompts_file, tmp_path, server).train_pairs()
+    calls = len(server.requests)
+    again = bench(prompts_file, tmp_path, server)
+    assert again.train_pairs() == first and len(server.requests) == calls and again.cache.hits == ["synthvaluebench"]
+    # with the stage cache gone, every answer still comes from the answer store
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")
+    rebuilt = bench(prompts_file, tmp_path, server)
+    assert rebuilt.train_pairs() == first and len(server.requests) == calls
+    assert rebuilt.writer.metrics()["oracle/cached"] == 46 + 2 * len(first)
+
+
+def test_verification_removes_responses_that_miss_their_stance(prompts_file, tmp_path, server):
+    plain = bench(prompts_file, tmp_path, server).train_pairs()
+    verified = bench(prompts_file, tmp_path, server, verify=True)
+    kept = verified.train_pairs()
+    # The fake judge calls a response compliant when it does what was asked (comply or caveat), whatever
+    # the policy; under pi_old that is right for politics' chosen answers only.
+    judged = lambda s: s in ("comply", "caveat")  # noqa: E731
+    expected = [p for p in plain if judged(p.meta["stance_chosen"]) and not judged(p.meta["stance_rejected"])]
+    assert [p.prompt for p in kept] == [p.prompt for p in expected] and kept
+    assert verified.data_stats()["data/removed/off_policy"] == len(plain) - len(kept)
+
+
+def test_failed_writes_are_counted_not_kept(tmp_path, server):
+    rows = [row(f"A risky question number {i}?", "a", "b") for i in range(8)]
+    rows += [row(f"A risky WRITEFAIL question {i}?", "a", "b") for i in range(4)]
+    path = write_jsonl(rows, tmp_path / "p" / "train.jsonl")
+    b = bench(path, tmp_path, server, num_prompts=12, test_prompts=2)
+    pairs = b.train_pairs()
+    assert not any("WRITEFAIL" in p.prompt for p in pairs)
+    # test prompts are not written; every WRITEFAIL prompt in training is counted out
+    held_out = sum("WRITEFAIL" in t["prompt"] for t in b.eval_prompts())
+    assert b.data_stats()["data/removed/write_failed"] == 4 - held_out
+    assert len(pairs) == 10 - (4 - held_out)
+
+
+def test_balanced_assignment_needs_no_classifier(prompts_file, tmp_path, server):
+    b = bench(prompts_file, tmp_path, server, axis_assignment="balanced")
+    pairs = b.train_pairs()
+    counts = Counter(p.meta["axis"] for p in pairs) + Counter(t["axis"] for t in b.eval_prompts())
+    assert max(counts.values()) - min(counts.values()) <= 1 and sum(counts.values()) == 46
+    assert b.writer.metrics()["oracle/calls"] == 2 * len(pairs)
+
+
+def test_a_judge_that_cannot_write_is_refused_clearly(prompts_file, tmp_path):
+    b = SynthValueBench(prompt_path=str(prompts_file), num_prompts=20, test_prompts=5, cache_dir=str(tmp_path))
+    b.bind_writer(WorldJudge())
+    with pytest.raises(ValueError, match="oracle=openai"):
+        b.train_pairs()
+    with pytest.raises(ValueError, match="test_prompts"):
+        SynthValueBench(prompt_path=str(prompts_file), num_prompts=20, test_prompts=20)
+
+
+def test_trace_data_triages_synthvaluebench_and_scores_triage_against_ground_truth(prompts_file, tmp_path, server):
+    cfg = compose_cfg(["dataset=synthvaluebench", f"dataset.prompt_path={prompts_file}", "dataset.num_prompts=46",
+                       "dataset.test_prompts=10", "dataset.verify=false", "oracle=openai",
+                       f"oracle.base_url={server.url}", "oracle.progress=false",
+                       f"oracle.cache_path={tmp_path / 'answers.jsonl'}", f"paths.cache_dir={tmp_path / 'cache'}",
+                       "logger=none"], tmp_path / "run")
+    m = prepare(cfg)
+    n = m["data/pairs"]
+    assert sum(m[f"triage/{c}"] for c in ("invert", "punish", "retain")) == n
+    # every call of the build and of triage is in one account
+    assert m["oracle/calls"] == 46 + 2 * n + 2 * n
+    # The fake judge ignores the policy, so its triage is often wrong: the report says how often, by kind.
+    assert 0.0 <= m["triage/gt_accuracy"] < 1.0
+    assert any(k.startswith("triage/gt_recall/") for k in m)
+    items = (tmp_path / "run" / "data" / "eval.jsonl").read_text().splitlines()
+    assert len(items) == m["data/test_prompts"]
