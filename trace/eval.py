@@ -7,6 +7,7 @@ non-compliant and is itself counted.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Any, Sequence
 
@@ -15,6 +16,8 @@ from tqdm.auto import tqdm
 
 from trace_realign.oracle import Oracle, Policy
 from trace_realign.sequences import encode_prompt
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -101,6 +104,11 @@ def evaluate(
         for name, policy in (("tpa", new), ("tpa_old", old)):
             for suffix, number in agreement(oracle, policy, v_items, v_resp).items():
                 metrics[f"{prefix}/{name}{suffix}"] = number
+        undecided = metrics[f"{prefix}/tpa/undecided"]
+        if undecided >= len(value) / 2:
+            log.warning("%s: the oracle could not judge %d of %d generations and TPA counts them as non-compliant; "
+                        "an oracle that knows only annotated responses (oracle=labels) cannot score generations: "
+                        "evaluate with a judge that reads text (oracle=openai)", prefix, int(undecided), len(value))
     if utility:
         u_items, u_resp = zip(*utility)
         metrics[f"{prefix}/utility"] = agreement(oracle, new, u_items, u_resp)[""]

@@ -193,13 +193,17 @@ def write_impact(path: Path, datamodule: TriagedDataModule, module: TraceModule)
 
 
 def print_summary(out: Path, metrics: dict[str, Any], name: str = "trace-realign") -> None:
-    keys = ["data/rows", "triage/invert", "triage/punish", "triage/retain", "triage/gt_accuracy",
+    keys = ["data/rows", "data/pairs", "triage/invert", "triage/punish", "triage/retain",
+            "triage/excluded/oracle_failed", "triage/gt_accuracy", "data/train_pairs", "data/cache_hits",
             "oracle/calls", "oracle/cached", "oracle/failed", "oracle/cost_usd", "impact/nonzero", "train/loss",
             "eval/before/tpa", "eval/after/tpa", "eval/before/tpa/shifted", "eval/after/tpa/shifted",
             "eval/before/tpa_old/unchanged", "eval/after/tpa_old/unchanged", "eval/before/utility",
             "eval/after/utility", "select/best_step", "prealign/seconds", "time/total_seconds"]
     width = max(len(k) for k in keys)
-    lines = [f"  {k:<{width}}  {metrics[k]:.4g}" for k in keys if k in metrics]
+    def show(v: float) -> str:
+        return str(int(v)) if float(v).is_integer() else f"{v:.4g}"
+
+    lines = [f"  {k:<{width}}  {show(metrics[k])}" for k in keys if k in metrics]
     print(f"\n{name}: outputs in {out}\n" + "\n".join(lines), flush=True)
 
 
