@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose_cfg
+from conftest import ROOT, compose_cfg
 from pku_fixture import awkward_rows, regular_rows, write_jsonl
 from trace_realign.prepare import prepare
 from trace_realign.records import CATEGORIES, load_pairs
@@ -146,4 +146,13 @@ def test_the_llm_oracle_reads_the_same_policy_as_text_and_agrees(tmp_path, pku_f
     by_l, by_o = categories(data_l), categories(data_o)
     assert set(by_l) < set(by_o) and len(by_o) - len(by_l) == labels["triage/excluded/oracle_failed"]
     assert all(by_l[k] == by_o[k] for k in by_l)
+    # the comparison script's numbers
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "compare_triage.py"), str(data_l.parent),
+                          str(data_o.parent)], capture_output=True, text=True, check=True).stdout
+    summary = json.loads(out[: out.index("}") + 1])
+    assert summary["compared"] == len(by_l) and summary["agreement"] == 1.0 and summary["kappa"] == 1.0
+    assert summary["only_second"] == labels["triage/excluded/oracle_failed"]
     assert llm["oracle/calls"] == 2 * llm["data/pairs"] and labels.get("oracle/calls") is None

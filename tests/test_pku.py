@@ -69,6 +69,14 @@ def test_label_policy_errors_name_the_field(tmp_path):
         load_label_policy(bad)
 
 
+def test_integral_floats_read_as_integers():
+    r = row("x", "a", "b", safe=(False, True), harms=(("Violence",), ()), severity=(2.0, 0.0), safer=1.0)
+    assert read_labels(r, 0) == HarmLabels(False, ("Violence",), 2)
+    pairs, removed, _ = build_pairs([r, row("y", "a", "b", safer=True)], "fixture")
+    assert pairs[0].chosen == "b" and pairs[0].meta["chosen_source"] == "alpaca3-8b"
+    assert removed == {"no_preference": 1}  # a boolean is not a response id
+
+
 def test_read_labels_treats_wrong_types_as_missing():
     r = row("x", "a", "b", safe=("yes", False), harms=((), ("Violence",)), severity=(7, True))
     assert read_labels(r, 0) == HarmLabels(None, (), None)

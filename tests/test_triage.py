@@ -158,3 +158,21 @@ def test_corrections_not_requested_without_punished_pairs():
     assert [p.category for p in result.pairs] == [INVERT]
     assert not oracle.corrected
     assert result.pairs[0].correction is None
+
+
+def test_triage_agreement_counts_confusions_and_kappa():
+    from trace_realign.records import PreferencePair
+    from trace_realign.triage import triage_agreement
+
+    def pairs(cats):
+        return [PreferencePair(f"p{i}", "w", "l", category=c) for i, c in enumerate(cats)]
+
+    a = pairs(["invert", "invert", "punish", "retain", "retain", "retain"])
+    b = pairs(["invert", "punish", "punish", "retain", "retain", "invert"]) + [PreferencePair("extra", "w", "l", category="retain")]
+    m = triage_agreement(a, b)
+    assert m["compared"] == 6 and m["only_second"] == 1 and m["only_first"] == 0
+    assert m["agreement"] == 4 / 6
+    # chance: a = (2, 1, 3)/6, b = (2, 2, 2)/6 -> (4 + 2 + 6) / 36 = 1/3
+    assert m["kappa"] == pytest.approx((4 / 6 - 1 / 3) / (1 - 1 / 3))
+    assert m["confusion/invert/punish"] == 1 and m["confusion/retain/invert"] == 1 and m["confusion/retain/retain"] == 2
+    assert triage_agreement(a, a)["kappa"] == 1.0

@@ -21,14 +21,13 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from trace_realign.objective import TERM_RESPONSES, TRACE_TERMS, ObjectiveConfig
 from trace_realign.oracle import Oracle, Policy
-from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, PreferencePair, load_pairs
 from trace_realign.pipeline import EVAL_FILE, TRIAGE_METRICS_FILE, TRIAGED_FILE, DataPlan, Stages, prepare, read_jsonl
+from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, PreferencePair, load_pairs
 from trace_realign.sequences import SequenceLimits, encode_pair, pad_batch
 from trace_realign.stages import StageCache
 from trace_realign.world.synthetic import load_policy
 
 log = logging.getLogger(__name__)
-
 
 
 class NoConflictsError(RuntimeError):

@@ -61,13 +61,22 @@ class HarmLabels:
         return cls(d.get("safe"), None if harms is None else tuple(harms), d.get("severity"))
 
 
+def as_int(value: Any) -> int | None:
+    """An integer field as an int (parquet may hold 1.0 where JSON held 1); None if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) else None
+
+
 def read_labels(row: Mapping[str, Any], k: int) -> HarmLabels:
     """Response k's labels; a value of the wrong type counts as missing (its verdict may be undecided)."""
     safe = row.get(f"is_response_{k}_safe")
     harm = row.get(f"response_{k}_harm_category")
-    severity = row.get(f"response_{k}_severity_level")
+    severity = as_int(row.get(f"response_{k}_severity_level"))
     harms = tuple(sorted(c for c, flagged in harm.items() if flagged is True)) if isinstance(harm, dict) else None
-    ok_severity = isinstance(severity, int) and not isinstance(severity, bool) and 0 <= severity <= 3
+    ok_severity = severity is not None and 0 <= severity <= 3
     return HarmLabels(safe if isinstance(safe, bool) else None, harms, severity if ok_severity else None)
 
 
@@ -260,14 +269,14 @@ def build_pairs(
     seen: set[tuple[str, str, str]] = set()
     for i, row in enumerate(rows):
         prompt, r0, r1 = _text(row.get("prompt")), _text(row.get("response_0")), _text(row.get("response_1"))
-        pref = row.get(column)
+        pref = as_int(row.get(column))
         if prompt is None:
             reason = "empty_prompt"
         elif r0 is None or r1 is None:
             reason = "empty_response"
         elif r0.strip() == r1.strip():
             reason = "identical_responses"
-        elif pref not in (0, 1) or isinstance(pref, bool):
+        elif pref not in (0, 1):
             reason = "no_preference"
         else:
             chosen, rejected = (r0, r1) if pref == 0 else (r1, r0)
@@ -284,7 +293,7 @@ def build_pairs(
                     "labels_chosen": read_labels(row, k_w).to_dict(),
                     "labels_rejected": read_labels(row, k_l).to_dict(),
                 }
-                other = row.get("better_response_id" if prefer == "safer" else "safer_response_id")
+                other = as_int(row.get("better_response_id" if prefer == "safer" else "safer_response_id"))
                 if other in (0, 1):
                     meta["preferences_agree"] = other == pref
                 pairs.append(PreferencePair(prompt, chosen, rejected, meta={k: v for k, v in meta.items() if v is not None}))

@@ -95,3 +95,23 @@ def attach_corrections(result: TriageResult, oracle: Oracle, policy: Policy, att
     result.excluded["correction_failed"] += len(pending)
     drop = set(pending)
     result.pairs = [p for i, p in enumerate(result.pairs) if i not in drop]
+
+
+def triage_agreement(a: Sequence[PreferencePair], b: Sequence[PreferencePair]) -> dict[str, float]:
+    """How two triages of the same data agree (two oracles, or an oracle and the ground truth): pairs are
+    matched by (prompt, chosen, rejected); reports the pairs both decided, their agreement, Cohen's kappa
+    and the confusion counts `confusion/<a's category>/<b's category>`."""
+    first = {(p.prompt, p.chosen, p.rejected): p.category for p in a}
+    both = [(cat, b_cat) for p in b if (cat := first.get((p.prompt, p.chosen, p.rejected))) is not None
+            for b_cat in [p.category]]
+    n = len(both)
+    out: dict[str, float] = {"compared": float(n), "only_first": float(len(first) - n), "only_second": float(len(b) - n)}
+    if not n:
+        return out
+    agree = sum(x == y for x, y in both) / n
+    pa, pb = Counter(x for x, _ in both), Counter(y for _, y in both)
+    chance = sum(pa[c] * pb[c] for c in CATEGORIES) / n**2
+    out.update({"agreement": agree, "kappa": (agree - chance) / (1 - chance) if chance < 1 else 1.0})
+    pairs = Counter(both)
+    out.update({f"confusion/{x}/{y}": float(pairs[(x, y)]) for x in CATEGORIES for y in CATEGORIES})
+    return out
