@@ -156,3 +156,26 @@ def test_the_llm_oracle_reads_the_same_policy_as_text_and_agrees(tmp_path, pku_f
     assert summary["compared"] == len(by_l) and summary["agreement"] == 1.0 and summary["kappa"] == 1.0
     assert summary["only_second"] == labels["triage/excluded/oracle_failed"]
     assert llm["oracle/calls"] == 2 * llm["data/pairs"] and labels.get("oracle/calls") is None
+
+
+def test_trace_realign_trains_on_train1_and_evaluates_on_the_test_split(tmp_path, pku_file):
+    from conftest import FAST
+    from trace_realign.train import run
+
+    fast = [o for o in FAST if not o.startswith(("dataset.", "model.prealign"))]
+    cfg = compose_cfg([*fast, "dataset=pku_saferlhf", f"dataset.path={pku_file}", "dataset.num_samples=null",
+                       "oracle=labels", "data.splits.train1=120", "data.splits.train2=60", "model.prealign=null",
+                       "eval.max_prompts=null", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
+    m = run(cfg)
+    test_prompts = {p.prompt for p in load_pairs(tmp_path / "run" / "data" / "splits" / "trace" / "test.jsonl")}
+    assert m["eval/after/n"] == len(test_prompts) and m["data/train_pairs"] == 120
+    # the label oracle knows no generation: every verdict is undecided and counted, never read as compliance
+    assert m["eval/after/tpa/undecided"] == len(test_prompts) and m["eval/after/tpa"] == 0
+
+
+def test_label_oracle_on_a_dataset_without_annotations_is_refused(tmp_path):
+    from trace_realign.oracle import build_oracles
+    from trace_realign.world import SyntheticWorld
+
+    with pytest.raises(ValueError, match="oracle=labels needs a dataset with response annotations"):
+        build_oracles({"_target_": "trace_realign.pku.LabelOracle", "noise": 0.0}, 0, source=SyntheticWorld())

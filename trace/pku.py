@@ -224,7 +224,8 @@ def local_files(path: str | Path, split: str) -> list[Path]:
 def load_rows(
     hub_id: str, path: str | None, config: str | None, split: str, revision: str | None, cache_dir: str | None
 ) -> tuple[list[dict[str, Any]], str, str]:
-    """(rows, a fingerprint of their content, a name for messages) from local files or the hub."""
+    """(rows, a fingerprint of their content, a name for messages) from local files or the hub. The rows
+    are a `datasets.Dataset`: read one at a time from Arrow, never all held as Python objects at once."""
     import datasets
 
     if path:
@@ -247,7 +248,15 @@ def load_rows(
     missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
     if missing:
         raise DataError(name, None, missing[0], f"missing column(s) {missing}; PKU-SafeRLHF rows need {list(REQUIRED_COLUMNS)}")
-    return ds.to_list(), fingerprint, name
+    return ds, fingerprint, name
+
+
+def iter_rows(ds: Any, batch_size: int = 4096) -> Iterable[dict[str, Any]]:
+    """A dataset's rows as dicts, read from Arrow a batch at a time (fast, and memory stays bounded)."""
+    for batch in ds.iter(batch_size=batch_size):
+        names = list(batch)
+        for values in zip(*(batch[n] for n in names)):
+            yield dict(zip(names, values))
 
 
 def _text(value: Any) -> str | None:
@@ -255,13 +264,17 @@ def _text(value: Any) -> str | None:
 
 
 def build_pairs(
-    rows: Sequence[Mapping[str, Any]], name: str, prefer: str = "safer", dedupe: bool = True
+    rows: Iterable[Mapping[str, Any]], name: str, prefer: str = "safer", dedupe: bool = True,
+    columns: Sequence[str] | None = None,
 ) -> tuple[list[PreferencePair], Counter, list[dict[str, Any]]]:
     """Pairs by the preference `prefer`, with removals counted by reason and listed by row."""
     if prefer not in PREFERENCES:
         raise ValueError(f"dataset.prefer: {prefer!r}; expected one of {PREFERENCES}")
     column = f"{prefer}_response_id"
-    if rows and all(column not in r for r in rows):
+    if columns is None:
+        rows = list(rows)
+        columns = sorted({k for r in rows for k in r})
+    if column not in columns:
         raise DataError(name, None, column, f"missing column; needed for dataset.prefer={prefer}")
     pairs: list[PreferencePair] = []
     removed: Counter = Counter()
@@ -331,7 +344,7 @@ class PkuSafeRLHF:
         self.stats: dict[str, Any] = {}
         self._fingerprint: str | None = None
 
-    def _inputs(self) -> tuple[str, list[dict[str, Any]] | None]:
+    def _inputs(self) -> tuple[str, Any]:
         """The content fingerprint; local files are hashed without parsing them (the rows come later)."""
         if self.path:
             files = local_files(self.path, self.split)
@@ -359,7 +372,8 @@ class PkuSafeRLHF:
             name = self.path or self.hub_id
             if rows is None:
                 rows, _, name = load_rows(self.hub_id, self.path, self.config, self.split, self.revision, self._hf_cache())
-            pairs, removed, removed_rows = build_pairs(rows, name, self.prefer, self.dedupe)
+            pairs, removed, removed_rows = build_pairs(iter_rows(rows), name, self.prefer, self.dedupe,
+                                                       columns=rows.column_names)
             if self.num_samples is not None and len(pairs) > self.num_samples:
                 keep = set(random.Random(f"{self.seed}:sample").sample(range(len(pairs)), self.num_samples))
                 removed["not_sampled"] += len(pairs) - self.num_samples

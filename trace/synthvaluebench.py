@@ -98,7 +98,7 @@ class SynthValueBench:
                              f"write (oracle=openai), not {type(self.writer).__name__}")
         return self.writer
 
-    def _prompt_inputs(self) -> tuple[str, list[dict[str, Any]] | None]:
+    def _prompt_inputs(self) -> tuple[str, Any]:
         if self.prompt_path:
             return "files:" + ",".join(file_digest(f) for f in local_files(self.prompt_path, self.prompt_split)), None
         rows, fingerprint, _ = load_rows(self.prompt_hub_id, None, self.prompt_config, self.prompt_split,
@@ -134,13 +134,12 @@ class SynthValueBench:
         self._key = key
         return self._pairs
 
-    def _build(self, rows: list[dict[str, Any]], writer: Any) -> tuple[list[PreferencePair], dict[str, Any]]:
+    def _build(self, rows: Any, writer: Any) -> tuple[list[PreferencePair], dict[str, Any]]:
         rng = random.Random(f"{self.seed}:svb")
         removed: Counter = Counter()
         prompts: list[str] = []
         seen: set[str] = set()
-        for row in rows:
-            text = row.get("prompt")
+        for text in rows["prompt"]:  # one column of the dataset, not its rows
             if not isinstance(text, str) or not text.strip():
                 removed["empty_prompt"] += 1
             elif text in seen:
