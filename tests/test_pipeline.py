@@ -179,3 +179,26 @@ def test_label_oracle_on_a_dataset_without_annotations_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="oracle=labels needs a dataset with response annotations"):
         build_oracles({"_target_": "trace_realign.pku.LabelOracle", "noise": 0.0}, 0, source=SyntheticWorld())
+
+
+def test_labels_triage_with_a_text_judge_for_selection_and_evaluation(tmp_path, pku_file):
+    from conftest import FAST
+    from fake_openai import FakeOpenAI
+    from trace_realign.train import run
+
+    fast = [o for o in FAST if not o.startswith(("dataset.", "model.prealign", "select."))]
+    common = [*fast, "dataset=pku_saferlhf", f"dataset.path={pku_file}", "dataset.num_samples=null",
+              "oracle=labels", "data.splits.train1=120", "data.splits.train2=60", "model.prealign=null",
+              "select.enabled=true", "select.every_n_steps=1", "select.prompts=4",
+              f"paths.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(ValueError, match="oracle@judge=openai"):
+        run(compose_cfg(common, tmp_path / "no_judge"))
+    server = FakeOpenAI()
+    try:
+        m = run(compose_cfg([*common, "oracle@judge=openai", f"judge.base_url={server.url}", "judge.progress=false"],
+                            tmp_path / "judged"))
+    finally:
+        server.close()
+    assert m["eval/after/tpa/undecided"] == 0 and m["select/checks"] >= 2
+    # triage asked no API; every paid call is the judge's, accounted under judge/
+    assert "oracle/calls" not in m and m["judge/calls"] == len(server.requests) > 0

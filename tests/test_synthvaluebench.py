@@ -3,6 +3,7 @@ written responses, ground truth from pi_new, every call cached and accounted."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -150,3 +151,34 @@ def test_trace_data_triages_synthvaluebench_and_scores_triage_against_ground_tru
     assert any(k.startswith("triage/gt_recall/") for k in m)
     items = (tmp_path / "run" / "data" / "eval.jsonl").read_text().splitlines()
     assert len(items) == m["data/test_prompts"]
+
+
+def test_a_killed_build_resumes_asking_only_what_is_missing(prompts_file, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import kill_after_lines
+    from trace_realign.verdicts import VerdictStore
+
+    server = FakeOpenAI(latency=0.05)
+    answers = tmp_path / "answers.jsonl"
+    cmd = [sys.executable, "-m", "trace_realign.prepare", "dataset=synthvaluebench",
+           f"dataset.prompt_path={prompts_file}", "dataset.num_prompts=46", "dataset.test_prompts=10",
+           "dataset.verify=false", "ablation=no_triage", "oracle=openai", f"oracle.base_url={server.url}",
+           "oracle.progress=false", "oracle.concurrency=4", f"oracle.cache_path={answers}",
+           f"paths.cache_dir={tmp_path / 'cache'}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kill_after_lines(proc, answers, 60, timeout=120)  # in the middle of writing responses
+        done_before, asked_before = len(VerdictStore(answers)), len(server.requests)
+        assert 46 < done_before
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+    finally:
+        server.close()
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    store = VerdictStore(answers)
+    assert len(store) == 46 + 2 * m["data/pairs"] and store.duplicate_lines == 0
+    assert done_before < len(store)
+    # the rerun asked exactly for the answers the store lacked (calls in flight at the kill count as lacking)
+    assert len(server.requests) - asked_before == len(store) - done_before

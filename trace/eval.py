@@ -108,7 +108,7 @@ def evaluate(
         if undecided >= len(value) / 2:
             log.warning("%s: the oracle could not judge %d of %d generations and TPA counts them as non-compliant; "
                         "an oracle that knows only annotated responses (oracle=labels) cannot score generations: "
-                        "evaluate with a judge that reads text (oracle=openai)", prefix, int(undecided), len(value))
+                        "add a judge that reads text (oracle@judge=openai)", prefix, int(undecided), len(value))
     if utility:
         u_items, u_resp = zip(*utility)
         metrics[f"{prefix}/utility"] = agreement(oracle, new, u_items, u_resp)[""]

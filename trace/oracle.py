@@ -99,13 +99,13 @@ class NoisyOracle(Oracle):
         return self.base.correct_batch(prompts, policy, attempt)
 
 
-def build_oracles(oracle_cfg: Any, seed: int, source: Any = None) -> tuple[Oracle, Oracle]:
+def build_oracles(oracle_cfg: Any, seed: int, source: Any = None, writer: bool = True) -> tuple[Oracle, Oracle]:
     """(the oracle realignment may use, the clean oracle evaluation judges with).
 
     `noise` is not the oracle's own setting: it wraps the oracle for triage and selection only, so that
     TPA is always measured by the clean judge. An oracle that reads the dataset's own annotations
     (oracle=labels) is bound to `source`; a source that has its responses written by an LLM
-    (dataset=synthvaluebench) is handed the clean oracle's client.
+    (dataset=synthvaluebench) is handed the clean oracle's client, unless `writer` is false.
     """
     from hydra.utils import instantiate
 
@@ -114,6 +114,6 @@ def build_oracles(oracle_cfg: Any, seed: int, source: Any = None) -> tuple[Oracl
     clean = instantiate(cfg)
     if hasattr(clean, "bind"):
         clean.bind(source)
-    if hasattr(source, "bind_writer"):  # a benchmark whose responses the oracle's client writes
+    if writer and hasattr(source, "bind_writer"):  # a benchmark whose responses the oracle's client writes
         source.bind_writer(clean)
     return (NoisyOracle(clean, noise, seed) if noise > 0 else clean), clean

@@ -44,6 +44,12 @@ class SelectByOracle(L.Callback):
     def score(self, model: torch.nn.Module) -> float:
         responses = generate(model, self.tokenizer, self.prompts, self.max_new_tokens, self.batch_size, progress=False)
         verdicts = self.oracle.judge_batch(list(zip(self.prompts, responses)), self.policy)
+        if verdicts and all(v is None for v in verdicts):
+            # Every candidate would score 0 and theta_ref would be kept without a word: refuse instead.
+            raise ValueError(
+                f"select: the oracle could not judge any of {len(verdicts)} generations. An oracle that knows only "
+                "annotated responses (oracle=labels) cannot choose when to stop: add a judge that reads text "
+                "(oracle@judge=openai) or set select.enabled=false")
         return 100.0 * sum(v is True for v in verdicts) / max(len(verdicts), 1)
 
     def _consider(self, trainer: L.Trainer, module: L.LightningModule) -> None:

@@ -95,6 +95,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     source = instantiate(cfg.dataset)
     # Noise (oracle.noise) reaches triage and selection only; evaluation always uses the clean judge.
     oracle, judge = build_oracles(cfg.oracle, cfg.seed, source)
+    selector = oracle
+    if cfg.get("judge"):
+        # A separate judge (oracle@judge=openai) scores generations: for selection and evaluation, e.g.
+        # when triage reads the dataset's labels, which know no model's text.
+        _, judge = build_oracles(cfg.judge, cfg.seed, source, writer=False)
+        selector = judge
     corpus = source.corpus() if cfg.model.get("build") else None
     model_path = resolve_model_path(cfg.model, corpus, cfg.paths.cache_dir)
     prealign_metrics: dict[str, float] = {}
@@ -128,7 +134,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     select = cfg.get("select") or {}
     if select.get("enabled"):
         callbacks.append(SelectByOracle(
-            datamodule.selection_prompts(int(select.prompts)), oracle, source.new, tokenizer,
+            datamodule.selection_prompts(int(select.prompts)), selector, source.new, tokenizer,
             every_n_steps=int(select.every_n_steps), max_new_tokens=cfg.eval.max_new_tokens,
             batch_size=cfg.eval.batch_size,
         ))
@@ -170,8 +176,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         save_dir = out / ("adapter" if cfg.model.lora.enabled else "model")
         module.policy.save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
-        if hasattr(judge, "metrics"):  # an oracle that pays per call accounts for every call of the run
-            metrics.update(judge.metrics())
+        # an oracle that pays per call accounts for every call of the run (a noisy oracle's are its base's)
+        paying = getattr(oracle, "base", oracle)
+        if hasattr(paying, "metrics"):
+            metrics.update(paying.metrics())
+        if judge is not paying and hasattr(judge, "metrics"):
+            metrics.update({k.replace("oracle/", "judge/", 1): v for k, v in judge.metrics().items()})
         metrics["time/total_seconds"] = time.time() - start
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         write_metrics(out / "metrics.json", metrics)
