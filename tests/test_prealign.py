@@ -21,6 +21,7 @@ class FakeStages:
     def __call__(self, cfg):
         stage = cfg.dataset.stage
         assert cfg.select.enabled is False, "M_old must never be selected by pi_new"
+        assert cfg.data.label_noise == 0.0 and cfg.data.size is None and cfg.data.splits is None, "M_old trains on all its data"
         self.calls.append(stage)
         if stage == self.fail_at:
             raise KeyboardInterrupt("interrupted")
@@ -64,6 +65,7 @@ def test_user_training_settings_do_not_change_m_old(cfg, tmp_path):
     cfg.trainer.max_steps, cfg.optimizer.lr, cfg.loss.beta = 3, 0.5, 0.9
     cfg.select.enabled = not cfg.select.enabled
     cfg.oracle.noise = 0.2
+    cfg.data.label_noise, cfg.data.size = 0.2, 10  # realignment's data plan
     stages = FakeStages()
     second, _ = prealigned_model(cfg, str(tmp_path / "base"), stages)
     assert second == first and stages.calls == []

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 # Bump when the data a stage sees changes meaning (e.g. the world's generator), to invalidate caches.
 PREALIGN_VERSION = 1
+# What every stage's data plan is, whatever the realignment run asks for (pipeline.DataPlan's defaults).
+DATA_PLAN_DEFAULTS = {"splits": None, "train_split": "train", "eval_split": None, "size": None,
+                      "label_noise": 0.0, "dpo_gold_punish": "keep"}
 INFO_FILE = "prealign.json"
 
 
@@ -47,8 +50,11 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
     s.trainer.max_steps = int(stage.steps)
     s.trainer.accumulate_grad_batches = 1
     s.trainer.devices, s.trainer.strategy = 1, "auto"
+    for key, value in DATA_PLAN_DEFAULTS.items():
+        s.data[key] = value  # a stage trains on all its data: realignment's splits, sizes and noise are not its
     s.eval.enabled = False
     s.select = {"enabled": False}  # M_old follows pi_old: nothing may select it by pi_new
+    s.pop("judge", None)
     if "noise" in s.oracle:
         s.oracle.noise = 0.0  # stage data come labelled; the oracle's noise is realignment's business
     s.logger = {}
@@ -62,8 +68,10 @@ def _key(stage_cfgs: list[DictConfig]) -> str:
     parts = []
     for s in stage_cfgs:
         c = OmegaConf.to_container(s, resolve=True)
-        for k in ("paths", "hydra", "logger", "eval", "select", "oracle", "tags", "task_name", "optimized_metric"):
+        for k in ("paths", "hydra", "logger", "eval", "select", "oracle", "judge", "tags", "task_name", "optimized_metric"):
             c.pop(k, None)
+        for k in DATA_PLAN_DEFAULTS:  # fixed for every stage (stage_config)
+            c["data"].pop(k, None)
         c["model"]["name_or_path"] = Path(c["model"]["name_or_path"]).name  # the base dir name is its hash
         c["trainer"] = {k: c["trainer"][k] for k in ("max_steps", "gradient_clip_val", "precision")}
         parts.append(c)
