@@ -233,3 +233,28 @@ def test_the_source_is_cached_by_file_content(tmp_path):
     assert len(changed.train_pairs()) == 31 and changed.cache.built == ["pku"]
     assert changed.fingerprint() != first.fingerprint()
 
+
+
+def test_the_hub_path_reads_a_repository_layout_with_its_configs(tmp_path):
+    # PKU-SafeRLHF's repository layout: a README declaring configs over data/<model>/<split>.jsonl. A clone
+    # of it (or the hub itself) goes through the same load_dataset(hub_id, name=config, split=...) call.
+    repo = tmp_path / "PKU-SafeRLHF"
+    rows = regular_rows(30)
+    write_jsonl(rows[:20], repo / "data" / "Alpaca-7B" / "train.jsonl")
+    write_jsonl(rows[20:], repo / "data" / "Alpaca3-8B" / "train.jsonl")
+    write_jsonl(rows[:5], repo / "data" / "Alpaca-7B" / "test.jsonl")
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n"
+        "  - config_name: default\n    data_files:\n"
+        "      - split: train\n        path: [data/Alpaca-7B/train.jsonl, data/Alpaca3-8B/train.jsonl]\n"
+        "      - split: test\n        path: [data/Alpaca-7B/test.jsonl]\n"
+        "  - config_name: alpaca-7b\n    data_files:\n"
+        "      - split: train\n        path: [data/Alpaca-7B/train.jsonl]\n"
+        "---\n")
+    sizes = {}
+    for config, split in (("default", "train"), ("alpaca-7b", "train"), ("default", "test")):
+        source = PkuSafeRLHF(hub_id=str(repo), config=config, split=split, num_samples=None,
+                             cache_dir=str(tmp_path / "cache"))
+        sizes[(config, split)] = len(source.train_pairs())
+        assert source.fingerprint().startswith("pku:")
+    assert sizes == {("default", "train"): 30, ("alpaca-7b", "train"): 20, ("default", "test"): 5}
