@@ -43,7 +43,7 @@ def writer(server, tmp_path):
 
 
 def bench(prompts_file, tmp_path, server, **kw):
-    args = dict(prompt_path=str(prompts_file), num_prompts=46, test_prompts=10, verify=False,
+    args = dict(prompts={"path": str(prompts_file)}, num_prompts=46, test_prompts=10, verify=False,
                 cache_dir=str(tmp_path / "cache"), seed=0)
     args.update(kw)
     b = SynthValueBench(**args)
@@ -127,16 +127,18 @@ def test_balanced_assignment_needs_no_classifier(prompts_file, tmp_path, server)
 
 
 def test_a_judge_that_cannot_write_is_refused_clearly(prompts_file, tmp_path):
-    b = SynthValueBench(prompt_path=str(prompts_file), num_prompts=20, test_prompts=5, cache_dir=str(tmp_path))
+    b = SynthValueBench(prompts={"path": str(prompts_file)}, num_prompts=20, test_prompts=5, cache_dir=str(tmp_path))
     b.bind_writer(WorldJudge())
     with pytest.raises(ValueError, match="oracle=openai"):
         b.train_pairs()
+    with pytest.raises(ValueError, match="dataset.prompts: .*expected keys"):
+        SynthValueBench(prompts={"file": "x"}, num_prompts=20, test_prompts=5)
     with pytest.raises(ValueError, match="test_prompts"):
-        SynthValueBench(prompt_path=str(prompts_file), num_prompts=20, test_prompts=20)
+        SynthValueBench(prompts={"path": str(prompts_file)}, num_prompts=20, test_prompts=20)
 
 
 def test_trace_data_triages_synthvaluebench_and_scores_triage_against_ground_truth(prompts_file, tmp_path, server):
-    cfg = compose_cfg(["dataset=synthvaluebench", f"dataset.prompt_path={prompts_file}", "dataset.num_prompts=46",
+    cfg = compose_cfg(["dataset=synthvaluebench", f"dataset.prompts.path={prompts_file}", "dataset.num_prompts=46",
                        "dataset.test_prompts=10", "dataset.verify=false", "oracle=openai",
                        f"oracle.base_url={server.url}", "oracle.progress=false",
                        f"oracle.cache_path={tmp_path / 'answers.jsonl'}", f"paths.cache_dir={tmp_path / 'cache'}",
@@ -163,7 +165,7 @@ def test_a_killed_build_resumes_asking_only_what_is_missing(prompts_file, tmp_pa
     server = FakeOpenAI(latency=0.05)
     answers = tmp_path / "answers.jsonl"
     cmd = [sys.executable, "-m", "trace_realign.prepare", "dataset=synthvaluebench",
-           f"dataset.prompt_path={prompts_file}", "dataset.num_prompts=46", "dataset.test_prompts=10",
+           f"dataset.prompts.path={prompts_file}", "dataset.num_prompts=46", "dataset.test_prompts=10",
            "dataset.verify=false", "ablation=no_triage", "oracle=openai", f"oracle.base_url={server.url}",
            "oracle.progress=false", "oracle.concurrency=4", f"oracle.cache_path={answers}",
            f"paths.cache_dir={tmp_path / 'cache'}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
+
+import yaml
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,24 @@ class Policy:
     name: str
     text: str
     rules: dict[str, Any] = field(default_factory=dict)
+
+
+def read_policy_file(path_or_name: str | Path, policy_dir: Path) -> tuple[str, Any]:
+    """(the file's path, its parsed YAML) for a path, or the name of a policy in `policy_dir`; each kind
+    of policy checks the shape of what it reads."""
+    from trace_realign.records import DataError
+
+    path = Path(path_or_name)
+    if not path.suffix:
+        path = policy_dir / f"{path_or_name}.yaml"
+    source = str(path)
+    if not path.is_file():
+        raise DataError(source, None, None, "policy file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise DataError(source, None, None, f"invalid YAML: {exc}") from exc
+    return source, data
 
 
 class Oracle:

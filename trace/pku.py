@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import yaml
 
-from trace_realign.oracle import Oracle, Policy
+from trace_realign.oracle import Oracle, Policy, read_policy_file
 from trace_realign.records import DataError, PreferencePair
 from trace_realign.stages import StageCache, file_digest, stage_key
 
@@ -82,16 +81,7 @@ def read_labels(row: Mapping[str, Any], k: int) -> HarmLabels:
 
 def load_label_policy(path_or_name: str | Path) -> Policy:
     """A label policy YAML: default_max_severity and per-category max_severity (0 to 3)."""
-    path = Path(path_or_name)
-    if not path.suffix:
-        path = POLICY_DIR / f"{path_or_name}.yaml"
-    source = str(path)
-    if not path.is_file():
-        raise DataError(source, None, None, "policy file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise DataError(source, None, None, f"invalid YAML: {exc}") from exc
+    source, data = read_policy_file(path_or_name, POLICY_DIR)
     if not isinstance(data, dict):
         raise DataError(source, None, None, "expected a mapping")
 
@@ -108,7 +98,7 @@ def load_label_policy(path_or_name: str | Path) -> Policy:
     if unknown:
         raise DataError(source, None, "max_severity", f"unknown harm categories {unknown}; expected some of {list(HARM_CATEGORIES)}")
     thresholds = {c: severity(overrides.get(c, default), f"max_severity.{c}") for c in HARM_CATEGORIES}
-    name = str(data.get("name", path.stem))
+    name = str(data.get("name", Path(source).stem))
     rules = {"kind": "harm_labels", "default_max_severity": default, "max_severity": thresholds}
     return Policy(name=name, text=render_label_policy(name, str(data.get("description", "")), default, thresholds), rules=rules)
 
@@ -251,6 +241,33 @@ def load_rows(
     return ds, fingerprint, name
 
 
+def hf_cache(cache_dir: str | None) -> str | None:
+    """Where `datasets` keeps what it downloads and converts: inside the project's cache when one is set."""
+    return str(Path(cache_dir) / "hf") if cache_dir else None
+
+
+@dataclass(frozen=True)
+class PkuLocation:
+    """Where PKU-SafeRLHF rows come from: local files (`path`) or the hub (id, config, split, revision)."""
+
+    hub_id: str = HUB_ID
+    path: str | None = None
+    config: str | None = "default"
+    split: str = "train"
+    revision: str | None = None
+
+    def inputs(self, hf_cache: str | None) -> tuple[str, Any]:
+        """(a fingerprint of the rows' content, the rows if reading the fingerprint loaded them). Local
+        files are hashed without being parsed, so a cached stage never parses them."""
+        if self.path:
+            return "files:" + ",".join(file_digest(f) for f in local_files(self.path, self.split)), None
+        rows, fingerprint, _ = self.load(hf_cache)
+        return fingerprint, rows
+
+    def load(self, hf_cache: str | None) -> tuple[Any, str, str]:
+        return load_rows(self.hub_id, self.path, self.config, self.split, self.revision, hf_cache)
+
+
 def iter_rows(ds: Any, batch_size: int = 4096) -> Iterable[dict[str, Any]]:
     """A dataset's rows as dicts, read from Arrow a batch at a time (fast, and memory stays bounded)."""
     for batch in ds.iter(batch_size=batch_size):
@@ -344,17 +361,6 @@ class PkuSafeRLHF:
         self.stats: dict[str, Any] = {}
         self._fingerprint: str | None = None
 
-    def _inputs(self) -> tuple[str, Any]:
-        """The content fingerprint; local files are hashed without parsing them (the rows come later)."""
-        if self.path:
-            files = local_files(self.path, self.split)
-            return "files:" + ",".join(file_digest(f) for f in files), None
-        rows, fingerprint, _ = load_rows(self.hub_id, None, self.config, self.split, self.revision, self._hf_cache())
-        return fingerprint, rows
-
-    def _hf_cache(self) -> str | None:
-        return str(Path(self.cache_dir) / "hf") if self.cache_dir else None
-
     def fingerprint(self) -> str:
         self.train_pairs()
         assert self._fingerprint is not None
@@ -363,15 +369,16 @@ class PkuSafeRLHF:
     def train_pairs(self) -> list[PreferencePair]:
         if self._pairs is not None:
             return self._pairs
-        fingerprint, rows = self._inputs()
+        location = PkuLocation(self.hub_id, self.path, self.config, self.split, self.revision)
+        fingerprint, rows = location.inputs(hf_cache(self.cache_dir))
         key = stage_key("pku", inputs=fingerprint, prefer=self.prefer, num_samples=self.num_samples,
                         dedupe=self.dedupe, seed=self.seed)
 
         def build() -> tuple[list[PreferencePair], dict[str, Any]]:
             nonlocal rows
-            name = self.path or self.hub_id
+            name = self.hub_id
             if rows is None:
-                rows, _, name = load_rows(self.hub_id, self.path, self.config, self.split, self.revision, self._hf_cache())
+                rows, _, name = location.load(hf_cache(self.cache_dir))
             pairs, removed, removed_rows = build_pairs(iter_rows(rows), name, self.prefer, self.dedupe,
                                                        columns=rows.column_names)
             if self.num_samples is not None and len(pairs) > self.num_samples:

@@ -19,11 +19,11 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from trace_realign.pku import HUB_ID, load_rows, local_files
+from trace_realign.pku import PkuLocation, hf_cache
 from trace_realign.records import PreferencePair
-from trace_realign.stages import StageCache, file_digest, stage_key
+from trace_realign.stages import StageCache, stage_key
 from trace_realign.triage import triage_category
 from trace_realign.world.synthetic import STANCES, axis_kind, load_policy
 
@@ -54,11 +54,7 @@ def instruction(axis: str, stance: str) -> str:
 class SynthValueBench:
     """The benchmark as a data source: train pairs with ground truth, held-out test prompts."""
 
-    prompt_hub_id: str = HUB_ID
-    prompt_path: str | None = None
-    prompt_config: str | None = "default"
-    prompt_split: str = "train"
-    prompt_revision: str | None = None
+    prompts: Mapping[str, Any] = field(default_factory=dict)  # where the PKU prompts come from (PkuLocation)
     num_prompts: int = 30000
     test_prompts: int = 10000
     axes: Sequence[str] = ("medical", "privacy", "politics", "risky")
@@ -83,6 +79,10 @@ class SynthValueBench:
             missing = [a for a in self.axes if a not in policy.rules]
             if missing:
                 raise ValueError(f"policy {policy.name!r} has no rule for axes {missing}")
+        try:
+            self.location = PkuLocation(**dict(self.prompts))
+        except TypeError as exc:
+            raise ValueError(f"dataset.prompts: {exc}; expected keys hub_id, path, config, split, revision") from exc
         self.cache = StageCache(Path(self.cache_dir) / "stages" if self.cache_dir else None)
         self._pairs: list[PreferencePair] | None = None
         self.stats: dict[str, Any] = {}
@@ -98,16 +98,6 @@ class SynthValueBench:
                              f"write (oracle=openai), not {type(self.writer).__name__}")
         return self.writer
 
-    def _prompt_inputs(self) -> tuple[str, Any]:
-        if self.prompt_path:
-            return "files:" + ",".join(file_digest(f) for f in local_files(self.prompt_path, self.prompt_split)), None
-        rows, fingerprint, _ = load_rows(self.prompt_hub_id, None, self.prompt_config, self.prompt_split,
-                                         self.prompt_revision, self._hf_cache())
-        return fingerprint, rows
-
-    def _hf_cache(self) -> str | None:
-        return str(Path(self.cache_dir) / "hf") if self.cache_dir else None
-
     def fingerprint(self) -> str:
         self.train_pairs()
         return f"svb:{self._key}"
@@ -116,7 +106,7 @@ class SynthValueBench:
         if self._pairs is not None:
             return self._pairs
         writer = self._writer()
-        inputs, rows = self._prompt_inputs()
+        inputs, rows = self.location.inputs(hf_cache(self.cache_dir))
         key = stage_key(
             "synthvaluebench", prompts=inputs, num_prompts=self.num_prompts, test_prompts=self.test_prompts,
             axes=list(self.axes), old=self.old.text, new=self.new.text, assignment=self.axis_assignment,
@@ -126,8 +116,7 @@ class SynthValueBench:
         def build() -> tuple[list[PreferencePair], dict[str, Any]]:
             nonlocal rows
             if rows is None:
-                rows, _, _ = load_rows(self.prompt_hub_id, self.prompt_path, self.prompt_config, self.prompt_split,
-                                       self.prompt_revision, self._hf_cache())
+                rows, _, _ = self.location.load(hf_cache(self.cache_dir))
             return self._build(rows, writer)
 
         self._pairs, self.stats = self.cache.run("synthvaluebench", key, build)

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
 
-from trace_realign.oracle import Oracle, Policy
+from trace_realign.oracle import Oracle, Policy, read_policy_file
 from trace_realign.records import DataError, PreferencePair
 from trace_realign.triage import triage_category
 
@@ -118,16 +117,7 @@ STAGES = ("realign", "pretrain", "sft", "dpo")
 
 def load_policy(path_or_name: str | Path) -> Policy:
     """A policy YAML (a path, or the name of one shipped in world/policies)."""
-    path = Path(path_or_name)
-    if not path.suffix:
-        path = POLICY_DIR / f"{path_or_name}.yaml"
-    source = str(path)
-    if not path.is_file():
-        raise DataError(source, None, None, "policy file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise DataError(source, None, None, f"invalid YAML: {exc}") from exc
+    source, data = read_policy_file(path_or_name, POLICY_DIR)
     if not isinstance(data, dict) or not isinstance(data.get("rules"), dict) or not data["rules"]:
         raise DataError(source, None, "rules", "expected a mapping of axis -> rule")
     rules = {}
@@ -140,7 +130,7 @@ def load_policy(path_or_name: str | Path) -> Policy:
         if not isinstance(allowed, list) or not allowed or any(s not in STANCES for s in allowed):
             raise DataError(source, None, f"rules.{axis}.allowed", f"expected a non-empty list of stances from {list(STANCES)}")
         rules[axis] = {"allowed": list(allowed), "guidance": str(rule.get("guidance", ""))}
-    name = str(data.get("name", path.stem))
+    name = str(data.get("name", Path(source).stem))
     return Policy(name=name, text=render_policy(name, str(data.get("description", "")), rules), rules=rules)
 
 
