@@ -8,8 +8,9 @@
 
 `prepare` runs them and writes, under the run's data/ directory: triaged.jsonl (what trains), eval.jsonl
 (held-out prompts), splits/{trace,dpo,dpo_gold}/<split>.jsonl (TRACE records, {prompt, chosen, rejected}
-for DPO baselines, and the pairs relabelled under pi_new for DPO-Gold), removed.jsonl (every source row
-that made no pair, with its reason) and triage.json (counts that add up).
+for DPO baselines, and the pairs relabelled under pi_new for DPO-Gold; the training split's files hold what
+trains, after subset and noise, so baselines see the same data), removed.jsonl (every source row that made
+no pair, with its reason) and triage.json (counts that add up).
 """
 
 from __future__ import annotations

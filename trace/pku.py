@@ -246,7 +246,7 @@ def hf_cache(cache_dir: str | None) -> str | None:
     return str(Path(cache_dir) / "hf") if cache_dir else None
 
 
-@dataclass(frozen=True)
+@dataclass
 class PkuLocation:
     """Where PKU-SafeRLHF rows come from: local files (`path`) or the hub (id, config, split, revision)."""
 
@@ -334,14 +334,10 @@ def build_pairs(
 
 
 @dataclass
-class PkuSafeRLHF:
-    """The PKU-SafeRLHF data source: pairs under pi_old (its own preferences), label policies, cached."""
+class PkuSafeRLHF(PkuLocation):
+    """The PKU-SafeRLHF data source: pairs under pi_old (its own preferences), label policies, cached.
+    Where its rows come from are PkuLocation's fields (hub_id, path, config, split, revision)."""
 
-    hub_id: str = HUB_ID
-    path: str | None = None
-    config: str | None = "default"
-    split: str = "train"
-    revision: str | None = None
     prefer: str = "safer"
     num_samples: int | None = 20000
     dedupe: bool = True
@@ -369,8 +365,7 @@ class PkuSafeRLHF:
     def train_pairs(self) -> list[PreferencePair]:
         if self._pairs is not None:
             return self._pairs
-        location = PkuLocation(self.hub_id, self.path, self.config, self.split, self.revision)
-        fingerprint, rows = location.inputs(hf_cache(self.cache_dir))
+        fingerprint, rows = self.inputs(hf_cache(self.cache_dir))
         key = stage_key("pku", inputs=fingerprint, prefer=self.prefer, num_samples=self.num_samples,
                         dedupe=self.dedupe, seed=self.seed)
 
@@ -378,7 +373,7 @@ class PkuSafeRLHF:
             nonlocal rows
             name = self.hub_id
             if rows is None:
-                rows, _, name = location.load(hf_cache(self.cache_dir))
+                rows, _, name = self.load(hf_cache(self.cache_dir))
             pairs, removed, removed_rows = build_pairs(iter_rows(rows), name, self.prefer, self.dedupe,
                                                        columns=rows.column_names)
             if self.num_samples is not None and len(pairs) > self.num_samples:
