@@ -155,3 +155,22 @@ def test_stage_cache_reuses_rebuilds_and_never_keeps_a_torn_write(tmp_path):
     assert not (tmp_path / "demo" / broken).exists()
     assert [p.name for p in (tmp_path / "demo").iterdir() if p.name.endswith(".tmp")] == []
     assert StageCache(tmp_path).run("demo", broken, build)[0] == pairs
+
+
+def test_a_data_plan_that_cannot_work_fails_before_any_stage():
+    from trace_realign.pipeline import DataPlan
+
+    with pytest.raises(ValueError, match="data.train_split='train' is not one of data.splits"):
+        DataPlan(splits={"train1": 10, "test": None})
+    with pytest.raises(ValueError, match="eval_split must differ"):
+        DataPlan(splits={"train1": 10, "test": None}, train_split="train1", eval_split="train1")
+    with pytest.raises(ValueError, match="eval_split='dev' is not one of"):
+        DataPlan(splits={"train1": 10, "test": None}, train_split="train1", eval_split="dev")
+    with pytest.raises(ValueError, match="needs data.splits"):
+        DataPlan(eval_split="test")
+    with pytest.raises(ValueError, match="dpo_gold_punish"):
+        DataPlan(dpo_gold_punish="swap")
+    with pytest.raises(ValueError, match="data.size must be >= 1"):
+        DataPlan(size=0)
+    with pytest.raises(ValueError, match="label_noise"):
+        DataPlan(label_noise=-0.1)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from trace_realign.oracle import NoisyOracle, Oracle
 from trace_realign.records import CATEGORIES, PUNISH, DataError, PreferencePair, save_pairs
-from trace_realign.splits import category_counts, dpo_gold, flip_labels, nested_subset, stratified_split
+from trace_realign.splits import DPO_GOLD_PUNISH, category_counts, dpo_gold, flip_labels, nested_subset, stratified_split
 from trace_realign.stages import StageCache, pairs_digest, stage_key
 from trace_realign.triage import TriageResult, attach_corrections, triage
 
@@ -60,6 +60,10 @@ class DataPlan:
             raise ValueError("data.eval_split needs data.splits")
         if not 0.0 <= self.label_noise <= 1.0:
             raise ValueError(f"data.label_noise must be in [0, 1], got {self.label_noise}")
+        if self.dpo_gold_punish not in DPO_GOLD_PUNISH:
+            raise ValueError(f"data.dpo_gold_punish: {self.dpo_gold_punish!r}; expected one of {DPO_GOLD_PUNISH}")
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"data.size must be >= 1 or null, got {self.size}")
 
 
 @dataclass
@@ -71,7 +75,6 @@ class Stages:
     trust_labels: bool = False
     corrections: bool = False
     seed: int = 0
-    metrics: dict[str, Any] = field(default_factory=dict)
 
 
 def source_key(source: Any, pairs: list[PreferencePair]) -> str:
