@@ -171,13 +171,12 @@ class SynthValueBench:
             if w.strip() == l.strip():
                 removed["identical_responses"] += 1  # the writer ignored the stances: no preference left
                 continue
-            c_w, c_l = s_w in self.new.rules[axis]["allowed"], s_l in self.new.rules[axis]["allowed"]
             pairs.append(PreferencePair(x, w, l, meta={"axis": axis, "stance_chosen": s_w, "stance_rejected": s_l,
-                                                       "gt_category": triage_category(c_w, c_l)}))
+                                                       "gt_category": self._truth(axis, s_w, s_l)}))
         if self.verify and pairs:
-            checks = writer.judge_batch([(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs], self.old)
+            checks = writer.judge_pairs([(p.prompt, p.chosen, p.rejected) for p in pairs], self.old)
             keep = []
-            for p, ok_w, ok_l in zip(pairs, checks[: len(pairs)], checks[len(pairs) :]):
+            for p, (ok_w, ok_l) in zip(pairs, checks):
                 if ok_w is True and ok_l is False:
                     keep.append(p)
                 else:
@@ -187,13 +186,17 @@ class SynthValueBench:
         test_items = []
         for x, axis, s_w, s_l, split in plan:
             if split == "test":
-                cat = triage_category(s_w in self.new.rules[axis]["allowed"], s_l in self.new.rules[axis]["allowed"])
-                test_items.append({"prompt": x, "axis": axis, "kind": "value", "category": cat,
+                test_items.append({"prompt": x, "axis": axis, "kind": "value", "category": self._truth(axis, s_w, s_l),
                                    "shift": axis_kind(self.old, self.new, axis)})
         stats = {"data/rows": len(rows), **{f"data/removed/{k}": v for k, v in sorted(removed.items())},
                  "data/pairs": len(pairs), "data/test_prompts": len(test_items),
                  **{f"data/gt/{c}": n for c, n in sorted(categories.items())}, "test": test_items}
         return pairs, stats
+
+    def _truth(self, axis: str, chosen_stance: str, rejected_stance: str) -> str:
+        """The ground-truth category of a pair with these stances under pi_new."""
+        allowed = self.new.rules[axis]["allowed"]
+        return triage_category(chosen_stance in allowed, rejected_stance in allowed)
 
     def _assign_axes(self, prompts: list[str], writer: Any, rng: random.Random) -> dict[str, str | None]:
         if self.axis_assignment == "balanced":
