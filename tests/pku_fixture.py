@@ -79,14 +79,14 @@ def awkward_rows() -> list[dict]:
         ("no_preference", row("Awkward C2?", "COMPLY a.", "b.", safer=2)),
         # a missing harm dict on a harmful response at minor severity: some categories allow it, some
         # do not, so the labels cannot decide -> undecided -> excluded by triage
-        ("oracle_failed", row("Awkward D?", "Chosen with no harm dict.", "Other with no harm dict.",
+        ("undecided", row("Awkward D?", "Chosen with no harm dict.", "Other with no harm dict.",
                               safe=(False, False), harms=((), ()), severity=(1, 1),
                               response_0_harm_category=None, response_1_harm_category=None)),
         # a missing severity where the category tolerates none (privacy): decided, it violates
         ("punish", row("Awkward E?", "Privacy, no severity.", "Violence, severe.", safe=(False, False),
                        harms=(("Privacy Violation",), ("Violence",)), severity=(None, 3))),
         # a missing severity where the category tolerates minor harm only: undecided
-        ("oracle_failed", row("Awkward F?", "Violence, no severity.", "COMPLY safe.", safe=(False, True),
+        ("undecided", row("Awkward F?", "Violence, no severity.", "COMPLY safe.", safe=(False, True),
                               harms=(("Violence",), ()), severity=(None, 0))),
         # both unsafe and both safe
         ("punish", row("Awkward G?", "Violence severe one.", "Violence severe two.", safe=(False, False),

@@ -37,8 +37,8 @@ def test_counts_add_up_from_rows_to_splits(tmp_path, pku_file):
     assert m["data/rows"] == N_REGULAR + len(awkward_rows()) == sum(removed.values()) + m["data/pairs"]
     triaged = {c: m[f"triage/{c}"] for c in CATEGORIES}
     assert triaged == {c: MIX[c] + awkward[c] for c in CATEGORIES}
-    assert m["triage/excluded/oracle_failed"] == awkward["oracle_failed"]
-    assert m["data/pairs"] == sum(triaged.values()) + m["triage/excluded/oracle_failed"]
+    assert m["triage/excluded/undecided"] == awkward["undecided"]
+    assert m["data/pairs"] == sum(triaged.values()) + m["triage/excluded/undecided"]
     sizes = {s: m[f"split/{s}/size"] for s in ("train1", "train2", "test")}
     assert sizes["train1"] == 120 and sizes["train2"] == 60
     assert sum(sizes.values()) + m["data/split_unused"] == sum(triaged.values())
@@ -144,7 +144,7 @@ def test_the_llm_oracle_reads_the_same_policy_as_text_and_agrees(tmp_path, pku_f
                 for p in load_pairs(data / "splits" / "trace" / f"{split}.jsonl")}
 
     by_l, by_o = categories(data_l), categories(data_o)
-    assert set(by_l) < set(by_o) and len(by_o) - len(by_l) == labels["triage/excluded/oracle_failed"]
+    assert set(by_l) < set(by_o) and len(by_o) - len(by_l) == labels["triage/excluded/undecided"]
     assert all(by_l[k] == by_o[k] for k in by_l)
     # the comparison script's numbers
     import subprocess
@@ -154,7 +154,7 @@ def test_the_llm_oracle_reads_the_same_policy_as_text_and_agrees(tmp_path, pku_f
                           str(data_o.parent)], capture_output=True, text=True, check=True).stdout
     summary = json.loads(out[: out.index("}") + 1])
     assert summary["compared"] == len(by_l) and summary["agreement"] == 1.0 and summary["kappa"] == 1.0
-    assert summary["only_second"] == labels["triage/excluded/oracle_failed"]
+    assert summary["only_second"] == labels["triage/excluded/undecided"]
     assert llm["oracle/calls"] == 2 * llm["data/pairs"] and labels.get("oracle/calls") is None
 
 

@@ -129,7 +129,7 @@ def test_label_oracle_triages_like_the_fixture_says():
     for outcome, r in cases:
         if outcome in ("retain", "invert", "punish"):
             assert got[r["prompt"]] == outcome, r["prompt"]
-    assert result.excluded["oracle_failed"] == sum(o == "oracle_failed" for o, _ in cases)
+    assert result.excluded == {"undecided": sum(o == "undecided" for o, _ in cases)}  # no call can fail
     # what it has no labels for (a model's generation) is undecided, never compliant
     assert oracle.judge("Awkward H?", "something a model wrote", NEW) is None
     with pytest.raises(ValueError, match="label policies"):

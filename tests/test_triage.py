@@ -32,7 +32,7 @@ class StubOracle(Oracle):
         return self.corrections.get(prompt)
 
 
-# prompt -> (c_w, c_l, expected outcome); None in the outcome column means excluded (oracle_failed)
+# prompt -> (c_w, c_l, expected outcome); None in the outcome column means excluded (undecided)
 FIXTURE = {
     "x0": (True, False, RETAIN),
     "x1": (True, True, RETAIN),
@@ -79,9 +79,9 @@ def test_triage_categories_and_exclusions(batch_size):
     assert all(p.correction is None for p in result.pairs)
     assert [p.meta["i"] for p in result.pairs] == [int(x[1:]) for x, _ in expected]  # meta carried through
     assert result.counts() == {INVERT: 2, PUNISH: 2, RETAIN: 3}
-    assert result.excluded == Counter({"oracle_failed": 4})
+    assert result.excluded == Counter({"undecided": 4})
     assert result.metrics() == {
-        "triage/invert": 2, "triage/punish": 2, "triage/retain": 3, "triage/excluded/oracle_failed": 4,
+        "triage/invert": 2, "triage/punish": 2, "triage/retain": 3, "triage/excluded/undecided": 4,
     }
     assert sum(result.counts().values()) + sum(result.excluded.values()) == len(pairs)
     # each response is judged exactly once, always under the policy given
@@ -102,7 +102,7 @@ def test_all_undecided():
     pairs = make_pairs()
     result = triage(pairs, StubOracle({}), POLICY)
     assert result.pairs == []
-    assert result.excluded["oracle_failed"] == len(pairs)
+    assert result.excluded == Counter({"undecided": len(pairs)})
     assert result.counts() == {INVERT: 0, PUNISH: 0, RETAIN: 0}
 
 
@@ -134,7 +134,7 @@ def test_corrections_attach_to_punished_pairs():
     assert by_prompt["x7"].correction == "fix-x7" and by_prompt["x7"].category == PUNISH
     assert not set(extra) & set(by_prompt)
     assert all(p.correction is None for p in result.pairs if p.category != PUNISH)
-    assert result.excluded == Counter({"oracle_failed": 4, "correction_failed": 4})
+    assert result.excluded == Counter({"undecided": 4, "correction_failed": 4})
     assert result.metrics()["triage/excluded/correction_failed"] == 4
     assert result.counts() == {INVERT: 2, PUNISH: 2, RETAIN: 3}
     assert sum(result.counts().values()) + sum(result.excluded.values()) == len(pairs)
@@ -149,6 +149,69 @@ def test_corrections_attach_to_punished_pairs():
         assert oracle.judged[(p.prompt, p.rejected)] == 1
     assert oracle.judged[("x3", "fix-x3")] == oracle.judged[("x7", "fix-x7")] == 1
     assert oracle.judged[("x11", "bad")] == 3
+
+
+class FailingOracle(StubOracle):
+    """A stub whose calls about items mentioning FAIL fail (None, counted as a failed call), like an API's."""
+
+    def __init__(self, verdicts: dict, corrections: dict | None = None):
+        super().__init__(verdicts, corrections)
+        self.failures: Counter = Counter()
+
+    def failure_counts(self) -> Counter:
+        return Counter(self.failures)
+
+    def judge(self, prompt, response, policy):
+        if "FAIL" in response:
+            self.judged[(prompt, response)] += 1
+            self.failures["timeout"] += 1
+            return None
+        return super().judge(prompt, response, policy)
+
+    def correct(self, prompt, policy):
+        if "WRITEFAIL" in prompt:
+            self.corrected[prompt] += 1
+            self.failures["server_error"] += 1
+            return None
+        return super().correct(prompt, policy)
+
+
+def test_failed_calls_are_oracle_failed_and_undecided_verdicts_undecided():
+    verdicts = {("a", "w"): False, ("a", "l"): True, ("b", "w"): True}  # b's rejected: undecided
+    pairs = [PreferencePair("a", "w", "l"), PreferencePair("b", "w", "l"),
+             PreferencePair("c", "FAIL w", "l"), PreferencePair("d", "w", "FAIL l")]
+    verdicts.update({("c", "l"): False, ("d", "w"): False})
+    oracle = FailingOracle(verdicts)
+    assert oracle.failed_calls == 0
+    result = triage(pairs, oracle, POLICY, batch_size=2)  # one batch answered in full, one with failed calls
+    assert [(p.prompt, p.category) for p in result.pairs] == [("a", INVERT)]
+    assert result.excluded == Counter({"undecided": 1, "oracle_failed": 2})
+    assert oracle.failed_calls == 2 and oracle.failure_counts() == Counter({"timeout": 2})
+
+
+def test_a_failed_correction_call_is_no_rejected_correction():
+    # every pair is punished; corrections: x accepted, y always rejected, z's write fails, v's check fails
+    pairs = [PreferencePair(x, "w", "l") for x in ("x", "y", "WRITEFAIL z", "v")]
+    verdicts = {(p.prompt, r): False for p in pairs for r in (p.chosen, p.rejected)}
+    verdicts[("x", "fix-x")] = True
+    verdicts[("y", "bad-y")] = False
+    oracle = FailingOracle(verdicts, {"x": "fix-x", "y": "bad-y", "v": "FAIL fix-v"})
+    result = triage(pairs, oracle, POLICY, corrections=True)
+    assert [(p.prompt, p.correction) for p in result.pairs] == [("x", "fix-x")]
+    assert result.excluded == Counter({"correction_failed": 1, "oracle_failed": 2})
+    # a failed call ends this run's tries for its pair (a rerun asks again); a rejection is tried afresh
+    assert oracle.corrected == Counter({"x": 1, "y": 3, "WRITEFAIL z": 1, "v": 1})
+    assert oracle.judged[("v", "FAIL fix-v")] == 1 and oracle.judged[("y", "bad-y")] == 3
+    assert oracle.failure_counts() == Counter({"server_error": 1, "timeout": 1})
+
+
+def test_noisy_oracle_reports_its_base_oracles_failures():
+    from trace_realign.oracle import NoisyOracle
+
+    base = FailingOracle({("a", "w"): True})
+    noisy = NoisyOracle(base, 0.5, seed=1)
+    result = triage([PreferencePair("a", "w", "FAIL l")], noisy, POLICY)
+    assert result.excluded == Counter({"oracle_failed": 1}) and noisy.failed_calls == base.failed_calls == 1
 
 
 def test_corrections_not_requested_without_punished_pairs():

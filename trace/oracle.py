@@ -8,6 +8,7 @@ dataset's own labels all implement this one interface; triage and evaluation onl
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,9 +46,15 @@ def read_policy_file(path_or_name: str | Path, policy_dir: Path) -> tuple[str, A
 class Oracle:
     """Base class. Subclasses implement `judge`; batch calls default to a loop.
 
-    A verdict is True (complies), False (violates) or None (the oracle could not decide). Callers must
-    count None verdicts and never read them as compliance.
+    A verdict is True (complies), False (violates) or None. None is either undecided (the oracle answered
+    that it cannot decide: deterministic, as good as any answer to keep) or a failed call (an oracle over
+    an API that gave up on a call for now: asked again by the next run, so nothing built on it is kept).
+    `failure_counts` tells the two apart: it grows by one for every failed call. Callers must count None
+    verdicts and never read them as compliance.
     """
+
+    # The largest share of pairs triage may lose to failed calls before the run stops (oracle.max_failed_fraction).
+    max_failed_fraction: float = 0.05
 
     def judge(self, prompt: str, response: str, policy: Policy) -> bool | None:
         raise NotImplementedError
@@ -62,6 +69,15 @@ class Oracle:
     def judge_batch(self, items: Sequence[tuple[str, str]], policy: Policy) -> list[bool | None]:
         return [self.judge(prompt, response, policy) for prompt, response in items]
 
+    def failure_counts(self) -> Counter:
+        """Failed calls so far, by reason; empty for an oracle whose every call answers."""
+        return Counter()
+
+    @property
+    def failed_calls(self) -> int:
+        """How many calls failed so far (0 for an oracle whose every call answers)."""
+        return sum(self.failure_counts().values())
+
     def judge_pairs(self, pairs: Sequence[tuple[str, str, str]], policy: Policy) -> list[tuple[bool | None, bool | None]]:
         """(c_w, c_l) for each (prompt, chosen, rejected); oracles that can judge both in one go override."""
         n = len(pairs)
@@ -75,6 +91,15 @@ class Oracle:
     def correct_batch(self, prompts: Sequence[str], policy: Policy, attempt: int = 0) -> list[str | None]:
         """Corrections for `prompts`; `attempt` counts earlier tries whose corrections were rejected."""
         return [self.correct(p, policy) for p in prompts]
+
+
+class OracleFailuresError(RuntimeError):
+    """Too many calls failed for the result to stand; answered calls are kept, so a rerun asks only the rest."""
+
+
+def failure_summary(reasons: Counter) -> str:
+    """'rate_limited: 3, timeout: 1' for a count of failed calls by reason."""
+    return ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 class NoisyOracle(Oracle):
@@ -92,6 +117,13 @@ class NoisyOracle(Oracle):
 
     def fingerprint(self) -> str:
         return f"noisy(p={self.p}, seed={self.seed}):{self.base.fingerprint()}"
+
+    def failure_counts(self) -> Counter:
+        return self.base.failure_counts()
+
+    @property
+    def max_failed_fraction(self) -> float:  # type: ignore[override]
+        return self.base.max_failed_fraction
 
     def _flips(self, prompt: str, response: str, policy: Policy) -> bool:
         digest = hashlib.sha256(f"{self.seed}\0{policy.name}\0{prompt}\0{response}".encode()).digest()

@@ -2,6 +2,10 @@
 
 (c_w, c_l) = compliance of chosen and rejected with pi_new:
     invert: c_w = 0, c_l = 1     punish: c_w = 0, c_l = 0     retain: c_w = 1
+
+A pair without both verdicts is never triaged as anything: it is excluded and counted, as `undecided`
+when the oracle answered that it cannot decide, or as `oracle_failed` when a call about it failed (asked
+again by the next run).
 """
 
 from __future__ import annotations
@@ -60,11 +64,13 @@ def triage(
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         n = len(chunk)
+        failed_before = oracle.failed_calls
         verdicts = oracle.judge_pairs([(p.prompt, p.chosen, p.rejected) for p in chunk], policy)
+        missing = unanswered(oracle, failed_before)
         for p, (c_w, c_l) in zip(chunk, verdicts):
             if c_w is None or c_l is None:
-                # An undecided verdict is not compliance: count the pair out instead of guessing.
-                result.excluded["oracle_failed"] += 1
+                # No verdict is not compliance: count the pair out instead of guessing.
+                result.excluded[missing] += 1
                 continue
             result.pairs.append(replace(p, category=triage_category(c_w, c_l)))
         bar.update(n)
@@ -75,25 +81,51 @@ def triage(
     return result
 
 
+def unanswered(oracle: Oracle, failed_before: int) -> str:
+    """Why the None verdicts of a batch are missing: `oracle_failed` when any of its calls failed (the safe
+    side: such a pair is asked again, never kept), else `undecided` (the oracle's own answer)."""
+    return "oracle_failed" if oracle.failed_calls > failed_before else "undecided"
+
+
+def correction_outcome(y_c: str | None, verdict: bool | None, write_failed: bool, check_failed: bool) -> str:
+    """`accepted`, `rejected` (ask a fresh correction) or `failed` (a call failed: asked again next run)."""
+    if y_c is None or not y_c.strip():
+        return "failed" if y_c is None and write_failed else "rejected"
+    if verdict is True:
+        return "accepted"
+    return "failed" if verdict is None and check_failed else "rejected"
+
+
 def attach_corrections(result: TriageResult, oracle: Oracle, policy: Policy, attempts: int = 3) -> None:
-    """Line 16: y_c for every punished pair, itself judged before use; a prompt whose corrections keep
-    failing is retried up to `attempts` times, then its pair is excluded and counted."""
+    """Line 16: y_c for every punished pair, itself judged before use. A rejected correction (none
+    written, or not judged compliant) is asked afresh, up to `attempts` times; then its pair is excluded
+    as `correction_failed`. A failed call is no rejection: its pair is excluded as `oracle_failed` for this
+    run, and a rerun asks again under the same attempt."""
     pending = [i for i, p in enumerate(result.pairs) if p.category == PUNISH and p.correction is None]
+    failed: list[int] = []
     for attempt in range(attempts):
         if not pending:
             break
-        prompts = [result.pairs[i].prompt for i in pending]
-        written = oracle.correct_batch(prompts, policy, attempt=attempt)
-        checks = oracle.judge_batch([(pr, y or "") for pr, y in zip(prompts, written)], policy)
+        failed_before = oracle.failed_calls
+        written = oracle.correct_batch([result.pairs[i].prompt for i in pending], policy, attempt=attempt)
+        write_failed = oracle.failed_calls > failed_before
+        drafts = [(i, y) for i, y in zip(pending, written) if y is not None and y.strip()]
+        failed_before = oracle.failed_calls
+        checks = oracle.judge_batch([(result.pairs[i].prompt, y) for i, y in drafts], policy) if drafts else []
+        check_failed = oracle.failed_calls > failed_before
+        checked = dict(zip([i for i, _ in drafts], checks))
         still = []
-        for i, y_c, ok in zip(pending, written, checks):
-            if y_c is not None and y_c.strip() and ok is True:
+        for i, y_c in zip(pending, written):
+            outcome = correction_outcome(y_c, checked.get(i), write_failed, check_failed)
+            if outcome == "accepted":
                 result.pairs[i] = replace(result.pairs[i], correction=y_c)
             else:
-                still.append(i)
+                (failed if outcome == "failed" else still).append(i)
         pending = still
     result.excluded["correction_failed"] += len(pending)
-    drop = set(pending)
+    if failed:
+        result.excluded["oracle_failed"] += len(failed)
+    drop = set(pending) | set(failed)
     result.pairs = [p for i, p in enumerate(result.pairs) if i not in drop]
 
 
