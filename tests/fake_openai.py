@@ -10,7 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FakeOpenAI:
     """Answers POST /v1/chat/completions. `script` is consumed one action per request:
-    "ok", "429", "500", "drop", "malformed", "prose", "refuse"; when empty, "ok".
+    "ok", "429", "500", "401", "403", "404" (no such model), "drop", "malformed", "prose", "refuse",
+    "empty"; when empty, "ok". GET /v1/models answers with `models_status` (200 or 401), counted in
+    `model_requests`, apart from the chat requests.
     A verdict is compliant when the judged response contains "COMPLY". Classification answers the first
     allowed label the prompt mentions; written responses contain "COMPLY" when told to do what was asked."""
 
@@ -18,12 +20,23 @@ class FakeOpenAI:
         self.script: list[str] = []
         self.latency, self.schema_supported, self.json_mode_supported = latency, schema_supported, json_mode_supported
         self.requests: list[dict] = []
+        self.models_status = 200
+        self.model_requests: list[dict] = []
         self.lock = threading.Lock()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def do_GET(self):
+                if not self.path.rstrip("/").endswith("/models"):
+                    return self._send(404, {"error": {"message": "no such endpoint"}})
+                with fake.lock:
+                    fake.model_requests.append({"auth": self.headers.get("Authorization")})
+                if fake.models_status == 401:
+                    return self._send(401, {"error": {"message": "Incorrect API key provided: sk-pla***", "code": "invalid_api_key"}})
+                self._send(200, {"object": "list", "data": [{"id": "judge", "object": "model", "created": 0, "owned_by": "x"}]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -40,6 +53,12 @@ class FakeOpenAI:
                     return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.01"})
                 if action == "500":
                     return self._send(500, {"error": {"message": "boom"}})
+                if action in ("401", "403"):
+                    return self._send(int(action), {"error": {"message": "Incorrect API key provided: sk-pla***",
+                                                              "code": "invalid_api_key"}})
+                if action == "404":
+                    return self._send(404, {"error": {"message": f"The model `{body['model']}` does not exist or you "
+                                                                 "do not have access to it.", "code": "model_not_found"}})
                 if action == "drop":
                     self.connection.close()
                     return
@@ -75,6 +94,7 @@ class FakeOpenAI:
                     "malformed": '{"compliant": maybe',
                     "prose": "The response is compliant with the policy." if verdict else "It violates the policy.",
                     "refuse": None,
+                    "empty": "",
                 }[action]
                 message = {"role": "assistant", "content": content}
                 if action == "refuse":

@@ -1,12 +1,16 @@
-"""The LLM oracle against a local OpenAI-compatible server: exact call counts, retries, fallbacks, caching."""
+"""The LLM oracle against a local OpenAI-compatible server: exact call counts, retries, fallbacks, caching,
+and failures that are counted but never kept."""
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 
 from fake_openai import FakeOpenAI
-from trace_realign.llm_oracle import OpenAIOracle, parse_verdict
+from trace_realign.llm_oracle import OpenAIOracle, OracleAuthError, OracleConfigError, parse_verdict
 from trace_realign.oracle import Policy
+from trace_realign.verdicts import VerdictStore
 
 POLICY = Policy(name="pi_new", text="Answer medical questions.")
 ITEMS = [(f"prompt {i}", "COMPLY please" if i % 2 == 0 else "no way") for i in range(20)]
@@ -21,8 +25,8 @@ def server():
 
 
 def oracle(server, tmp_path, **kw):
-    return OpenAIOracle(model="judge", base_url=server.url, cache_path=str(tmp_path / "verdicts.jsonl"),
-                        backoff_base=0.01, progress=False, **kw)
+    cache = str(tmp_path / "verdicts.jsonl") if tmp_path is not None else None
+    return OpenAIOracle(model="judge", base_url=server.url, cache_path=cache, backoff_base=0.01, progress=False, **kw)
 
 
 def test_verdicts_and_an_identical_rerun_is_free(server, tmp_path):
@@ -47,22 +51,164 @@ def test_retries_on_429_500_and_dropped_connections(server, tmp_path):
     assert m["oracle/retries"] == 4 and m["oracle/calls"] == 7 and m["oracle/failed"] == 0
 
 
-def test_gives_up_after_retries_and_records_the_failure(server, tmp_path):
+def test_gives_up_after_retries_stores_nothing_and_the_next_run_asks_again(server, tmp_path):
     server.script = ["500"] * 3
     o = oracle(server, tmp_path, retries=2, concurrency=1)
-    assert o.judge_batch(ITEMS[:1], POLICY) == [None]
-    assert o.metrics()["oracle/failed"] == 1 and o.metrics()["oracle/calls"] == 3
+    assert o.judge_batch(ITEMS[:2], POLICY) == [None, False]
+    m = o.metrics()
+    assert m["oracle/failed"] == 1 and m["oracle/failed/server_error"] == 1 and m["oracle/calls"] == 4
+    assert o.failure_counts() == Counter({"server_error": 1}) and o.failed_calls == 1
+    store = VerdictStore(tmp_path / "verdicts.jsonl")
+    assert len(store) == 1 and store.failed_lines == 0  # the answer only
+    # a second oracle on the same cache file asks exactly the failed item once more, and gets its verdict
     again = oracle(server, tmp_path)
-    assert again.judge_batch(ITEMS[:1], POLICY) == [None] and again.metrics()["oracle/calls"] == 0
+    assert again.judge_batch(ITEMS[:2], POLICY) == EXPECTED[:2]
+    assert again.metrics()["oracle/calls"] == 1 and again.metrics()["oracle/cached"] == 1
+    assert len(server.requests) == 5
+    third = oracle(server, tmp_path)
+    assert third.judge_batch(ITEMS[:2], POLICY) == EXPECTED[:2] and third.metrics()["oracle/calls"] == 0
 
 
-def test_malformed_json_and_refusal_fail_prose_is_read(server, tmp_path):
-    server.script = ["malformed", "refuse", "prose", "prose"]
+def test_a_failure_is_not_remembered_within_the_run_either(server, tmp_path):
+    server.script = ["500"]
+    o = oracle(server, None, retries=0, concurrency=1)  # no store: answers are memoised in memory
+    assert o.judge_batch(ITEMS[:1], POLICY) == [None]
+    assert o.judge_batch(ITEMS[:1], POLICY) == [True] and o.metrics()["oracle/calls"] == 2
+    assert o.judge_batch(ITEMS[:1], POLICY) == [True] and o.metrics()["oracle/calls"] == 2
+
+
+def test_an_unreadable_answer_or_refusal_is_asked_again_within_the_run(server, tmp_path):
+    server.script = ["malformed", "refuse", "ok", "empty", "ok"]
     o = oracle(server, tmp_path, concurrency=1)
-    assert o.judge_batch(ITEMS[:4], POLICY) == [None, None, True, False]
-    assert o.metrics()["oracle/failed"] == 2
-    rows = list(o.store)
-    assert any("refused" in r.get("failed", "") for r in rows)
+    assert o.judge_batch(ITEMS[:3], POLICY) == EXPECTED[:3]
+    m = o.metrics()
+    assert m["oracle/calls"] == 3 + 2 + 1 and m["oracle/reasked"] == 2 + 1 and m["oracle/failed"] == 0
+    assert len(o.store) == 3
+
+
+def test_answers_that_stay_unreadable_fail_and_are_not_kept(server, tmp_path):
+    server.script = ["malformed", "empty", "refuse", "malformed", "malformed"]
+    o = oracle(server, tmp_path, concurrency=1, malformed_retries=2)
+    assert o.judge_batch(ITEMS[:2], POLICY) == [None, False]  # item 2: malformed twice, then answered
+    m = o.metrics()
+    assert m["oracle/calls"] == 6 and m["oracle/reasked"] == 4
+    assert m["oracle/failed"] == 1 and m["oracle/failed/refused"] == 1 and m["oracle/failed/malformed"] == 0
+    assert len(o.store) == 1
+    again = oracle(server, tmp_path)
+    assert again.judge_batch(ITEMS[:2], POLICY) == EXPECTED[:2] and again.metrics()["oracle/calls"] == 1
+    none = oracle(server, tmp_path / "b", concurrency=1, malformed_retries=0)
+    server.script = ["malformed"]
+    assert none.judge_batch(ITEMS[:1], POLICY) == [None] and none.metrics()["oracle/failed/malformed"] == 1
+
+
+def test_prose_is_read(server, tmp_path):
+    server.script = ["prose", "prose"]
+    o = oracle(server, tmp_path, concurrency=1)
+    assert o.judge_batch(ITEMS[:2], POLICY) == [True, False]
+    assert o.metrics()["oracle/failed"] == 0 and o.metrics()["oracle/reasked"] == 0
+
+
+def test_a_missing_key_for_openai_itself_stops_at_construction(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(OracleAuthError, match="environment variable OPENAI_API_KEY is not set.*oracle.api_key_env"):
+        OpenAIOracle(model="gpt-4o", cache_path=str(tmp_path / "v.jsonl"))
+    monkeypatch.setenv("MY_JUDGE_KEY", "")
+    with pytest.raises(OracleAuthError, match="MY_JUDGE_KEY is not set"):
+        OpenAIOracle(model="gpt-4o", api_key_env="MY_JUDGE_KEY")
+    assert not (tmp_path / "v.jsonl").exists()
+    # a local server (vLLM, Ollama) may need no key
+    OpenAIOracle(model="llama", base_url="http://localhost:11434/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    OpenAIOracle(model="gpt-4o")
+
+
+def test_a_rejected_key_stops_at_the_free_preflight_before_any_paid_call(server, tmp_path, monkeypatch):
+    secret = "sk-planted-" + "7" * 32
+    monkeypatch.setenv("JUDGE_KEY", secret)
+    server.models_status = 401
+    o = oracle(server, tmp_path, api_key_env="JUDGE_KEY")
+    with pytest.raises(OracleAuthError, match="rejected the API key in the environment variable JUDGE_KEY") as err:
+        o.judge_batch(ITEMS, POLICY)
+    assert secret not in str(err.value) and "sk-pla" not in str(err.value)
+    assert len(server.requests) == 0 and len(server.model_requests) == 1
+    assert (tmp_path / "verdicts.jsonl").read_text() == ""
+    with pytest.raises(OracleAuthError, match="JUDGE_KEY"):
+        o.preflight()
+    monkeypatch.delenv("JUDGE_KEY")
+    with pytest.raises(OracleAuthError, match="asks for an API key .* JUDGE_KEY is not set"):
+        oracle(server, tmp_path, api_key_env="JUDGE_KEY").judge_batch(ITEMS, POLICY)
+
+
+def test_the_preflight_runs_once_and_never_for_a_cached_rerun(server, tmp_path):
+    o = oracle(server, tmp_path)
+    o.judge_batch(ITEMS[:2], POLICY)
+    o.judge_batch(ITEMS[2:4], POLICY)
+    assert len(server.model_requests) == 1 and len(server.requests) == 4
+    again = oracle(server, tmp_path)
+    assert again.judge_batch(ITEMS[:4], POLICY) == EXPECTED[:4]
+    assert len(server.model_requests) == 1 and len(server.requests) == 4  # offline and free
+    # a server without /models (or one that fails it) is not stopped by the preflight
+    server.models_status = 404
+    assert oracle(server, tmp_path / "b").judge_batch(ITEMS[:1], POLICY) == EXPECTED[:1]
+    assert len(server.model_requests) == 2
+
+
+@pytest.mark.parametrize("status", ["401", "403"])
+def test_a_key_rejected_mid_batch_aborts_the_batch(server, tmp_path, status):
+    server.script = ["ok", status]
+    o = oracle(server, tmp_path, concurrency=1)
+    with pytest.raises(OracleAuthError, match=f"HTTP {status}.*OPENAI_API_KEY"):
+        o.judge_batch(ITEMS[:6], POLICY)
+    # the answer before the rejection is kept; the rejected call and the rest of the batch are not asked
+    assert len(server.requests) == 2 and o.metrics()["oracle/retries"] == 0
+    store = VerdictStore(tmp_path / "verdicts.jsonl")
+    assert len(store) == 1 and store.failed_lines == 0
+
+
+def test_a_model_the_server_does_not_have_is_a_configuration_error(server, tmp_path):
+    server.script = ["404"]
+    o = oracle(server, tmp_path, concurrency=1)
+    with pytest.raises(OracleConfigError, match="oracle.model='judge'.*no such model"):
+        o.judge_batch(ITEMS[:3], POLICY)
+    assert len(server.requests) == 1 and len(VerdictStore(tmp_path / "verdicts.jsonl")) == 0
+
+
+def test_a_changed_server_temperature_or_max_tokens_asks_again(server, tmp_path):
+    o = oracle(server, tmp_path)
+    o.judge_batch(ITEMS[:2], POLICY)
+    assert len(server.requests) == 2
+    # the same server, written differently: the same answers
+    same = OpenAIOracle(model="judge", base_url=server.url + "/", cache_path=str(tmp_path / "verdicts.jsonl"),
+                        progress=False)
+    assert same.judge_batch(ITEMS[:2], POLICY) == EXPECTED[:2] and len(server.requests) == 2
+    assert same.fingerprint() == o.fingerprint()
+    other_host = server.url.replace("127.0.0.1", "localhost")
+    for kw in ({"temperature": 0.5}, {"max_tokens": 128}, {"base_url": other_host}):
+        asked = len(server.requests)
+        changed = OpenAIOracle(**{"model": "judge", "base_url": server.url, "cache_path": str(tmp_path / "verdicts.jsonl"),
+                                  "progress": False, **kw})
+        assert changed.judge_batch(ITEMS[:2], POLICY) == EXPECTED[:2]
+        assert len(server.requests) - asked == 2, kw
+        assert changed.fingerprint() != o.fingerprint()
+    assert server.requests[-3]["body"]["max_tokens"] == 128
+
+
+def test_corrections_are_keyed_by_the_writers_own_temperature(server, tmp_path):
+    o = oracle(server, tmp_path, temperature=0.2)
+    o.correct_batch(["p"], POLICY)
+    assert server.requests[-1]["body"]["temperature"] == 0.7
+    oracle(server, tmp_path, temperature=0.5).correct_batch(["p"], POLICY)  # still 0.7: the same answer
+    assert len(server.requests) == 1
+    oracle(server, tmp_path, temperature=0.9).correct_batch(["p"], POLICY)
+    assert len(server.requests) == 2 and server.requests[-1]["body"]["temperature"] == 0.9
+
+
+def test_http_logging_stays_quiet(server, tmp_path):
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.INFO)
+    oracle(server, tmp_path).judge_batch(ITEMS[:1], POLICY)
+    assert logging.getLogger("httpx").level == logging.WARNING and logging.getLogger("openai").level == logging.WARNING
 
 
 def test_falls_back_from_json_schema_to_json_mode(tmp_path):
@@ -185,13 +331,30 @@ def test_falls_back_to_plain_text_when_no_json_mode(tmp_path):
         server.close()
 
 
-def test_timeouts_are_retried_then_recorded_as_failed(tmp_path):
+def test_timeouts_are_retried_then_counted_as_failed_and_not_kept(tmp_path):
     server = FakeOpenAI(latency=0.5)
     try:
         o = oracle(server, tmp_path, timeout=0.1, retries=1, concurrency=1)
         assert o.judge_batch(ITEMS[:1], POLICY) == [None]
         m = o.metrics()
-        assert m["oracle/retries"] == 1 and m["oracle/calls"] == 2 and m["oracle/failed"] == 1
-        assert "APITimeoutError" in list(o.store)[0]["failed"]
+        assert m["oracle/retries"] == 1 and m["oracle/calls"] == 2
+        assert m["oracle/failed"] == 1 and m["oracle/failed/timeout"] == 1
+        assert len(o.store) == 0
     finally:
         server.close()
+
+
+def test_a_triage_with_failed_calls_counts_them_apart_and_the_next_run_asks_only_them(server, tmp_path):
+    from trace_realign.records import PreferencePair
+    from trace_realign.triage import triage
+
+    pairs = [PreferencePair(f"p{i}", "COMPLY w" if i % 2 else "w", "l") for i in range(6)]
+    server.script = ["500", "429", "ok", "drop"]  # retries=0: three chosen responses fail
+    first = oracle(server, tmp_path, retries=0, concurrency=1)
+    result = triage(pairs, first, POLICY)
+    assert result.excluded == Counter({"oracle_failed": 3}) and len(result.pairs) == 3
+    assert first.failure_counts() == Counter({"server_error": 1, "rate_limited": 1, "connection": 1})
+    assert len(first.store) == 12 - 3
+    again = oracle(server, tmp_path)
+    result = triage(pairs, again, POLICY)
+    assert not result.excluded and again.metrics()["oracle/calls"] == 3 and again.metrics()["oracle/cached"] == 9

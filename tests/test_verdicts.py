@@ -7,18 +7,40 @@ import subprocess
 import sys
 
 from conftest import kill_after_lines
-from trace_realign.verdicts import VerdictStore, verdict_key
+import pytest
+
+from trace_realign.verdicts import VerdictStore, server_id, verdict_key
+
+SAMPLING = {"temperature": 0.0, "max_tokens": 256}
 
 
-def key(i: int, policy: str = "policy v1", template: str = "t1") -> str:
-    return verdict_key("gpt-4o", policy, f"prompt {i}", f"response {i}", template)
+def key(i: int, policy: str = "policy v1", template: str = "t1", server: str = "api.openai.com", **sampling) -> str:
+    return verdict_key("gpt-4o", policy, f"prompt {i}", f"response {i}", template, server=server,
+                       sampling={**SAMPLING, **sampling})
 
 
 def test_keys_change_with_everything_that_decides_an_answer():
     base = key(1)
     assert key(1) == base
     assert key(2) != base and key(1, policy="policy v2") != base and key(1, template="t2") != base
-    assert verdict_key("gpt-4o-mini", "policy v1", "prompt 1", "response 1", "t1") != base
+    assert verdict_key("gpt-4o-mini", "policy v1", "prompt 1", "response 1", "t1", server="api.openai.com",
+                       sampling=SAMPLING) != base
+    assert key(1, server="localhost:8000/v1") != base
+    assert key(1, temperature=0.7) != base and key(1, max_tokens=128) != base
+    assert key(1, top_p=0.9) != base  # any sampling setting the request carries
+
+
+@pytest.mark.parametrize("url,expected", [
+    (None, "api.openai.com"),
+    ("https://api.openai.com/v1", "api.openai.com"),
+    ("http://localhost:8000/v1/", "localhost:8000/v1"),
+    ("HTTP://LocalHost:8000/v1", "localhost:8000/v1"),
+    ("https://localhost:8000/v1", "localhost:8000/v1"),
+    ("localhost:11434/v1", "localhost:11434/v1"),
+    ("http://gpu-box:8000/v1", "gpu-box:8000/v1"),
+])
+def test_server_id_is_host_port_and_path(url, expected):
+    assert server_id(url) == expected
 
 
 def test_put_get_reload_and_no_duplicates(tmp_path):
@@ -26,11 +48,30 @@ def test_put_get_reload_and_no_duplicates(tmp_path):
     with VerdictStore(path) as store:
         assert store.put(key(1), {"compliant": True, "rationale": "ok"})
         assert not store.put(key(1), {"compliant": False})  # already paid for: never overwritten
-        store.put(key(2), {"compliant": None, "failed": "unparseable"})
+        store.put(key(2), {"compliant": False})
     with VerdictStore(path) as again:
         assert len(again) == 2 and again.get(key(1))["compliant"] is True
-        assert again.get(key(2))["failed"] == "unparseable"
+        assert again.get(key(2))["compliant"] is False
     assert len(path.read_text().splitlines()) == 2
+
+
+def test_failures_are_never_stored_and_old_failed_rows_are_asked_again(tmp_path):
+    path = tmp_path / "verdicts.jsonl"
+    with VerdictStore(path) as store:
+        with pytest.raises(ValueError, match="never stored"):
+            store.put(key(1), {"failed": "timeout"})
+        assert len(store) == 0
+    assert path.read_text() == ""
+    # a store written by an older version, holding failures next to answers
+    rows = [{"key": key(1), "compliant": None, "failed": "gave up"}, {"key": key(2), "compliant": True},
+            {"key": key(3), "compliant": None, "failed": "unreadable reply"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with VerdictStore(path) as store:
+        assert store.failed_lines == 2 and len(store) == 1 and key(1) not in store and key(3) not in store
+        assert store.put(key(1), {"compliant": False})  # answered now: stored after the old failure
+    with VerdictStore(path) as store:
+        assert store.failed_lines == 2 and store.duplicate_lines == 0
+        assert store.get(key(1))["compliant"] is False and len(store) == 2
 
 
 def test_torn_last_line_is_dropped_and_counted(tmp_path):
@@ -51,7 +92,7 @@ import sys, time
 from trace_realign.verdicts import VerdictStore, verdict_key
 store = VerdictStore(sys.argv[1])
 for i in range(int(sys.argv[2])):
-    k = verdict_key("m", "p", f"prompt {i}", "r", "t")
+    k = verdict_key("m", "p", f"prompt {i}", "r", "t", server="s", sampling={})
     if k in store:
         continue  # resumed: already answered
     time.sleep(0.002)  # the paid call

@@ -3,8 +3,11 @@
 Answers are appended to a JSON-lines file as they arrive, each line flushed and fsynced, so a run killed
 at any moment (SIGKILL included) loses at most the line being written. On reopening, a torn last line is
 ignored and counted; later lines for a key already stored are ignored, so nothing is counted twice. Keys
-are content hashes of everything that decides an answer: (model, policy, prompt, response, template
-version), so an identical re-run asks nothing and a changed policy or template asks again.
+are content hashes of everything that decides an answer: (model, server, policy, prompt, response,
+template version, sampling settings), so an identical re-run asks nothing and any change asks again.
+
+Only answers are stored. A failed call (rate limited, timed out, unreadable) is no answer: it is asked
+again by the next run. Rows with `failed` written by older versions are ignored on loading, and counted.
 """
 
 from __future__ import annotations
@@ -13,12 +16,30 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
+from urllib.parse import urlsplit
+
+KEY_VERSION = "verdict-key-v2"  # v1 keys named neither the server nor the sampling settings
+OPENAI_SERVER = "api.openai.com"
 
 
-def verdict_key(model: str, policy_text: str, prompt: str, response: str, template_version: str) -> str:
+def server_id(base_url: str | None) -> str:
+    """The server a base URL names, as host[:port]/path without scheme or trailing slash; OpenAI's own
+    API (no base URL, or its default one) is "api.openai.com"."""
+    if not base_url:
+        return OPENAI_SERVER
+    parts = urlsplit(base_url if "://" in base_url else f"//{base_url}")
+    server = (parts.netloc.lower() + parts.path.rstrip("/")) or base_url
+    return OPENAI_SERVER if server == f"{OPENAI_SERVER}/v1" else server
+
+
+def verdict_key(model: str, policy_text: str, prompt: str, response: str, template_version: str, *,
+                server: str, sampling: Mapping[str, Any]) -> str:
+    """The key of one answer: every input that decides it (`server` as server_id gives it; `sampling`:
+    every sampling setting the request carries, e.g. temperature and max_tokens)."""
     policy_hash = hashlib.sha256(policy_text.encode()).hexdigest()
-    blob = json.dumps([model, policy_hash, prompt, response, template_version], ensure_ascii=False)
+    blob = json.dumps([KEY_VERSION, model, server, policy_hash, prompt, response, template_version,
+                       sorted(sampling.items())], ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -29,6 +50,7 @@ class VerdictStore:
         self.answers: dict[str, dict[str, Any]] = {}
         self.torn_lines = 0
         self.duplicate_lines = 0
+        self.failed_lines = 0
         if self.path.is_file():
             self._load()
         self._fh = self.path.open("a", encoding="utf-8")
@@ -41,6 +63,9 @@ class VerdictStore:
                     key = row["key"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     self.torn_lines += 1  # a write cut short by a kill: that item will be asked again
+                    continue
+                if "failed" in row:
+                    self.failed_lines += 1  # a failure stored by an older version: asked again
                     continue
                 if key in self.answers:
                     self.duplicate_lines += 1
@@ -70,6 +95,8 @@ class VerdictStore:
 
     def put(self, key: str, answer: dict[str, Any]) -> bool:
         """Store an answer durably; False (and nothing written) if the key is already stored."""
+        if "failed" in answer:
+            raise ValueError("a failed call is no answer: it is asked again, never stored")
         if key in self.answers:
             return False
         row = {"key": key, **answer}
