@@ -38,6 +38,7 @@ def test_counts_add_up_from_rows_to_splits(tmp_path, pku_file):
     triaged = {c: m[f"triage/{c}"] for c in CATEGORIES}
     assert triaged == {c: MIX[c] + awkward[c] for c in CATEGORIES}
     assert m["triage/excluded/undecided"] == awkward["undecided"]
+    assert "triage/excluded/oracle_failed" not in m  # the labels oracle never fails a call
     assert m["data/pairs"] == sum(triaged.values()) + m["triage/excluded/undecided"]
     sizes = {s: m[f"split/{s}/size"] for s in ("train1", "train2", "test")}
     assert sizes["train1"] == 120 and sizes["train2"] == 60
@@ -202,3 +203,66 @@ def test_labels_triage_with_a_text_judge_for_selection_and_evaluation(tmp_path, 
     assert m["eval/after/tpa/undecided"] == 0 and m["select/checks"] >= 2
     # triage asked no API; every paid call is the judge's, accounted under judge/
     assert "oracle/calls" not in m and m["judge/calls"] == len(server.requests) > 0
+
+
+def llm_data(tmp_path: Path, pku_file: Path, server, name: str, *overrides: str) -> dict:
+    """trace-data with the LLM oracle on the fake server: calls in a fixed order, failures not retried."""
+    cfg = compose_cfg(["dataset=pku_saferlhf", f"dataset.path={pku_file}", "dataset.num_samples=null",
+                       "data.splits.train1=20", "data.splits.train2=10", "oracle=openai",
+                       f"oracle.base_url={server.url}", "oracle.progress=false", "oracle.concurrency=1",
+                       "oracle.retries=0", f"oracle.cache_path={tmp_path / 'verdicts.jsonl'}", "logger=none",
+                       f"paths.cache_dir={tmp_path / 'cache'}", *overrides], tmp_path / name)
+    return prepare(cfg)
+
+
+@pytest.fixture
+def small_pku(tmp_path) -> Path:
+    return write_jsonl(regular_rows(50), tmp_path / "small" / "train.jsonl")
+
+
+@pytest.fixture
+def server():
+    from fake_openai import FakeOpenAI
+
+    s = FakeOpenAI()
+    yield s
+    s.close()
+
+
+def test_failed_calls_exclude_their_pairs_for_this_run_only_and_the_next_run_asks_only_them(tmp_path, small_pku, server):
+    server.script = ["500", "429"]  # the first two calls fail: the chosen responses of the first two pairs
+    first = llm_data(tmp_path, small_pku, server, "first")
+    assert first["data/pairs"] == 50 and first["triage/excluded/oracle_failed"] == 2
+    assert sum(first[f"triage/{c}"] for c in CATEGORIES) == 48
+    assert first["oracle/failed"] == 2 and first["oracle/failed/server_error"] == 1 and first["oracle/failed/rate_limited"] == 1
+    assert first["oracle/calls"] == 100 and len(server.requests) == 100
+    # nothing built on the failed calls is cached: neither triage nor the split of its pairs
+    stages = tmp_path / "cache" / "stages"
+    assert not (stages / "triage").exists() and not (stages / "split").exists()
+    second = llm_data(tmp_path, small_pku, server, "second")
+    assert len(server.requests) == 102 and second["oracle/calls"] == 2 and second["oracle/cached"] == 98
+    assert "triage/excluded/oracle_failed" not in second and second["oracle/failed"] == 0
+    assert sum(second[f"triage/{c}"] for c in CATEGORIES) == 50 and second["data/cache_hits"] == 1  # the source
+    third = llm_data(tmp_path, small_pku, server, "third")
+    assert len(server.requests) == 102 and third["data/cache_hits"] == 3  # source, triage, split
+    assert {k: v for k, v in third.items() if not k.startswith(("oracle/", "data/cache_hits"))} == \
+        {k: v for k, v in second.items() if not k.startswith(("oracle/", "data/cache_hits"))}
+    # one free preflight per run that asked anything; the cached run asked nothing at all
+    assert len(server.model_requests) == 2
+
+
+def test_too_many_failed_calls_stop_the_run_and_a_rerun_asks_only_those(tmp_path, small_pku, server):
+    from trace_realign.oracle import OracleFailuresError
+
+    server.script = ["500"] * 3 + ["drop"] * 3  # 6 of 50 pairs: 12% > oracle.max_failed_fraction (5%)
+    with pytest.raises(OracleFailuresError, match=r"failed for 6 of 50 pairs \(12.0%; failed calls by reason: "
+                                                  r"connection: 3, server_error: 3\), more than "
+                                                  r"oracle.max_failed_fraction=0.05.*rerun asks only the failed ones"):
+        llm_data(tmp_path, small_pku, server, "first")
+    assert not (tmp_path / "cache" / "stages" / "triage").exists() and not (tmp_path / "first" / "data").exists()
+    again = llm_data(tmp_path, small_pku, server, "again")
+    assert again["oracle/calls"] == 6 and "triage/excluded/oracle_failed" not in again
+    # the bound is a setting
+    server.script = ["500"] * 6
+    loose = llm_data(tmp_path / "loose", small_pku, server, "loose", "oracle.max_failed_fraction=0.2")
+    assert loose["triage/excluded/oracle_failed"] == 6

@@ -11,6 +11,10 @@
 for DPO baselines, and the pairs relabelled under pi_new for DPO-Gold; the training split's files hold what
 trains, after subset and noise, so baselines see the same data), removed.jsonl (every source row that made
 no pair, with its reason) and triage.json (counts that add up).
+
+An oracle call that failed (rate limited, timed out, unreadable) is no verdict: its pair is excluded from
+this run as `triage/excluded/oracle_failed`, and no stage built on it is cached, so the next run asks only
+the failed calls again. When more than `oracle.max_failed_fraction` of the pairs failed, the run stops.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from trace_realign.oracle import NoisyOracle, Oracle
+from trace_realign.oracle import NoisyOracle, Oracle, OracleFailuresError, failure_summary
 from trace_realign.records import CATEGORIES, PUNISH, DataError, PreferencePair, save_pairs
 from trace_realign.splits import DPO_GOLD_PUNISH, category_counts, dpo_gold, flip_labels, nested_subset, stratified_split
 from trace_realign.stages import StageCache, pairs_digest, stage_key
@@ -89,6 +93,8 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
     removed_rows = stats.pop("removed_rows", [])
     metrics: dict[str, Any] = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
     key = source_key(source, pairs)
+    # A source built on failed oracle calls (SynthValueBench) serves this run only, and so does all built on it.
+    complete = not getattr(source, "partial", False)
 
     # -- triage --
     needs_oracle = stages.use_triage or plan.splits is not None  # no_triage still splits by the oracle's view
@@ -109,13 +115,17 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
 
         def run_triage() -> tuple[list[PreferencePair], dict[str, Any]]:
             flipped = oracle.flipped if isinstance(oracle, NoisyOracle) else 0
+            failures_before = oracle.failure_counts()
             result = triage(pairs, oracle, policy, corrections=corrections)
+            check_failed_fraction(result.excluded["oracle_failed"], len(pairs),
+                                  oracle.failure_counts() - failures_before, oracle.max_failed_fraction)
             out_stats = {f"triage/excluded/{k}": v for k, v in sorted(result.excluded.items())}
             if isinstance(oracle, NoisyOracle):
                 out_stats["oracle/noise_flipped_triage"] = oracle.flipped - flipped
             return result.pairs, out_stats
 
-        triaged, tstats = stages.cache.run("triage", key, run_triage)
+        triaged, tstats = stages.cache.run_asking("triage", key, run_triage, oracle, complete)
+        complete = complete and "triage" not in stages.cache.unstored
     metrics.update(tstats)
     metrics.update({f"triage/{c}": n for c, n in category_counts(triaged).items()})
     if needs_oracle and not stages.trust_labels:
@@ -130,7 +140,7 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
             tagged = [replace(p, meta={**p.meta, "split": name}) for name, part in parts.items() for p in part]
             return tagged, {"data/split_unused": unused}
 
-        tagged, sstats = stages.cache.run("split", key, run_split)
+        tagged, sstats = stages.cache.run("split", key, run_split, store=lambda: complete)
         metrics.update(sstats)
         splits = {name: [p for p in tagged if p.meta.get("split") == name] for name in plan.splits}
     else:
@@ -143,7 +153,8 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
     train = splits[plan.train_split]
     if plan.size is not None:
         key = stage_key("subset", upstream=key, split=plan.train_split, size=plan.size, seed=stages.seed)
-        train, _ = stages.cache.run("subset", key, lambda: (nested_subset(train, plan.size, stages.seed), {}))
+        train, _ = stages.cache.run("subset", key, lambda: (nested_subset(train, plan.size, stages.seed), {}),
+                                    store=lambda: complete)
     if plan.label_noise > 0:
         key = stage_key("noise", upstream=key, p=plan.label_noise, seed=stages.seed)
 
@@ -151,7 +162,7 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
             noisy, flipped = flip_labels(train, plan.label_noise, stages.seed)
             return noisy, {"data/noise_flipped": flipped}
 
-        train, nstats = stages.cache.run("noise", key, run_noise)
+        train, nstats = stages.cache.run("noise", key, run_noise, store=lambda: complete)
         metrics.update(nstats)
         metrics["data/label_noise"] = plan.label_noise
     if not stages.use_triage:
@@ -164,6 +175,9 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
         train = result.pairs
         metrics["triage/excluded/correction_failed"] = (
             metrics.get("triage/excluded/correction_failed", 0) + result.excluded["correction_failed"])
+        if result.excluded["oracle_failed"]:
+            metrics["triage/excluded/oracle_failed"] = (
+                metrics.get("triage/excluded/oracle_failed", 0) + result.excluded["oracle_failed"])
     metrics["data/train_pairs"] = len(train)
     metrics.update({f"data/train/{c}": n for c, n in category_counts(train).items()})
     source_cache = getattr(source, "cache", None)
@@ -183,6 +197,16 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
     write_formats({**splits, plan.train_split: train}, out / "splits", plan.dpo_gold_punish, metrics)
     (out / TRIAGE_METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
+
+
+def check_failed_fraction(failed_pairs: int, total: int, reasons: Counter, bound: float) -> None:
+    """Stop when more than `bound` of the pairs lost their verdicts to failed calls: too few would be left
+    to stand for the data (and a server that fails this often is better asked again later)."""
+    if total and failed_pairs / total > bound:
+        raise OracleFailuresError(
+            f"triage: oracle calls failed for {failed_pairs} of {total} pairs ({failed_pairs / total:.1%}; failed "
+            f"calls by reason: {failure_summary(reasons) or 'none counted'}), more than oracle.max_failed_fraction="
+            f"{bound}. The answered calls are cached, so a rerun asks only the failed ones again.")
 
 
 def eval_items(pairs: list[PreferencePair]) -> list[dict[str, Any]]:

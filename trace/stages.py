@@ -4,6 +4,9 @@ A stage key is a hash of the stage's name, its parameters and the keys of the st
 unchanged input is reused and any change (a file's bytes, a size, a seed, the oracle, the policy)
 rebuilds that stage and every stage after it. A stage is written into a temporary directory that is
 renamed into place only when complete: an interrupted write leaves no entry, never a corrupt one.
+
+A stage built on oracle calls of which any failed is used by its run and never stored, nor is any stage
+built on it: the next run asks the failed calls again (answered calls come from the oracle's own store).
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import logging
 import os
 import shutil
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from trace_realign.oracle import failure_summary
 from trace_realign.records import PreferencePair
 
 log = logging.getLogger(__name__)
@@ -66,18 +71,28 @@ def _pairs(table: pa.Table) -> list[PreferencePair]:
             for r in rows]
 
 
+def _failure_counts(oracle: Any) -> Counter:
+    counts = getattr(oracle, "failure_counts", None)
+    return counts() if callable(counts) else Counter()
+
+
+Build = Callable[[], tuple[list[PreferencePair], dict[str, Any]]]
+
+
 class StageCache:
-    """Stages under `root/<name>/<key>/` as data.parquet (the records) and stats.json (their account)."""
+    """Stages under `root/<name>/<key>/` as data.parquet (the records) and stats.json (their account).
+    `unstored` names the stages built for this run only (on failed oracle calls, or on such a stage)."""
 
     def __init__(self, root: str | Path | None):
         self.root = Path(root) if root is not None else None
         self.hits: list[str] = []
         self.built: list[str] = []
+        self.unstored: list[str] = []
 
-    def run(
-        self, name: str, key: str, build: Callable[[], tuple[list[PreferencePair], dict[str, Any]]]
-    ) -> tuple[list[PreferencePair], dict[str, Any]]:
-        """The stage's (records, stats): read from the cache when `key` is stored, else built and stored."""
+    def run(self, name: str, key: str, build: Build, store: Callable[[], bool] = lambda: True
+            ) -> tuple[list[PreferencePair], dict[str, Any]]:
+        """The stage's (records, stats): read from the cache when `key` is stored, else built and, when
+        `store()` says so once it is built, stored."""
         if self.root is None:
             self.built.append(name)
             return build()
@@ -87,6 +102,10 @@ class StageCache:
             log.info("data stage %s: cached (%s)", name, final)
             return _pairs(pq.read_table(final / "data.parquet")), json.loads((final / "stats.json").read_text())
         pairs, stats = build()
+        self.built.append(name)
+        if not store():
+            self.unstored.append(name)
+            return pairs, stats
         tmp = self.root / name / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
         tmp.mkdir(parents=True)
         try:
@@ -100,5 +119,22 @@ class StageCache:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        self.built.append(name)
         return pairs, stats
+
+    def run_asking(self, name: str, key: str, build: Build, oracle: Any, upstream_complete: bool = True
+                   ) -> tuple[list[PreferencePair], dict[str, Any]]:
+        """run() for a stage that asks `oracle`: stored only when every call it made answered and what it
+        read was complete; otherwise it serves this run alone, with a warning, and a rerun asks again."""
+        before = _failure_counts(oracle)
+
+        def store() -> bool:
+            failed = _failure_counts(oracle) - before
+            if failed:
+                log.warning("data stage %s: %d oracle calls failed (%s); its result serves this run but is not "
+                            "cached, so a rerun asks the failed calls again (answered ones are cached)",
+                            name, sum(failed.values()), failure_summary(failed))
+            elif not upstream_complete:
+                log.info("data stage %s: not cached, as it read a stage built on failed oracle calls", name)
+            return upstream_complete and not failed
+
+        return self.run(name, key, build, store)
