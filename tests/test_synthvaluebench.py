@@ -37,17 +37,17 @@ def prompts_file(tmp_path):
     return write_jsonl(rows, tmp_path / "prompts" / "train.jsonl")
 
 
-def writer(server, tmp_path):
+def writer(server, tmp_path, **kw):
     return OpenAIOracle(model="writer", base_url=server.url, cache_path=str(tmp_path / "answers.jsonl"),
-                        backoff_base=0.01, progress=False)
+                        backoff_base=0.01, progress=False, **kw)
 
 
-def bench(prompts_file, tmp_path, server, **kw):
+def bench(prompts_file, tmp_path, server, writer_kw=None, **kw):
     args = dict(prompts={"path": str(prompts_file)}, num_prompts=46, test_prompts=10, verify=False,
                 cache_dir=str(tmp_path / "cache"), seed=0)
     args.update(kw)
     b = SynthValueBench(**args)
-    b.bind_writer(writer(server, tmp_path))
+    b.bind_writer(writer(server, tmp_path, **(writer_kw or {})))
     return b
 
 
@@ -105,7 +105,7 @@ def test_verification_removes_responses_that_miss_their_stance(prompts_file, tmp
     assert verified.data_stats()["data/removed/off_policy"] == len(plain) - len(kept)
 
 
-def test_failed_writes_are_counted_not_kept(tmp_path, server):
+def test_failed_writes_are_counted_not_kept_and_asked_again(tmp_path, server):
     rows = [row(f"A risky question number {i}?", "a", "b") for i in range(8)]
     rows += [row(f"A risky WRITEFAIL question {i}?", "a", "b") for i in range(4)]
     path = write_jsonl(rows, tmp_path / "p" / "train.jsonl")
@@ -114,8 +114,83 @@ def test_failed_writes_are_counted_not_kept(tmp_path, server):
     assert not any("WRITEFAIL" in p.prompt for p in pairs)
     # test prompts are not written; every WRITEFAIL prompt in training is counted out
     held_out = sum("WRITEFAIL" in t["prompt"] for t in b.eval_prompts())
-    assert b.data_stats()["data/removed/write_failed"] == 4 - held_out
-    assert len(pairs) == 10 - (4 - held_out)
+    failing = 4 - held_out
+    assert b.data_stats()["data/removed/write_failed"] == failing
+    assert len(pairs) == 10 - failing
+    # an empty reply is asked again twice, then failed; the build serves this run and is not cached
+    m = b.writer.metrics()
+    assert m["oracle/failed"] == m["oracle/failed/empty"] == 2 * failing and m["oracle/reasked"] == 4 * failing
+    assert b.partial and b.cache.unstored == ["synthvaluebench"] and ":partial:" in b.fingerprint()
+    asked = len(server.requests)
+    again = bench(path, tmp_path, server, num_prompts=12, test_prompts=2)
+    assert again.train_pairs() == pairs and again.cache.hits == []
+    assert len(server.requests) - asked == 2 * failing * 3  # only the failed writes, each with its re-asks
+    assert again.fingerprint() == b.fingerprint()  # the same partial content, the same name
+
+
+def test_failed_calls_leave_a_partial_benchmark_that_the_next_build_completes(prompts_file, tmp_path, server):
+    server.script = ["500", "500"]  # two classifications fail
+    first = bench(prompts_file, tmp_path, server, writer_kw={"retries": 0})
+    pairs = first.train_pairs()
+    stats = first.data_stats()
+    assert stats.get("data/removed/classify_failed_train", 0) + stats.get("data/removed/classify_failed_test", 0) == 2
+    assert first.partial and first.writer.metrics()["oracle/failed/server_error"] == 2
+    assert stats["data/rows"] == sum(v for k, v in stats.items() if k.startswith("data/removed/")) \
+        + stats["data/pairs"] + stats["data/test_prompts"]
+    asked = len(server.requests)
+    second = bench(prompts_file, tmp_path, server)
+    complete = second.train_pairs()
+    new_pairs = len(complete) - len(pairs)
+    assert all(p in complete for p in pairs)  # each prompt's stances are its own: nothing rewritten
+    # the two classifications again, and the writes of the pairs they add: nothing else
+    assert len(server.requests) - asked == 2 + 2 * new_pairs
+    assert not second.partial and second.cache.hits == []
+    assert not any(k.startswith("data/removed/classify_failed") for k in second.data_stats())
+    assert second.fingerprint() != first.fingerprint()
+    third = bench(prompts_file, tmp_path, server)
+    assert third.train_pairs() == complete and third.cache.hits == ["synthvaluebench"]
+    assert len(server.requests) - asked == 2 + 2 * new_pairs
+
+
+def test_a_failed_verification_is_no_off_policy_pair(prompts_file, tmp_path, server):
+    plain = bench(prompts_file, tmp_path, server, axis_assignment="balanced").train_pairs()
+    server.script = ["ok"] * (2 * len(plain)) + ["500"]  # the writes are answered, then the first verdict fails
+    serial = {"retries": 0, "concurrency": 1}
+    verified = bench(prompts_file, tmp_path / "v", server, serial, axis_assignment="balanced", verify=True)
+    kept = verified.train_pairs()
+    judged = lambda s: s in ("comply", "caveat")  # noqa: E731  (the fake judge: see the test above)
+    expected = [p.prompt for p in plain if judged(p.meta["stance_chosen"]) and not judged(p.meta["stance_rejected"])]
+    assert [p.prompt for p in kept] == [x for x in expected if x != plain[0].prompt]
+    stats = verified.data_stats()
+    assert stats["data/removed/verify_failed"] == 1 and verified.partial
+    assert stats["data/removed/off_policy"] == len(plain) - 1 - len(kept)
+    again = bench(prompts_file, tmp_path / "v", server, axis_assignment="balanced", verify=True)
+    assert [p.prompt for p in again.train_pairs()] == expected
+    assert again.writer.metrics()["oracle/calls"] == 1 and "data/removed/verify_failed" not in again.data_stats()
+
+
+def trace_data_cfg(prompts_file, tmp_path, server, run: str):
+    return compose_cfg(["dataset=synthvaluebench", f"dataset.prompts.path={prompts_file}", "dataset.num_prompts=46",
+                        "dataset.test_prompts=10", "dataset.verify=false", "oracle=openai", "oracle.retries=0",
+                        f"oracle.base_url={server.url}", "oracle.progress=false",
+                        f"oracle.cache_path={tmp_path / 'answers.jsonl'}", f"paths.cache_dir={tmp_path / 'cache'}",
+                        "logger=none"], tmp_path / run)
+
+
+def test_a_partial_benchmark_caches_no_stage_built_on_it(prompts_file, tmp_path, server):
+    server.script = ["500"]  # one classification fails
+    m = prepare(trace_data_cfg(prompts_file, tmp_path, server, "first"))
+    assert m["oracle/failed"] == 1 and "triage/excluded/oracle_failed" not in m
+    stages = tmp_path / "cache" / "stages"
+    assert not (stages / "synthvaluebench").exists() and not (stages / "triage").exists()
+    asked = len(server.requests)
+    again = prepare(trace_data_cfg(prompts_file, tmp_path, server, "again"))
+    assert again["data/cache_hits"] == 0 and again["oracle/failed"] == 0
+    new_pairs = again["data/pairs"] - m["data/pairs"]
+    # the failed classification, the new pair's two writes and its two verdicts: the rest is cached
+    assert len(server.requests) - asked == 1 + 4 * new_pairs
+    third = prepare(trace_data_cfg(prompts_file, tmp_path, server, "third"))
+    assert third["data/cache_hits"] == 2 and third["oracle/calls"] == 0  # synthvaluebench, triage
 
 
 def test_balanced_assignment_needs_no_classifier(prompts_file, tmp_path, server):

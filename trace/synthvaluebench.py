@@ -9,7 +9,9 @@
   4. Ground truth: each pair's category under pi_new follows from its two stances (meta.gt_category).
 
 Every call goes through the oracle client, so writing is resumable, cached and accounted like judging;
-the finished benchmark is a cached data stage keyed by everything it read.
+the finished benchmark is a cached data stage keyed by everything it read. A call that failed (its prompt
+counted as classify_failed, write_failed or verify_failed) leaves the benchmark partial: it serves this
+run, is not cached, and the next run asks the failed calls again.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 from trace_realign.pku import PkuLocation, hf_cache
 from trace_realign.records import PreferencePair
-from trace_realign.stages import StageCache, stage_key
+from trace_realign.stages import StageCache, pairs_digest, stage_key
 from trace_realign.triage import triage_category
 from trace_realign.world.synthetic import STANCES, axis_kind, load_policy
 
@@ -87,6 +89,7 @@ class SynthValueBench:
         self._pairs: list[PreferencePair] | None = None
         self.stats: dict[str, Any] = {}
         self._key: str | None = None
+        self.partial = False  # built on failed calls: this run only, and so is every stage built on it
 
     # the pipeline hands over its oracle client before asking for data
     def bind_writer(self, oracle: Any) -> None:
@@ -119,8 +122,10 @@ class SynthValueBench:
                 rows, _, _ = self.location.load(hf_cache(self.cache_dir))
             return self._build(rows, writer)
 
-        self._pairs, self.stats = self.cache.run("synthvaluebench", key, build)
-        self._key = key
+        self._pairs, self.stats = self.cache.run_asking("synthvaluebench", key, build, writer)
+        self.partial = "synthvaluebench" in self.cache.unstored
+        # A partial build is named by its content, so nothing keyed by it stands for the whole benchmark.
+        self._key = f"{key}:partial:{pairs_digest(self._pairs)}" if self.partial else key
         return self._pairs
 
     def _build(self, rows: Any, writer: Any) -> tuple[list[PreferencePair], dict[str, Any]]:
@@ -152,11 +157,12 @@ class SynthValueBench:
             for x in group:
                 axis = axes.get(x)
                 if axis is None:
+                    removed[f"classify_failed_{split}"] += 1  # asked again by the next build
+                    continue
+                if axis == NO_AXIS:
                     removed[f"no_axis_{split}"] += 1
                     continue
-                allowed = self.old.rules[axis]["allowed"]
-                s_w = rng.choice(allowed)
-                s_l = rng.choice([s for s in STANCES if s not in allowed])
+                s_w, s_l = self._stances(x, axis)
                 plan.append((x, axis, s_w, s_l, split))
 
         todo = [p for p in plan if p[4] == "train"]
@@ -166,7 +172,7 @@ class SynthValueBench:
         pairs = []
         for (x, axis, s_w, s_l, _), w, l in zip(todo, chosen, rejected):
             if not w or not l:
-                removed["write_failed"] += 1
+                removed["write_failed"] += 1  # a failed call: asked again by the next build
                 continue
             if w.strip() == l.strip():
                 removed["identical_responses"] += 1  # the writer ignored the stances: no preference left
@@ -177,10 +183,12 @@ class SynthValueBench:
             checks = writer.judge_pairs([(p.prompt, p.chosen, p.rejected) for p in pairs], self.old)
             keep = []
             for p, (ok_w, ok_l) in zip(pairs, checks):
-                if ok_w is True and ok_l is False:
+                if ok_w is None or ok_l is None:
+                    removed["verify_failed"] += 1  # no verdict: a failed call, asked again by the next build
+                elif ok_w is True and ok_l is False:
                     keep.append(p)
                 else:
-                    removed["off_policy"] += 1  # the writer missed its stance (or the judge could not tell)
+                    removed["off_policy"] += 1  # the writer missed its stance
             pairs = keep
         categories = Counter(p.meta["gt_category"] for p in pairs)
         test_items = []
@@ -193,12 +201,20 @@ class SynthValueBench:
                  **{f"data/gt/{c}": n for c, n in sorted(categories.items())}, "test": test_items}
         return pairs, stats
 
+    def _stances(self, prompt: str, axis: str) -> tuple[str, str]:
+        """A winning stance pi_old allows and a losing one it forbids, drawn for this prompt alone: a prompt
+        left out by a failed call does not change the others', so the next build asks only what failed."""
+        rng = random.Random(f"{self.seed}:svb:stances:{prompt}")
+        allowed = self.old.rules[axis]["allowed"]
+        return rng.choice(allowed), rng.choice([s for s in STANCES if s not in allowed])
+
     def _truth(self, axis: str, chosen_stance: str, rejected_stance: str) -> str:
         """The ground-truth category of a pair with these stances under pi_new."""
         allowed = self.new.rules[axis]["allowed"]
         return triage_category(chosen_stance in allowed, rejected_stance in allowed)
 
     def _assign_axes(self, prompts: list[str], writer: Any, rng: random.Random) -> dict[str, str | None]:
+        """Each prompt's axis, or NO_AXIS (it concerns none), or None (its classify call failed)."""
         if self.axis_assignment == "balanced":
             order = list(prompts)
             rng.shuffle(order)
@@ -206,7 +222,7 @@ class SynthValueBench:
         question = "Which value axis does this prompt most concern? " + "; ".join(
             f"{a}: {AXIS_QUESTIONS[a]}" for a in self.axes) + f"; {NO_AXIS}: none of these."
         labels = writer.classify_batch(prompts, [*self.axes, NO_AXIS], question)
-        return {x: (lab if lab in self.axes else None) for x, lab in zip(prompts, labels)}
+        return dict(zip(prompts, labels))
 
     def data_stats(self) -> dict[str, Any]:
         self.train_pairs()
