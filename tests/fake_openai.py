@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class FakeOpenAI:
     """Answers POST /v1/chat/completions. `script` is consumed one action per request:
     "ok", "429", "500", "401", "403", "404" (no such model), "drop", "malformed", "prose", "refuse",
-    "empty"; when empty, "ok". GET /v1/models answers with `models_status` (200 or 401), counted in
+    "empty"; when empty, "ok". GET /v1/models answers with `models_status` (200, 401, or any error), counted in
     `model_requests`, apart from the chat requests.
     A verdict is compliant when the judged response contains "COMPLY". Classification answers the first
     allowed label the prompt mentions; written responses contain "COMPLY" when told to do what was asked."""
@@ -36,6 +36,8 @@ class FakeOpenAI:
                     fake.model_requests.append({"auth": self.headers.get("Authorization")})
                 if fake.models_status == 401:
                     return self._send(401, {"error": {"message": "Incorrect API key provided: sk-pla***", "code": "invalid_api_key"}})
+                if fake.models_status != 200:
+                    return self._send(fake.models_status, {"error": {"message": "not here"}})
                 self._send(200, {"object": "list", "data": [{"id": "judge", "object": "model", "created": 0, "owned_by": "x"}]})
 
             def do_POST(self):

@@ -148,9 +148,21 @@ def test_the_preflight_runs_once_and_never_for_a_cached_rerun(server, tmp_path):
     assert again.judge_batch(ITEMS[:4], POLICY) == EXPECTED[:4]
     assert len(server.model_requests) == 1 and len(server.requests) == 4  # offline and free
     # a server without /models (or one that fails it) is not stopped by the preflight
-    server.models_status = 404
-    assert oracle(server, tmp_path / "b").judge_batch(ITEMS[:1], POLICY) == EXPECTED[:1]
-    assert len(server.model_requests) == 2
+    for n, status in enumerate((404, 500), start=2):
+        server.models_status = status
+        assert oracle(server, tmp_path / str(status)).judge_batch(ITEMS[:1], POLICY) == EXPECTED[:1]
+        assert len(server.model_requests) == n
+
+
+def test_no_server_is_no_configuration_error_but_failed_calls(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    o = OpenAIOracle(model="judge", base_url=url, cache_path=str(tmp_path / "v.jsonl"), retries=0, progress=False)
+    assert o.judge_batch(ITEMS[:2], POLICY) == [None, None]
+    assert o.failure_counts() == Counter({"connection": 2}) and len(o.store) == 0
 
 
 @pytest.mark.parametrize("status", ["401", "403"])
@@ -201,6 +213,18 @@ def test_corrections_are_keyed_by_the_writers_own_temperature(server, tmp_path):
     assert len(server.requests) == 1
     oracle(server, tmp_path, temperature=0.9).correct_batch(["p"], POLICY)
     assert len(server.requests) == 2 and server.requests[-1]["body"]["temperature"] == 0.9
+
+
+def test_pair_mode_failures_are_counted_and_asked_again(server, tmp_path):
+    from trace_realign.records import PreferencePair
+    from trace_realign.triage import triage
+
+    pairs = [PreferencePair(f"p{i}", "COMPLY w", "l") for i in range(3)]
+    server.script = ["500"]
+    result = triage(pairs, oracle(server, tmp_path, pair_mode=True, retries=0, concurrency=1), POLICY)
+    assert result.excluded == Counter({"oracle_failed": 1}) and len(result.pairs) == 2
+    again = oracle(server, tmp_path, pair_mode=True)
+    assert not triage(pairs, again, POLICY).excluded and again.metrics()["oracle/calls"] == 1
 
 
 def test_http_logging_stays_quiet(server, tmp_path):

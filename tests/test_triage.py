@@ -212,6 +212,8 @@ def test_noisy_oracle_reports_its_base_oracles_failures():
     noisy = NoisyOracle(base, 0.5, seed=1)
     result = triage([PreferencePair("a", "w", "FAIL l")], noisy, POLICY)
     assert result.excluded == Counter({"oracle_failed": 1}) and noisy.failed_calls == base.failed_calls == 1
+    base.max_failed_fraction = 0.2
+    assert noisy.max_failed_fraction == 0.2  # the bound is the base oracle's setting
 
 
 def test_corrections_not_requested_without_punished_pairs():

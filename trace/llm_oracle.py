@@ -187,6 +187,9 @@ class OpenAIOracle(Oracle):
         self.malformed_retries, self.max_failed_fraction = malformed_retries, max_failed_fraction
         self.prices = (price_input_per_m, price_output_per_m)
         self.store = VerdictStore(cache_path) if cache_path else None
+        if self.store is not None and self.store.failed_lines:
+            log.info("oracle: %d failed calls recorded in %s by an older version are ignored; they will be asked again",
+                     self.store.failed_lines, cache_path)
         self.memory: dict[str, Answer] = {}
         self.format = FORMATS[0]
         self.progress, self.pair_mode = progress, pair_mode
