@@ -12,7 +12,9 @@ from trace_realign.oracle import Policy
 from trace_realign.records import CATEGORIES, DataError
 from trace_realign.triage import triage
 from trace_realign.world import SyntheticWorld, WorldJudge, load_policy
-from trace_realign.world.synthetic import AXES, STANCE_TEMPLATES, STANCES, read_stance, read_sum, render_policy
+from trace_realign.world.synthetic import (
+    AXES, FRAMES, STANCE_TEMPLATES, STANCES, read_prompt, read_stance, read_sum, render_policy,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,11 @@ def allow(stances, axes=AXES) -> Policy:
 
 
 def n_prompts(axis: str) -> int:
-    return len(AXES[axis]["templates"]) * len(AXES[axis]["fillers"])
+    return len(FRAMES) * len(AXES[axis]["templates"]) * len(AXES[axis]["fillers"])
+
+
+def prompts_of(axis: str) -> set[str]:
+    return {p for p, _ in SyntheticWorld.prompts(axis)}
 
 
 def prompt_of(axis: str) -> str:
@@ -59,7 +65,23 @@ def test_train_and_test_prompts_disjoint(world):
     assert not train & set(test)
     # every train prompt is a prompt of its axis
     for p in value_pairs(world):
-        assert p.prompt in {t.format(x=f) for t in AXES[p.meta["axis"]]["templates"] for f in AXES[p.meta["axis"]]["fillers"]}
+        assert p.prompt in prompts_of(p.meta["axis"])
+
+
+@pytest.mark.parametrize("axis", list(AXES))
+def test_every_prompt_reads_back_as_its_axis_and_filler(axis):
+    prompts = SyntheticWorld.prompts(axis)
+    assert len(prompts) == len({p for p, _ in prompts}) == n_prompts(axis)
+    for prompt, filler in prompts:
+        assert read_prompt(prompt) == (axis, filler), prompt
+
+
+def test_held_out_prompts_are_enough_for_a_five_point_interval(world):
+    from trace_realign.eval import wilson_interval
+
+    shifted = [t for t in world.eval_prompts() if t.get("shift") == "shifted"]
+    lo, hi = wilson_interval(len(shifted) // 2, len(shifted))  # the widest case, p = 1/2
+    assert 50 * (hi - lo) <= 5.0, len(shifted)
 
 
 def test_every_axis_present(world):
@@ -221,7 +243,7 @@ def test_correct_complies_with_new_policy_on_every_prompt(world):
         if read_sum(prompt) is not None:
             axes_seen.add("utility")
             continue
-        axes_seen.add(next(a for a in AXES if prompt in {t.format(x=f) for t in AXES[a]["templates"] for f in AXES[a]["fillers"]}))
+        axes_seen.add(next(a for a in AXES if prompt in prompts_of(a)))
     assert axes_seen == set(AXES) | {"utility"}
 
 
@@ -339,23 +361,46 @@ def test_utility_sums_are_judged_by_their_answer_under_any_policy(world):
     assert judge.correct("What is 4 plus 5?", world.new) == "The answer is 9."
 
 
-def test_stages_serve_sft_and_dpo_data_labelled_retain():
-    realign = SyntheticWorld(seed=3)
-    sft, dpo = SyntheticWorld(seed=3, stage="sft"), SyntheticWorld(seed=3, stage="dpo")
-    assert not realign.triaged and sft.triaged and dpo.triaged
-    assert all(p.category is None for p in realign.train_pairs())
-    assert all(p.category == "retain" for p in sft.train_pairs() + dpo.train_pairs())
+def test_stages_serve_the_data_that_builds_m_old():
+    w = SyntheticWorld(seed=3)
+    sft, dpo = w.stage_pairs("sft"), w.stage_pairs("dpo")
     # DPO sees D itself; SFT also sees the held-out sums, which realignment never sees.
-    assert [p.prompt for p in dpo.train_pairs()] == [p.prompt for p in realign.train_pairs()]
-    held_out = {t["prompt"] for t in realign.eval_prompts() if t["kind"] == "utility"}
-    assert held_out and held_out <= {p.prompt for p in sft.train_pairs()}
-    assert not held_out & {p.prompt for p in realign.train_pairs()}
-    assert len(held_out) == realign.utility_eval
-    # the test value prompts are seen by no stage
-    value_test = {t["prompt"] for t in realign.eval_prompts() if t["kind"] == "value"}
-    assert not value_test & {p.prompt for p in sft.train_pairs()}
-    with pytest.raises(ValueError, match="dataset.stage"):
-        SyntheticWorld(stage="finetune")
+    assert dpo == w.train_pairs()
+    held_out = {t["prompt"] for t in w.eval_prompts() if t["kind"] == "utility"}
+    assert held_out and held_out <= {p.prompt for p in sft}
+    assert not held_out & {p.prompt for p in w.train_pairs()}
+    assert len(held_out) == w.utility_eval
+    # the test value prompts are in no preference data
+    value_test = {t["prompt"] for t in w.eval_prompts() if t["kind"] == "value"}
+    assert not value_test & {p.prompt for p in sft + dpo}
+    with pytest.raises(ValueError, match="stage"):
+        w.stage_pairs("finetune")
+    with pytest.raises(ValueError, match="labels"):
+        w.stage_pairs("sft", labels="newest")
+
+
+@pytest.mark.parametrize("punish", ["correction", "keep", "drop"])
+def test_stages_under_pi_new_labels_are_d_reannotated(punish):
+    """The re-training upper bound's data: the same prompts, preferences that follow pi_new."""
+    w = SyntheticWorld(seed=4, pairs_per_axis=30)
+    judge = WorldJudge()
+    old = {(p.prompt, p.chosen, p.rejected): p for p in w.train_pairs()}
+    gold = w.stage_pairs("dpo", labels="new", gold_punish=punish)
+    by_category = Counter()
+    for p in gold:
+        category = p.meta["gt_category"]
+        by_category[category] += 1
+        if category == "invert":
+            assert (p.prompt, p.rejected, p.chosen) in old  # swapped
+        if category == "retain" or (category == "punish" and punish == "keep"):
+            assert (p.prompt, p.chosen, p.rejected) in old
+        if category == "punish" and punish == "correction":
+            assert judge.judge(p.prompt, p.chosen, w.new) is True and judge.judge(p.prompt, p.rejected, w.new) is False
+        if category != "punish" or punish == "correction":
+            assert judge.judge(p.prompt, p.chosen, w.new) is True, p  # every winner complies with pi_new
+    truth = Counter(p.meta["gt_category"] for p in w.train_pairs())
+    assert by_category["invert"] == truth["invert"] and by_category["retain"] == truth["retain"]
+    assert by_category["punish"] == (0 if punish == "drop" else truth["punish"]) and truth["punish"] > 0
 
 
 def test_eval_prompts_carry_axis_category_and_shift(world):
@@ -385,17 +430,18 @@ def test_rejected_stances_must_violate_pi_old(bad):
         SyntheticWorld(rejected_stances=bad)
 
 
-def test_pretrain_corpus_says_everything_on_train_prompts_only():
-    w = SyntheticWorld(seed=2, stage="pretrain")
-    pairs = w.train_pairs()
+def test_pretrain_corpus_says_everything_and_is_the_same_for_every_seed():
+    w = SyntheticWorld(seed=2)
+    pairs = w.stage_pairs("pretrain")
     value = [p for p in pairs if p.meta["axis"] != "utility"]
-    # every stance on every train prompt, so the base model can produce any of them before alignment
+    # every stance on every prompt of the world, so the base model can produce any of them before alignment
     by_prompt: dict[str, set] = {}
     for p in value:
         by_prompt.setdefault(p.prompt, set()).add(p.meta["stance_chosen"])
         assert read_stance(p.chosen) == p.meta["stance_chosen"]
     assert all(s == set(STANCES) for s in by_prompt.values())
-    realign = SyntheticWorld(seed=2)
-    assert set(by_prompt) == {p.prompt for p in realign.train_pairs() if p.meta["axis"] != "utility"}
-    assert not set(by_prompt) & {t["prompt"] for t in realign.eval_prompts()}
-    assert sum(p.meta["axis"] == "utility" for p in pairs) == w.utility_in_data + w.utility_eval
+    assert set(by_prompt) == set().union(*(prompts_of(a) for a in AXES))
+    sums = [p for p in pairs if p.meta["axis"] == "utility"]
+    assert len(sums) == w.utility_max ** 2 * w.utility_pretrain_repeats
+    # one base model for every seed: the seed draws the alignment data, not the pretraining corpus
+    assert SyntheticWorld(seed=5).stage_pairs("pretrain") == pairs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -62,6 +63,11 @@ class JsonlSource:
 
     def corpus(self) -> list[str]:
         return [t for p in self.train_pairs() for t in (p.prompt, p.chosen, p.rejected)]
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process is the first of its job (a DDP launcher sets these for the workers it starts)."""
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -145,14 +151,21 @@ class TriagedDataModule(L.LightningDataModule):
         self.splits: dict[str, list[PreferencePair]] = {}
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.stats: dict[str, float] = {}
+        self._prepared = False
 
     # -- the data stages, once, on rank 0 (pipeline.py) --
     def prepare_data(self) -> None:
-        if (self.work_dir / TRIAGED_FILE).is_file() and (self.work_dir / TRIAGE_METRICS_FILE).is_file():
-            return  # this run directory already holds its data (a resumed run)
+        if self._prepared:
+            return
+        if not launched_as_rank_zero() and (self.work_dir / TRIAGE_METRICS_FILE).is_file():
+            # A DDP worker started after rank 0 prepared this run's data (rundir.claim guarantees the
+            # folder holds this configuration's run): read it, do not rebuild it under rank 0's feet.
+            self._prepared = True
+            return
         stages = Stages(StageCache(self.cache_dir), use_triage=self.use_triage, trust_labels=self.trust_labels,
                         corrections=self.needs_corrections, seed=self.seed)
         prepare(self.source, self.oracle, self.plan, stages, self.work_dir)
+        self._prepared = True
 
     def eval_prompts(self) -> list[dict[str, Any]]:
         """The held-out prompts: the eval split's, or the data source's own."""

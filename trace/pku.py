@@ -155,6 +155,8 @@ class LabelOracle(Oracle):
     generation, for instance) is undecided, and so is a response whose copies carry conflicting labels.
     """
 
+    judges_text = False  # it cannot score a model's generations: evaluation needs another judge
+
     def __init__(self) -> None:
         self.source: Any = None
         self._index: dict[tuple[str, str], HarmLabels | None] | None = None

@@ -1,10 +1,19 @@
 """Building M_old: the starting model, aligned to pi_old before any realignment.
 
-The tiny default model is trained in stages (supervised fine-tuning, then DPO under pi_old) by the very
-pipeline that realigns it: each stage is a run of `train.run` with its own term table (nll, then
-relational on retained pairs) and full fine-tuning. The result is cached on disk, keyed by every setting
-the stages read, so every run and sweep job reuses it; the stages run in a temporary directory that is
-renamed into place only when the last one has finished, so an interrupted build leaves no cache.
+The tiny default model is trained in stages (pretraining, supervised fine-tuning, then DPO under pi_old)
+by the very pipeline that realigns it: each stage is a run of `train.run` with its own term table (nll,
+then relational on retained pairs) and full fine-tuning. A stage's data come from the run's data source:
+a source that knows how to serve them (the embedded world: `stage_pairs`) serves its own, any other
+source gets the generic stages built from its pairs as annotated (`StageData`).
+
+The same pipeline re-run with pi_new's labels in place of pi_old's is the full re-training upper bound
+(DPO-Gold): `labels="new"`.
+
+The result is cached on disk, keyed by what the stages read: the content of each stage's data, each
+stage's hyperparameters and the base model. Nothing else (realignment's settings, where runs write)
+enters the key, so no realignment setting rebuilds M_old and no stage setting is ignored. The stages run
+in a temporary directory that is renamed into place only when the last one has finished, so an
+interrupted build leaves no cache.
 """
 
 from __future__ import annotations
@@ -16,40 +25,94 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from trace_realign.records import RETAIN, PreferencePair
+from trace_realign.stages import pairs_digest
+
 log = logging.getLogger(__name__)
 
-# Bump when the data a stage sees changes meaning (e.g. the world's generator), to invalidate caches.
-PREALIGN_VERSION = 1
+# Bump when what a stage does with the same data and settings changes meaning, to invalidate caches.
+PREALIGN_VERSION = 2
 # What every stage's data plan is, whatever the realignment run asks for (pipeline.DataPlan's defaults).
 DATA_PLAN_DEFAULTS = {"splits": None, "train_split": "train", "eval_split": None, "size": None,
                       "label_noise": 0.0, "dpo_gold_punish": "keep"}
 INFO_FILE = "prealign.json"
+GENERIC_STAGES = ("pretrain", "sft", "dpo")
+
+
+class StageData:
+    """The data one stage trains on, from any data source, every pair labelled retain and trusted.
+
+    A source with `stage_pairs(stage, labels, gold_punish)` serves its own (the embedded world). For any
+    other source the stages are built from its pairs as annotated: pretrain on every response (chosen and
+    rejected: all the data can say), sft on the chosen responses, dpo on the pairs. Only a source that
+    knows pi_new's labels can serve labels="new".
+    """
+
+    triaged = True
+
+    def __init__(self, source: Any, stage: str, labels: str = "old", gold_punish: str = "correction"):
+        self.source, self.stage, self.labels, self.gold_punish = source, stage, labels, gold_punish
+        self.old, self.new = source.old, source.new
+        self._pairs: list[PreferencePair] | None = None
+        if not hasattr(source, "stage_pairs"):
+            if stage not in GENERIC_STAGES:
+                raise ValueError(f"model.prealign.stages: unknown stage {stage!r}; expected one of {GENERIC_STAGES}")
+            if labels != "old":
+                raise ValueError(
+                    f"building a model under pi_new's labels (full re-training) needs a dataset that knows them; "
+                    f"{type(source).__name__} serves its pairs as annotated only. Use the embedded world "
+                    "(dataset=embedded), or DPO on the relabelled pairs fine-tuned from M_old (ablation=dpo_gold)")
+
+    def train_pairs(self) -> list[PreferencePair]:
+        if self._pairs is None:
+            if hasattr(self.source, "stage_pairs"):
+                pairs = self.source.stage_pairs(self.stage, self.labels, self.gold_punish)
+            else:
+                pairs = generic_stage_pairs(self.source.train_pairs(), self.stage)
+            self._pairs = [replace(p, category=RETAIN) for p in pairs]
+        return self._pairs
+
+    def eval_prompts(self) -> list[dict[str, Any]]:
+        return []
+
+    def corpus(self) -> list[str]:
+        return self.source.corpus()
+
+
+def generic_stage_pairs(pairs: list[PreferencePair], stage: str) -> list[PreferencePair]:
+    """Stages for a source that serves only its annotated pairs (see StageData)."""
+    if stage == "pretrain":
+        # each response once as the nll target ("chosen"); the rejected slot is unused by nll
+        return [PreferencePair(p.prompt, y, p.rejected) for p in pairs for y in dict.fromkeys((p.chosen, p.rejected))]
+    return [PreferencePair(p.prompt, p.chosen, p.rejected) for p in pairs]
 
 
 def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str, out_dir: Path) -> DictConfig:
     """The full run config of one stage: the user's run with everything a stage fixes overridden."""
-    if "stage" not in cfg.dataset:
-        raise ValueError(f"model.prealign: dataset {cfg.dataset.get('_target_')} has no 'stage' to serve SFT/DPO data")
     s = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     s.model.name_or_path, s.model.build, s.model.prealign = model_path, None, None
     s.model.lora.enabled = False  # M_old is a full model: realignment then trains adapters on top of it
     s.model.gradient_checkpointing = False
-    s.dataset.stage = name
     s.ablation = {"name": f"prealign_{name}", "triage": True, "impact": False, "kl": False,
                   "terms": OmegaConf.to_container(stage.terms)}
     s.loss = {"type": "sigmoid", "beta": float(stage.get("beta", 0.1))}
     s.objective = {"alpha_kl": 0.0, "reduction": "mean", "stop_grad_norm": 0.0}
     s.optimizer.lr = float(stage.lr)
-    s.scheduler = None
+    # A learning rate that decays to 0 over the stage: the same steps end at a much lower loss.
+    s.scheduler = None if stage.get("schedule", "linear") == "constant" else {
+        "_target_": "torch.optim.lr_scheduler.LinearLR", "_partial_": True,
+        "start_factor": 1.0, "end_factor": 0.0, "total_iters": int(stage.steps)}
     s.data.batch_size = {"invert": 1, "punish": 1, "retain": int(stage.batch_size)}
     s.trainer.max_steps = int(stage.steps)
     s.trainer.accumulate_grad_batches = 1
     s.trainer.devices, s.trainer.strategy = 1, "auto"
+    s.trainer.enable_progress_bar = False
     for key, value in DATA_PLAN_DEFAULTS.items():
         s.data[key] = value  # a stage trains on all its data: realignment's splits, sizes and noise are not its
     s.eval.enabled = False
@@ -60,57 +123,95 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
     s.logger = {}
     s.seed = int(stage.get("seed", 0))
     s.paths.output_dir = str(out_dir)
+    s.quiet = True  # an inner stage prints no summary of its own (its folder is temporary)
     return s
 
 
-def _key(stage_cfgs: list[DictConfig]) -> str:
-    """Everything the stages read, less where they write and the machine-only trainer settings."""
-    parts = []
-    for s in stage_cfgs:
-        c = OmegaConf.to_container(s, resolve=True)
-        for k in ("paths", "hydra", "logger", "eval", "select", "oracle", "judge", "tags", "task_name", "optimized_metric"):
-            c.pop(k, None)
-        for k in DATA_PLAN_DEFAULTS:  # fixed for every stage (stage_config)
-            c["data"].pop(k, None)
-        c["model"]["name_or_path"] = Path(c["model"]["name_or_path"]).name  # the base dir name is its hash
-        c["trainer"] = {k: c["trainer"][k] for k in ("max_steps", "gradient_clip_val", "precision")}
-        parts.append(c)
-    blob = json.dumps({"version": PREALIGN_VERSION, "stages": parts}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def stage_inputs(s: DictConfig, data_digest: str) -> dict[str, Any]:
+    """Everything a stage run reads besides its starting model: its data's content and its settings."""
+    c = OmegaConf.to_container(s, resolve=True)
+    model = {k: c["model"].get(k) for k in ("dtype", "attn_implementation", "disable_dropout", "revision",
+                                             "trust_remote_code")}
+    data = {k: c["data"].get(k) for k in ("batch_size", "max_length", "max_prompt_length")}
+    trainer = {k: c["trainer"].get(k) for k in ("max_steps", "gradient_clip_val", "precision", "accumulate_grad_batches")}
+    return {"data": data_digest, "model": model, "ablation": c["ablation"], "loss": c["loss"],
+            "objective": c["objective"], "optimizer": c["optimizer"], "scheduler": c.get("scheduler"),
+            "batching": data, "trainer": trainer, "seed": c["seed"]}
+
+
+def model_identity(path: str) -> str:
+    """What names a starting model: a directory this package built is named by its own hash; any other
+    local directory by its files' names, sizes and config; a hub id by itself."""
+    p = Path(path)
+    if not p.is_dir():
+        return path
+    h = hashlib.sha256(p.name.encode())
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(f"{f.relative_to(p)}:{f.stat().st_size}".encode())
+        if f.name.endswith(".json"):
+            h.update(f.read_bytes())
+    return f"{p.name}:{h.hexdigest()[:16]}"
 
 
 def prealigned_model(
-    cfg: DictConfig, base_path: str, run_stage: Callable[[DictConfig], dict[str, Any]]
+    cfg: DictConfig,
+    base_path: str,
+    run_stage: Callable[[DictConfig, Any], dict[str, Any]],
+    source: Any,
+    labels: str = "old",
+    gold_punish: str = "correction",
 ) -> tuple[str, dict[str, float]]:
-    """The cached M_old directory for this config, built with `run_stage` (train.run) when missing."""
+    """The cached model built by the stages of `cfg.model.prealign` from `base_path` on `source`'s data
+    (under pi_old's labels, or pi_new's: the re-training upper bound); each stage missing from the cache is
+    built with `run_stage` (train.run). Returns the last stage's directory and the build's metrics
+    (prefixed prealign/ or retrain/).
+
+    Each stage is cached on its own, keyed by its inputs and the key of the stage before it, so builds
+    that share a beginning share it on disk (the re-training upper bound reuses M_old's pretraining).
+    """
     stages = cfg.model.prealign.stages
-    cache = Path(cfg.paths.cache_dir)
-    names = list(stages.keys())
-    placeholder = [stage_config(cfg, n, stages[n], base_path, cache) for n in names]
-    target = cache / f"m-old-{_key(placeholder)}"
-    if (target / "config.json").is_file():
+    root = Path(cfg.paths.cache_dir) / "prealign"
+    prefix = "prealign" if labels == "old" else "retrain"
+    metrics: dict[str, float] = {}
+    key = hashlib.sha256(json.dumps({"version": PREALIGN_VERSION, "base": model_identity(base_path)}).encode()).hexdigest()
+    model_path, built, start = base_path, 0, time.time()
+    for name in stages:
+        data = StageData(source, name, labels, gold_punish)
+        inputs = stage_inputs(stage_config(cfg, name, stages[name], base_path, root), pairs_digest(data.train_pairs()))
+        blob = json.dumps({"previous": key, "stage": name, **inputs}, sort_keys=True, default=str)
+        key = hashlib.sha256(blob.encode()).hexdigest()
+        target = root / f"{name}-{key[:16]}"
+        if not (target / "config.json").is_file():
+            log.info("building %s: stage %s", "M_old" if labels == "old" else "the re-trained upper bound", name)
+            _build_stage(stage_config(cfg, name, stages[name], model_path, root), data, run_stage, target, blob)
+            built += 1
         info = json.loads((target / INFO_FILE).read_text()) if (target / INFO_FILE).is_file() else {}
-        return str(target), {**{k: float(v) for k, v in info.items() if k.startswith("prealign/")}, "prealign/cached": 1.0}
-    cache.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
-    metrics: dict[str, float] = {"prealign/cached": 0.0}
-    start = time.time()
+        metrics.update({f"{prefix}/{name}/{k}": float(v) for k, v in info.items()})
+        model_path = str(target)
+    metrics[f"{prefix}/cached"] = float(built == 0)
+    metrics[f"{prefix}/stages_built"] = float(built)
+    metrics[f"{prefix}/seconds"] = time.time() - start if built else sum(
+        v for k, v in metrics.items() if k.endswith("/seconds"))
+    if built:
+        log.info("%s ready at %s (%.0f s)", "M_old" if labels == "old" else "re-trained model", model_path,
+                 metrics[f"{prefix}/seconds"])
+    return model_path, metrics
+
+
+def _build_stage(stage_cfg: DictConfig, data: StageData, run_stage: Callable[[DictConfig, Any], dict[str, Any]],
+                 target: Path, blob: str) -> None:
+    """One stage, trained in a temporary directory renamed into place when it has finished."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model_path = base_path
-        for name in names:
-            log.info("building M_old: stage %s", name)
-            out = work / name
-            m = run_stage(stage_config(cfg, name, stages[name], model_path, out))
-            metrics.update({f"prealign/{name}/{k.split('/')[-1]}": float(v) for k, v in m.items()
-                            if k in ("train/first_loss", "train/loss", "train/seconds")})
-            model_path = str(out / "model")
-        metrics["prealign/seconds"] = time.time() - start
-        (Path(model_path) / INFO_FILE).write_text(json.dumps(metrics, indent=2))
+        stage_cfg.paths.output_dir = str(work)
+        m = run_stage(stage_cfg, data)
+        info = {k.split("/")[-1]: float(v) for k, v in m.items() if k in ("train/first_loss", "train/loss", "train/seconds")}
+        (work / "model" / INFO_FILE).write_text(json.dumps(info, indent=2))
+        (work / "model" / "stage_key.json").write_text(blob)
         try:
-            os.replace(model_path, target)
-        except OSError:  # another job finished the same build first: its copy is equivalent
+            os.replace(work / "model", target)
+        except OSError:  # another job finished the same stage first: its copy is equivalent
             pass
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("M_old ready at %s (%.0f s)", target, metrics["prealign/seconds"])
-    return str(target), metrics

@@ -50,7 +50,8 @@ class SelectByOracle(L.Callback):
                 f"select: the oracle could not judge any of {len(verdicts)} generations. An oracle that knows only "
                 "annotated responses (oracle=labels) cannot choose when to stop: add a judge that reads text "
                 "(oracle@judge=openai) or set select.enabled=false")
-        return 100.0 * sum(v is True for v in verdicts) / max(len(verdicts), 1)
+        decided = [v for v in verdicts if v is not None]  # a failed call is no verdict either way
+        return 100.0 * sum(decided) / max(len(decided), 1)
 
     def _consider(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step

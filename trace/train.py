@@ -19,10 +19,12 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from trace_realign.data import TriagedDataModule
+from trace_realign import rundir
+from trace_realign.data import TriagedDataModule, launched_as_rank_zero
 from trace_realign.pipeline import DataPlan
-from trace_realign.eval import evaluate
-from trace_realign.model import load_tokenizer, resolve_model_path
+from trace_realign.eval import evaluate, verdict
+from trace_realign.logs import framework_quiet
+from trace_realign.model import load_policy, load_tokenizer, resolve_model_path
 from trace_realign.module import TraceModule
 from trace_realign.objective import ObjectiveConfig
 from trace_realign.oracle import NoisyOracle, build_oracles
@@ -85,14 +87,17 @@ def data_plan(data: DictConfig) -> DataPlan:
     )
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """One realignment run; returns the metrics it wrote to metrics.json."""
+def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
+    """One realignment run; returns the metrics it wrote to metrics.json. `source` stands in for
+    cfg.dataset (the stages that build M_old pass theirs)."""
     start = time.time()
-    L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    quiet = bool(cfg.get("quiet", False))
+    if launched_as_rank_zero():
+        rundir.claim(out, cfg)  # a folder holding another configuration's run stops us here
+    seed_everything(cfg.seed)
 
-    source = instantiate(cfg.dataset)
+    source = source if source is not None else instantiate(cfg.dataset)
     # Noise (oracle.noise) reaches triage and selection only; evaluation always uses the clean judge.
     oracle, judge = build_oracles(cfg.oracle, cfg.seed, source)
     selector = oracle
@@ -101,19 +106,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # when triage reads the dataset's labels, which know no model's text.
         _, judge = build_oracles(cfg.judge, cfg.seed, source, writer=False)
         selector = judge
-    corpus = source.corpus() if cfg.model.get("build") else None
-    model_path = resolve_model_path(cfg.model, corpus, cfg.paths.cache_dir)
-    prealign_metrics: dict[str, float] = {}
-    if cfg.model.get("prealign"):
-        # M_old: the model aligned to pi_old that realignment starts from (built once, then cached).
-        model_path, prealign_metrics = prealigned_model(cfg, model_path, run)
-    tokenizer = load_tokenizer(model_path, cfg.model)
+    select = cfg.get("select") or {}
+    require_text_judge(judge, evaluates=bool(cfg.eval.enabled), selects=bool(select.get("enabled")))
 
     ablation = cfg.ablation
-    objective, datamodule = build_datamodule(cfg, source, oracle, tokenizer, out)
-    # Triage before any model is trained: bad data and "nothing to re-align" fail here.
+    objective, datamodule = build_datamodule(cfg, source, oracle, None, out)
+    # Triage before any model work: bad data, an oracle that fails and "nothing to re-align" stop here.
     datamodule.prepare_data()
+
+    corpus = source.corpus() if cfg.model.get("build") else None
+    base_path = resolve_model_path(cfg.model, corpus, cfg.paths.cache_dir)
+    model_path, metrics = base_path, {}
+    if cfg.model.get("prealign"):
+        # M_old: the model aligned to pi_old that realignment starts from (built once, then cached).
+        model_path, built = prealigned_model(cfg, base_path, run, source)
+        metrics.update(built)
+    tokenizer = load_tokenizer(model_path, cfg.model)
+    datamodule.tokenizer = tokenizer
     datamodule.setup("fit")
+    # Whatever ran above (building M_old) has moved the random generators: realignment starts from the
+    # seed alone, so a run that builds M_old and one that loads it give the same result.
+    seed_everything(cfg.seed)
 
     module = TraceModule(
         model_path=model_path,
@@ -131,16 +144,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module.configure_model()
     loggers = build_loggers(cfg)
     callbacks = []
-    select = cfg.get("select") or {}
     if select.get("enabled"):
         callbacks.append(SelectByOracle(
             datamodule.selection_prompts(int(select.prompts)), selector, source.new, tokenizer,
             every_n_steps=int(select.every_n_steps), max_new_tokens=cfg.eval.max_new_tokens,
             batch_size=cfg.eval.batch_size,
         ))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    with framework_quiet(quiet):
+        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
-    metrics: dict[str, Any] = {**datamodule.stats, **prealign_metrics}
+    metrics.update(datamodule.stats)
     metrics.update({
         "train/batch_size_effective": sum(datamodule.batch_size.values()) * trainer.accumulate_grad_batches * trainer.world_size,
         "train/world_size": trainer.world_size,
@@ -148,33 +161,46 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     items = datamodule.eval_prompts()
     if cfg.eval.max_prompts:
         items = items[: cfg.eval.max_prompts]
-    judge_kwargs = dict(oracle=judge, new=source.new, old=source.old, items=items,
-                        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    judging = dict(oracle=judge, new=source.new, old=source.old, items=items,
+                   max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    rows: dict[str, list[dict[str, Any]]] = {}
     if cfg.eval.enabled and cfg.eval.before and trainer.is_global_zero:
-        before, _ = evaluate(module.policy, tokenizer, prefix="eval/before", **judge_kwargs)
+        before, rows["before"] = evaluate(module.policy, tokenizer, prefix="eval/before", **judging)
         metrics.update(before)
 
     t_fit = time.time()
-    trainer.fit(module, datamodule=datamodule)
-    metrics.update({k: float(v) for k, v in module.impact_info.items()})
-    metrics.update(module.last_losses)
-    metrics.update(module.first_losses)
-    for cb in callbacks:
-        metrics.update(cb.metrics())
+    final = module.policy
+    if ablation.get("retrain"):
+        # The full re-training upper bound: no realignment of M_old; the pipeline that built it, re-run
+        # from the base model with pi_new's labels, gives the model evaluated "after".
+        gold_path, built = prealigned_model(cfg, base_path, run, source, labels="new",
+                                            gold_punish=str(ablation.get("gold_punish", "correction")))
+        metrics.update(built)
+        final = load_policy(gold_path, {**OmegaConf.to_container(cfg.model, resolve=True), "lora": {"enabled": False}})[0]
+        steps = 0
+    else:
+        with framework_quiet(quiet):
+            trainer.fit(module, datamodule=datamodule)
+        steps = trainer.global_step
+        for cb in callbacks:
+            metrics.update(cb.metrics())
+        metrics.update({k: float(v) for k, v in module.impact_info.items()})
+        metrics.update(module.last_losses)
+        metrics.update(module.first_losses)
+        metrics["train/stopped_by_grad_norm"] = int(module.stop_reason == "grad_norm")
     if isinstance(oracle, NoisyOracle):
         metrics["oracle/noise"], metrics["oracle/noise_flipped"] = oracle.p, oracle.flipped
-    metrics.update({"train/steps": trainer.global_step, "train/seconds": time.time() - t_fit,
-                    "train/stopped_by_grad_norm": int(module.stop_reason == "grad_norm")})
+    metrics.update({"train/steps": steps, "train/seconds": time.time() - t_fit})
 
     if trainer.is_global_zero:
         if cfg.eval.enabled:
-            after, rows = evaluate(module.policy, tokenizer, prefix="eval/after", **judge_kwargs)
+            after, rows["after"] = evaluate(final, tokenizer, prefix="eval/after", **judging)
             metrics.update(after)
-            with (out / "generations.jsonl").open("w") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in rows)
-        write_impact(out / "data" / "impact.jsonl", datamodule, module)
-        save_dir = out / ("adapter" if cfg.model.lora.enabled else "model")
-        module.policy.save_pretrained(save_dir)
+            write_generations(out / "generations.jsonl", items, rows)
+        if not ablation.get("retrain"):
+            write_impact(out / "data" / "impact.jsonl", datamodule, module)
+        save_dir = out / ("adapter" if cfg.model.lora.enabled and not ablation.get("retrain") else "model")
+        final.save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
         # an oracle that pays per call accounts for every call of the run (a noisy oracle's are its base's)
         paying = getattr(oracle, "base", oracle)
@@ -186,9 +212,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         write_metrics(out / "metrics.json", metrics)
         for lg in loggers:
-            lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
-        print_summary(out, metrics)
+            lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=steps)
+        if not quiet:
+            print_summary(out, metrics)
     return metrics
+
+
+def seed_everything(seed: int) -> None:
+    L.seed_everything(seed, workers=True, verbose=False)
+
+
+def require_text_judge(judge: Any, evaluates: bool, selects: bool) -> None:
+    """Evaluation and selection judge the model's own text: refuse before any work if the judge cannot."""
+    if getattr(judge, "judges_text", True) or not (evaluates or selects):
+        return
+    uses = " and ".join(n for n, on in (("evaluation", evaluates), ("selection (select.enabled)", selects)) if on)
+    raise ValueError(
+        f"{uses} judge the model's generations, but {type(judge).__name__} judges annotated responses only. "
+        "Add a judge that reads text (e.g. oracle@judge=openai), or set eval.enabled=false select.enabled=false")
+
+
+def write_generations(path: Path, items: list[dict[str, Any]], rows: dict[str, list[dict[str, Any]]]) -> None:
+    """Each held-out prompt with the response before and after, and each verdict, to check by eye."""
+    with path.open("w", encoding="utf-8") as fh:
+        for i, item in enumerate(items):
+            line = {**item, **{when: r[i] for when, r in rows.items() if i < len(r)}}
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
 def write_impact(path: Path, datamodule: TriagedDataModule, module: TraceModule) -> None:
@@ -204,17 +253,20 @@ def write_impact(path: Path, datamodule: TriagedDataModule, module: TraceModule)
 
 def print_summary(out: Path, metrics: dict[str, Any], name: str = "trace-realign") -> None:
     keys = ["data/rows", "data/pairs", "triage/invert", "triage/punish", "triage/retain",
-            "triage/excluded/oracle_failed", "triage/gt_accuracy", "data/train_pairs", "data/cache_hits",
-            "oracle/calls", "oracle/cached", "oracle/failed", "oracle/cost_usd", "impact/nonzero", "train/loss",
-            "eval/before/tpa", "eval/after/tpa", "eval/before/tpa/shifted", "eval/after/tpa/shifted",
-            "eval/before/tpa_old/unchanged", "eval/after/tpa_old/unchanged", "eval/before/utility",
-            "eval/after/utility", "select/best_step", "prealign/seconds", "time/total_seconds"]
+            "triage/excluded/oracle_failed", "triage/excluded/undecided", "triage/gt_accuracy", "data/train_pairs",
+            "data/cache_hits", "oracle/calls", "oracle/cached", "oracle/failed", "oracle/cost_usd", "impact/nonzero",
+            "train/steps", "train/loss", "select/best_step", "prealign/seconds", "retrain/seconds", "time/total_seconds"]
     width = max(len(k) for k in keys)
+
     def show(v: float) -> str:
         return str(int(v)) if float(v).is_integer() else f"{v:.4g}"
 
     lines = [f"  {k:<{width}}  {show(metrics[k])}" for k in keys if k in metrics]
-    print(f"\n{name}: outputs in {out}\n" + "\n".join(lines), flush=True)
+    text = f"\n{name}: outputs in {out}\n" + "\n".join(lines)
+    judged = verdict(metrics)
+    if judged:
+        text += "\n\n" + "\n".join(judged)
+    print(text, flush=True)
 
 
 def finish_loggers() -> None:
@@ -232,6 +284,12 @@ def finish_loggers() -> None:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
+    except rundir.RunDirError:
+        raise  # the folder is another run's: leave it exactly as it was
+    except BaseException as exc:
+        if launched_as_rank_zero():
+            rundir.record_failure(Path(cfg.paths.output_dir), exc)
+        raise
     finally:
         finish_loggers()
     value = metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None

@@ -1,0 +1,102 @@
+"""A run directory belongs to one configuration.
+
+Scripts and re-run sweeps pin `hydra.run.dir`; a second run into the same folder must not train or
+evaluate on what the first one left there. The first run records its resolved configuration in run.json;
+a later run into the folder goes ahead only with the same configuration (a re-run, which replaces the
+outputs) and otherwise stops, naming the settings that differ. A run that fails writes FAILED with the
+reason, and never leaves a metrics.json behind.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+RUN_FILE = "run.json"
+FAILED_FILE = "FAILED"
+# Settings that change where or how visibly a run works, never what it computes.
+VOLATILE = ("paths.", "trainer.enable_progress_bar", "oracle.progress", "judge.progress", "logger.", "tags",
+            "quiet", "task_name")
+# What a finished or half-finished run leaves behind.
+OUTPUTS = ("metrics.json", "generations.jsonl", "data", "adapter", "model", "config.yaml")
+
+
+class RunDirError(RuntimeError):
+    """The run directory holds another configuration's run."""
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved configuration as {dotted.key: value}, without the volatile settings."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            key = prefix[:-1]
+            if not any(key == v or key.startswith(v) for v in VOLATILE):
+                out[key] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    keys = sorted(set(stored) | set(now))
+    return [f"{k}: {stored.get(k, '<unset>')!r} there, {now.get(k, '<unset>')!r} now" for k in keys
+            if stored.get(k, "<unset>") != now.get(k, "<unset>")]
+
+
+def claim(out: Path, cfg: DictConfig) -> None:
+    """Make `out` this configuration's run directory, or stop if it belongs to another one."""
+    out.mkdir(parents=True, exist_ok=True)
+    now = json.loads(json.dumps(flat_config(cfg), default=str))
+    record = out / RUN_FILE
+    if record.is_file():
+        stored = json.loads(record.read_text()).get("config", {})
+        diff = differences(stored, now)
+        if diff:
+            shown = "\n  ".join(diff[:12]) + (f"\n  ... and {len(diff) - 12} more" if len(diff) > 12 else "")
+            raise RunDirError(f"{out} holds a run of another configuration ({len(diff)} settings differ):\n  {shown}\n"
+                              "Give this run its own folder (hydra.run.dir=...) or delete that one.")
+    else:
+        left = [name for name in OUTPUTS if (out / name).exists()]
+        if left:
+            raise RunDirError(f"{out} holds outputs ({', '.join(left)}) of a run with no record of its configuration "
+                              f"({RUN_FILE}); give this run its own folder (hydra.run.dir=...) or delete that one")
+        record.write_text(json.dumps({"config": now}, indent=1, sort_keys=True) + "\n")
+    # A re-run replaces the results: a failure now must not leave the last run's numbers looking current.
+    for name in ("metrics.json", FAILED_FILE):
+        (out / name).unlink(missing_ok=True)
+    save_hydra_record(out, cfg)
+
+
+def save_hydra_record(out: Path, cfg: DictConfig) -> None:
+    """Hydra's own record of the job (.hydra/: config, hydra settings, overrides), written only once the
+    folder is ours (hydra.output_subdir is null, so Hydra itself never writes into a folder we refuse)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    record = out / ".hydra"
+    record.mkdir(exist_ok=True)
+    OmegaConf.save(cfg, record / "config.yaml")
+    OmegaConf.save(hydra_cfg, record / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.hydra.overrides.task, record / "overrides.yaml")
+
+
+def record_failure(out: Path, exc: BaseException) -> None:
+    """Write why the run failed into its folder (and no metrics)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").unlink(missing_ok=True)
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        (out / FAILED_FILE).write_text(f"{type(exc).__name__}: {exc}\n\n{text}")
+    except OSError:
+        pass  # the original error matters more than this note
