@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import CONF, FAST, ROOT, compose_cfg
@@ -44,9 +45,31 @@ def test_every_config_option_composes(group, option, tmp_path):
         assert cfg.loss.type in ("sigmoid", "ipo") and cfg.loss.beta > 0
 
 
-def test_experiment_files_compose(tmp_path):
-    for name in options("experiment"):
-        compose_cfg([f"experiment={name}"], tmp_path)
+def sweep_jobs(name: str) -> list[list[str]]:
+    """Every job of an experiment file's sweep, as the override lists Hydra's basic sweeper makes."""
+    import itertools
+
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(CONF / "experiment" / f"{name}.yaml").get("hydra", {}).get("sweeper", {}).get("params", {})
+    axes = [[f"{k}={v}" for v in str(values).split(",")] for k, values in params.items()]
+    return [list(job) for job in itertools.product(*axes)]
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_every_job_of_every_experiment_file_composes(name, tmp_path):
+    jobs = sweep_jobs(name)
+    assert len(jobs) >= 2, f"experiment {name} sweeps nothing"
+    for job in jobs:
+        cfg = compose_cfg([f"experiment={name}", *job], tmp_path)
+        for override in job:
+            key, value = override.split("=", 1)
+            if key == "ablation":
+                assert cfg.ablation.name == value, (name, override)
+            elif key == "loss":
+                assert cfg.loss.type == value, (name, override)
+            else:
+                assert str(OmegaConf.select(cfg, key)) == value, (name, override)
 
 
 def test_ablation_groups_set_their_flags(tmp_path):
@@ -124,10 +147,21 @@ def test_two_step_run_per_loss(loss, make_cfg):
 
 
 @pytest.mark.slow
-def test_sum_reduction_is_algorithm_1_literal(make_cfg):
-    m = run(make_cfg("objective.reduction=sum", "eval.enabled=false"))
-    # Weights sum to 1 over the conflict set, so a batch of a few pairs carries a small share of l(0).
-    assert m["train/first_loss_invert"] < math.log(2) * 2
+def test_sum_reduction_is_algorithm_1_literal(tmp_path):
+    """sum: L_I = sum_{i in B_I} w_i l_i with w summing to 1 over the conflict set (Algorithm 1, line 24);
+    mean: the batch mean of N w_i l_i. On the same first batch at theta_ref the two differ by exactly
+    N / |B_I|, whatever the weights."""
+    first = {}
+    for reduction in ("sum", "mean"):
+        cfg = compose_cfg([*FAST, f"objective.reduction={reduction}", "eval.enabled=false", "trainer.max_steps=1"],
+                          tmp_path / reduction)
+        first[reduction] = run(cfg)
+    m = first["sum"]
+    n_conflicts = m["triage/invert"] + m["triage/punish"]
+    ratio = first["mean"]["train/first_loss_invert"] / m["train/first_loss_invert"]
+    assert ratio == pytest.approx(n_conflicts / 2, rel=1e-5)  # data.batch_size.invert=2 in FAST
+    impact = [json.loads(line)["weight"] for line in (tmp_path / "sum" / "data" / "impact.jsonl").read_text().splitlines()]
+    assert sum(impact) == pytest.approx(1.0)
 
 
 @pytest.mark.slow
@@ -149,18 +183,27 @@ def test_lora_with_gradient_checkpointing_still_trains(make_cfg):
 
 @pytest.mark.slow
 def test_full_finetuning_switch(make_cfg):
+    """Without LoRA the whole model trains, against a frozen copy of M_old: the saved model differs from
+    M_old (the model realignment starts from, not the random base), and the first KL is 0."""
     from transformers import AutoModelForCausalLM
 
     from trace_realign.model import resolve_model_path
+    from trace_realign.prealign import prealigned_model
 
     cfg = make_cfg("model.lora.enabled=false", "eval.enabled=false")
     m = run(cfg)
-    out = Path(cfg.paths.output_dir) / "model"
-    trained = AutoModelForCausalLM.from_pretrained(out)
-    base_path = resolve_model_path(cfg.model, instantiate(cfg.dataset).corpus(), cfg.paths.cache_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_path)
-    diffs = [(a - b).abs().max() for a, b in zip(trained.parameters(), base.parameters())]
-    assert max(diffs) > 0
+    trained = AutoModelForCausalLM.from_pretrained(Path(cfg.paths.output_dir) / "model")
+    source = instantiate(cfg.dataset)
+    base = resolve_model_path(cfg.model, source.corpus(), cfg.paths.cache_dir)
+
+    def must_be_cached(*_):
+        raise AssertionError("M_old was built by the run above and must come from the cache")
+
+    m_old_path, _ = prealigned_model(cfg, base, must_be_cached, source)
+    m_old = AutoModelForCausalLM.from_pretrained(m_old_path)
+    diffs = {n: float((a - b).abs().max()) for (n, a), (_, b) in zip(trained.named_parameters(), m_old.named_parameters())}
+    assert max(diffs.values()) > 0
+    assert sum(d > 0 for d in diffs.values()) > len(diffs) / 2, "full fine-tuning moves most tensors, not an adapter's"
     assert m["train/first_loss_kl"] == pytest.approx(0.0, abs=1e-6)
 
 
@@ -250,9 +293,15 @@ def test_multirun_sweep_writes_one_folder_per_job(tmp_path):
     res = subprocess.run([str(exe), "-m", "ablation=full,no_kl", *FAST, "eval.enabled=false",
                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    names = {json.loads((sweep / str(i) / "metrics.json").read_text()) is not None for i in range(2)}
-    assert names == {True}
-    assert "no_kl" in (sweep / "1" / "config.yaml").read_text()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    full, no_kl = (json.loads((sweep / job / "metrics.json").read_text()) for job in ("0", "1"))
+    # each folder holds its own job: its record, its overrides, and the loss its ablation defines
+    assert "ablation=full" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
+    assert "ablation=no_kl" in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
+    assert json.loads((sweep / "1" / "run.json").read_text())["config"]["ablation.kl"] is False
+    assert full["train/loss"] == pytest.approx(full["train/loss_invert"] + full["train/loss_punish"] + 0.1 * full["train/loss_kl"], rel=1e-5)
+    assert no_kl["train/loss"] == pytest.approx(no_kl["train/loss_invert"] + no_kl["train/loss_punish"], rel=1e-5)
+    assert no_kl["train/loss_kl"] > 0
 
 
 def test_bad_dataset_file_fails_before_training(make_cfg, tmp_path):
@@ -308,9 +357,10 @@ def test_default_m_old_follows_pi_old(tmp_path):
     cfg = compose_cfg(["trainer.max_steps=1", "logger=none", "trainer.enable_progress_bar=false"], tmp_path / "run")
     m = run(cfg)
     assert m["prealign/cached"] == 0.0 and m["prealign/seconds"] < 600
-    assert m["eval/before/tpa_old"] >= 90, "M_old follows pi_old on held-out prompts"
-    assert m["eval/before/tpa/shifted"] <= 30, "and so violates pi_new where the policy shifted"
-    assert m["eval/before/utility"] >= 80, "and answers the held-out sums it was taught"
+    assert m["eval/before/tpa_old"] >= 95, "M_old follows pi_old on held-out prompts"
+    assert m["eval/before/tpa/shifted"] <= 10, "and so violates pi_new where the policy shifted"
+    assert m["eval/before/utility"] >= 95, "and answers the held-out sums it was taught"
+    assert m["eval/before/n"] == 800 and m["eval/before/tpa_ci95/shifted"] <= 5.0
 
 
 @pytest.mark.slow

@@ -265,18 +265,17 @@ def test_trusted_labels_are_not_rejudged(tmp_path, world, tokenizer):
 def test_no_conflicts_from_labels(tmp_path, world, tokenizer):
     source = jsonl_source(tmp_path, world, {RETAIN})
     dm = make_dm(tmp_path, source, tokenizer, None, trust_labels=True, prepare=False)
-    dm.prepare_data()
+    # stopped as the data is prepared, before any model work
     with pytest.raises(NoConflictsError, match="no pair to invert or punish") as info:
-        dm.setup("fit")
+        dm.prepare_data()
     assert str(len(source.train_pairs())) in str(info.value)
 
 
 def test_no_conflicts_from_triage(tmp_path, tokenizer):
     world = SyntheticWorld(axes=("privacy", "risky"), pairs_per_axis=6, test_prompts_per_axis=1)
     dm = make_dm(tmp_path, world, tokenizer, WorldJudge(), prepare=False)
-    dm.prepare_data()
     with pytest.raises(NoConflictsError, match="no pair to invert or punish"):
-        dm.setup("fit")
+        dm.prepare_data()
 
 
 # -- ablations --------------------------------------------------------------------------------------
@@ -354,9 +353,8 @@ def test_no_pair_for_the_training_terms_is_an_error(tmp_path, world, tokenizer):
     source = jsonl_source(tmp_path, world, {INVERT, PUNISH})  # nothing retained
     dm = make_dm(tmp_path, source, tokenizer, None, trust_labels=True, prepare=False,
                  terms={INVERT: None, PUNISH: None, RETAIN: "nll"})
-    dm.prepare_data()
     with pytest.raises(NoConflictsError, match=r"categories that train \(\['retain'\]\)"):
-        dm.setup("fit")
+        dm.prepare_data()
 
 
 def test_conflict_rows_follow_the_weight_index_when_a_category_is_not_served(tmp_path, world, tokenizer):

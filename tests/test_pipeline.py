@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ROOT, compose_cfg
 from pku_fixture import awkward_rows, regular_rows, write_jsonl
+from trace_realign.pipeline import read_jsonl
 from trace_realign.prepare import prepare
 from trace_realign.records import CATEGORIES, load_pairs
 
@@ -167,11 +168,15 @@ def test_trace_realign_trains_on_train1_and_evaluates_on_the_test_split(tmp_path
     cfg = compose_cfg([*fast, "dataset=pku_saferlhf", f"dataset.path={pku_file}", "dataset.num_samples=null",
                        "oracle=labels", "data.splits.train1=120", "data.splits.train2=60", "model.prealign=null",
                        "eval.max_prompts=null", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
+    # the label oracle knows no generation: evaluating with it is refused before any work, naming the fix
+    with pytest.raises(ValueError, match=r"oracle@judge=openai"):
+        run(cfg)
+    assert not (tmp_path / "run" / "data").exists()
+    cfg.eval.enabled, cfg.paths.output_dir = False, str(tmp_path / "run2")
     m = run(cfg)
-    test_prompts = {p.prompt for p in load_pairs(tmp_path / "run" / "data" / "splits" / "trace" / "test.jsonl")}
-    assert m["eval/after/n"] == len(test_prompts) and m["data/train_pairs"] == 120
-    # the label oracle knows no generation: every verdict is undecided and counted, never read as compliance
-    assert m["eval/after/tpa/undecided"] == len(test_prompts) and m["eval/after/tpa"] == 0
+    assert m["data/train_pairs"] == 120 and "eval/after/tpa" not in m
+    test_prompts = {p.prompt for p in load_pairs(tmp_path / "run2" / "data" / "splits" / "trace" / "test.jsonl")}
+    assert len(test_prompts) == len(read_jsonl(tmp_path / "run2" / "data" / "eval.jsonl"))
 
 
 def test_label_oracle_on_a_dataset_without_annotations_is_refused(tmp_path):

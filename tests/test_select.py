@@ -55,3 +55,22 @@ def test_best_parameters_are_restored_and_ties_keep_the_earlier():
 def test_every_n_steps_must_be_positive():
     with pytest.raises(ValueError, match="every_n_steps"):
         SelectByOracle(["p"], Oracle(), Policy("p", ""), tokenizer=None, every_n_steps=0)
+
+
+class Table(Oracle):
+    def __init__(self, verdicts):
+        self.verdicts = verdicts
+
+    def judge(self, prompt, response, policy):
+        return self.verdicts[prompt]
+
+
+def test_score_leaves_failed_verdicts_out_and_refuses_when_none_is_given(monkeypatch):
+    import trace_realign.select as select
+
+    monkeypatch.setattr(select, "generate", lambda model, tok, prompts, *a, **k: ["text"] * len(prompts))
+    cb = SelectByOracle(["a", "b", "c"], Table({"a": True, "b": None, "c": False}), Policy("p", ""), tokenizer=None)
+    assert cb.score(None) == 50.0  # 1 of the 2 judged; the failed call is no verdict
+    cb = SelectByOracle(["a"], Table({"a": None}), Policy("p", ""), tokenizer=None)
+    with pytest.raises(ValueError, match="could not judge any"):
+        cb.score(None)

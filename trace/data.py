@@ -166,6 +166,8 @@ class TriagedDataModule(L.LightningDataModule):
                         corrections=self.needs_corrections, seed=self.seed)
         prepare(self.source, self.oracle, self.plan, stages, self.work_dir)
         self._prepared = True
+        # before any model work: a run with nothing to re-align stops here
+        self.check_trainable(load_pairs(self.work_dir / TRIAGED_FILE, require_category=True))
 
     def eval_prompts(self) -> list[dict[str, Any]]:
         """The held-out prompts: the eval split's, or the data source's own."""
@@ -178,16 +180,8 @@ class TriagedDataModule(L.LightningDataModule):
             return
         pairs = load_pairs(self.work_dir / TRIAGED_FILE, require_category=True)
         self.stats = json.loads((self.work_dir / TRIAGE_METRICS_FILE).read_text())
+        self.check_trainable(pairs)
         self.splits = {c: [p for p in pairs if p.category == c] for c in CATEGORIES}
-        training = [c for c, t in self.objective_terms.items() if t not in (None, "kl")]
-        if not any(self.splits[c] for c in training):
-            counts = {c: len(self.splits[c]) for c in CATEGORIES}
-            if set(training) <= {INVERT, PUNISH}:
-                raise NoConflictsError(
-                    f"triage found no pair to invert or punish among {len(pairs)} pairs ({counts}); "
-                    "pi_new changes nothing this data can teach"
-                )
-            raise NoConflictsError(f"no pair in the categories that train ({training}) among {len(pairs)} pairs ({counts})")
         for cat, term in self.objective_terms.items():
             if term is not None and "correction" in TERM_RESPONSES[term]:
                 lacking = [i for i, p in enumerate(self.splits[cat]) if not p.correction]
@@ -211,6 +205,18 @@ class TriagedDataModule(L.LightningDataModule):
             log.warning("truncated sequences to data.max_length: %s", dict(truncated))
         if not self.splits[RETAIN]:
             log.warning("no retained pairs: the KL anchor has nothing to hold on to")
+
+    def check_trainable(self, pairs: list[PreferencePair]) -> None:
+        """Stop if no pair falls in a category that a term trains: there is nothing to re-align."""
+        counts = Counter(p.category for p in pairs)
+        training = [c for c, t in self.objective_terms.items() if t not in (None, "kl")]
+        if any(counts[c] for c in training):
+            return
+        shown = {c: counts[c] for c in CATEGORIES}
+        if set(training) <= {INVERT, PUNISH}:
+            raise NoConflictsError(f"triage found no pair to invert or punish among {len(pairs)} pairs ({shown}); "
+                                   "pi_new changes nothing this data can teach")
+        raise NoConflictsError(f"no pair in the categories that train ({training}) among {len(pairs)} pairs ({shown})")
 
     def responses(self, category: str, p: PreferencePair) -> tuple[str, ...]:
         """The responses of a pair in the row order of its category's term (objective.TERM_RESPONSES)."""

@@ -21,6 +21,8 @@ for name in ("httpx", "httpcore", "openai"):  # one INFO line per HTTP request o
     logging.getLogger(name).setLevel(logging.WARNING)
 # A deprecation inside peft's own calls, repeated on every model load; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+# The frozen reference of full fine-tuning is a submodule kept in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def quiet_transformers() -> None:

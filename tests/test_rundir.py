@@ -1,0 +1,83 @@
+"""A run directory belongs to one configuration: a second run of another configuration into it is
+refused and leaves it untouched; a re-run of the same configuration replaces it; a failed run says why
+and leaves no metrics behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, compose_cfg
+from trace_realign.rundir import FAILED_FILE, RUN_FILE, RunDirError, claim, record_failure
+
+
+def test_claim_records_then_accepts_the_same_configuration(tmp_path):
+    cfg = compose_cfg(["seed=3"], tmp_path)
+    claim(tmp_path, cfg)
+    assert json.loads((tmp_path / RUN_FILE).read_text())["config"]["seed"] == 3
+    (tmp_path / "metrics.json").write_text("{}")
+    claim(tmp_path, compose_cfg(["seed=3", "trainer.enable_progress_bar=false"], tmp_path))  # not a setting of the result
+    assert not (tmp_path / "metrics.json").exists(), "a re-run must not leave the last run's numbers looking current"
+
+
+def test_claim_refuses_another_configuration_naming_what_differs(tmp_path):
+    claim(tmp_path, compose_cfg(["ablation=no_triage"], tmp_path))
+    (tmp_path / "metrics.json").write_text('{"old": 1}')
+    with pytest.raises(RunDirError, match=r"ablation.name: 'no_triage' there, 'full' now"):
+        claim(tmp_path, compose_cfg(["ablation=full"], tmp_path))
+    assert (tmp_path / "metrics.json").read_text() == '{"old": 1}'  # untouched
+
+
+def test_claim_refuses_a_folder_with_outputs_and_no_record(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(RunDirError, match="no record of its configuration"):
+        claim(tmp_path, compose_cfg([], tmp_path))
+
+
+def test_record_failure_says_why_and_removes_metrics(tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    try:
+        raise ValueError("the oracle said no")
+    except ValueError as exc:
+        record_failure(tmp_path, exc)
+    text = (tmp_path / FAILED_FILE).read_text()
+    assert text.startswith("ValueError: the oracle said no") and "Traceback" in text
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def app(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "trace-realign"
+    return subprocess.run([str(exe), *FAST, "eval.enabled=false", f"hydra.run.dir={out}", *extra],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+
+
+@pytest.mark.slow
+def test_a_pinned_run_dir_used_twice(tmp_path):
+    """The scenario that trained "full" on no_triage's data: now refused, and the first run's folder,
+    Hydra's record included, is left exactly as it was."""
+    out = tmp_path / "run"
+    first = app(out, "ablation=no_triage")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".log"}
+    second = app(out, "ablation=full")
+    assert second.returncode != 0 and "holds a run of another configuration" in second.stderr
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".log"}
+    assert after == before
+    assert "no_triage" in (out / ".hydra" / "overrides.yaml").read_text()
+    again = app(out, "ablation=no_triage")  # the same configuration re-runs into its own folder
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "metrics.json").read_text())["triage/punish"] > 0
+
+
+@pytest.mark.slow
+def test_a_failed_run_leaves_why_and_no_metrics(tmp_path):
+    out = tmp_path / "run"
+    res = app(out, "dataset.policy_new=pi_old")  # nothing to re-align: the run stops
+    assert res.returncode != 0
+    assert "NoConflictsError" in (out / FAILED_FILE).read_text()
+    assert not (out / "metrics.json").exists()
