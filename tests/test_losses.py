@@ -304,3 +304,38 @@ def test_nll_is_mean_token_negative_log_likelihood_of_the_response():
     logp = torch.log_softmax(logits[0], -1)
     expected = -(logp[1, 3] + logp[2, 4] + logp[3, 5]) / 3
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_reference_cache_computes_each_row_once_and_returns_the_same_values():
+    from trace_realign.objective import ReferenceCache, reference_logps
+
+    class Counting(torch.nn.Module):
+        """A fixed 'reference': logits from a seeded table, counting its forward passes."""
+
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(16, 16)
+            self.calls = 0
+
+        def forward(self, input_ids, attention_mask, use_cache=False):
+            self.calls += 1
+            return type("Out", (), {"logits": self.table(input_ids)})()
+
+    torch.manual_seed(0)
+    ref = Counting()
+    ids = torch.randint(0, 16, (4, 6))  # a pair batch of 2 samples: rows [first0, first1, second0, second1]
+    labels = ids.clone()
+    labels[:, :2] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "index": torch.tensor([7, 3])}
+    cache = ReferenceCache()
+    first = cache(None, ref, "invert", batch)
+    assert ref.calls == 1 and cache.misses == 1
+    again = cache(None, ref, "invert", batch)
+    assert ref.calls == 1 and cache.hits == 1  # served from the cache
+    assert torch.equal(first, again) and torch.allclose(first, reference_logps(None, ref, batch))
+    # the same indices of another category are other rows
+    cache(None, ref, "punish", batch)
+    assert ref.calls == 3
+    # a batch in another order returns its own rows' values
+    swapped = {k: (v[[1, 0, 3, 2]] if k != "index" else v[[1, 0]]) for k, v in batch.items()}
+    assert torch.equal(cache(None, ref, "invert", swapped), first[[1, 0, 3, 2]])

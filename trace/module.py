@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import Any, Callable, Mapping
 
 import lightning as L
@@ -20,7 +21,9 @@ from trace_realign.impact import clip_and_normalise, gold_batch, gold_gradient, 
 from trace_realign.model import load_policy, trainable_parameters
 from trace_realign.objective import (
     ObjectiveConfig,
+    ReferenceCache,
     conflict_losses,
+    forward_logits,
     nll,
     pair_losses,
     policy_and_reference_logps,
@@ -29,6 +32,7 @@ from trace_realign.objective import (
 )
 from trace_realign.losses import relational_loss
 from trace_realign.records import INVERT, PUNISH, RETAIN
+from trace_realign.sequences import sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ class TraceModule(L.LightningModule):
         self.stop_reason = "max_steps"
         self.last_losses: dict[str, float] = {}
         self.first_losses: dict[str, float] = {}
+        self.reference_cache = ReferenceCache()
+        self.impact_seconds = 0.0
 
     # -- model --
     def configure_model(self) -> None:
@@ -79,6 +85,7 @@ class TraceModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.weights.numel():
             return  # resumed: the weights were computed at theta_ref and came with the checkpoint
+        start = time.time()
         dm = self.trainer.datamodule
         n = dm.num_conflicts
         if not self.use_impact or n == 0:
@@ -88,6 +95,7 @@ class TraceModule(L.LightningModule):
             w, info = self.compute_impact(dm)
         self.weights = w.to(self.device, torch.float32)
         self.impact_info = info
+        self.impact_seconds = time.time() - start
         if self.trainer.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics({k: float(v) for k, v in info.items()}, step=0)
@@ -165,7 +173,8 @@ class TraceModule(L.LightningModule):
             if term == "nll":
                 per_sample = nll(self.policy, part)
             else:
-                pol, ref = policy_and_reference_logps(self.policy, self.reference, part)
+                ref = self.reference_cache(self.policy, self.reference, category, part)
+                pol = sequence_logps(forward_logits(self.policy, part), part["labels"])
                 per_sample = pair_losses(term, pol, ref, cfg)
             if category in (INVERT, PUNISH):  # the conflict set carries impact weights
                 per_sample = self.weights[part["index"]] * scale * per_sample

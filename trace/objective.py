@@ -98,14 +98,45 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
 
+def reference_logps(policy: nn.Module, reference: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log pi_ref(y|x), one per row, without gradient."""
+    with torch.no_grad(), reference_of(policy, reference) as ref:
+        return sequence_logps(forward_logits(ref, batch), batch["labels"])
+
+
 def policy_and_reference_logps(
     policy: nn.Module, reference: nn.Module | None, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi_theta(y|x) with gradient and log pi_ref(y|x) without, one per row."""
-    with torch.no_grad(), reference_of(policy, reference) as ref:
-        ref_logps = sequence_logps(forward_logits(ref, batch), batch["labels"])
+    ref_logps = reference_logps(policy, reference, batch)
     pol_logps = sequence_logps(forward_logits(policy, batch), batch["labels"])
     return pol_logps, ref_logps
+
+
+class ReferenceCache:
+    """log pi_ref of each training row, computed the first time the row is served and kept: pi_ref never
+    changes, so later epochs skip the reference's forward pass (TRL's precomputed reference log-probs,
+    made lazily so a run that sees only part of its data pays only for that part)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, int], tuple[float, ...]] = {}
+        self.hits = self.misses = 0
+
+    def __call__(self, policy: nn.Module, reference: nn.Module | None, category: str,
+                 batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        index = batch["index"].tolist()
+        per_row = len(batch["labels"]) // len(index)  # rows stack [first; second] for pair terms
+        keys = [(category, i) for i in index]
+        if all(k in self.rows for k in keys):
+            self.hits += 1
+            cached = [[self.rows[k][j] for k in keys] for j in range(per_row)]
+            return torch.tensor([v for part in cached for v in part], dtype=torch.float32, device=batch["labels"].device)
+        self.misses += 1
+        logps = reference_logps(policy, reference, batch)
+        values = logps.detach().cpu().tolist()
+        for n, k in enumerate(keys):
+            self.rows[k] = tuple(values[j * len(keys) + n] for j in range(per_row))
+        return logps
 
 
 def retain_kl(policy: nn.Module, reference: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
