@@ -69,3 +69,34 @@ def test_verdict_says_whether_realignment_happened_and_at_what_cost():
     assert "not shown to realign" in "\n".join(verdict(metrics))
     metrics["eval/after/tpa/shifted"] = 0.0
     assert "not realigned" in "\n".join(verdict(metrics))
+
+
+class Failing(Oracle):
+    """Fails the calls for responses it is told to, like an API giving up after its retries."""
+
+    def __init__(self, fail):
+        self.fail, self.failures = fail, 0
+
+    def judge(self, prompt, response, policy):
+        if response in self.fail:
+            self.failures += 1
+            return None
+        return response == "yes"
+
+    def failure_counts(self):
+        from collections import Counter
+
+        return Counter({"server_error": self.failures})
+
+
+def test_failed_judge_calls_are_counted_and_too_many_stop_evaluation(monkeypatch):
+    import trace_realign.eval as ev
+
+    items = [{"prompt": f"p{i}", "kind": "value", "axis": "a"} for i in range(40)]
+    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: ["yes"] * 38 + ["boom", "yes"])
+    m, rows = ev.evaluate(None, None, Failing({"boom"}), POLICY, POLICY, items, prefix="eval/after")
+    assert m["eval/after/judge_failed"] == 2  # one prompt, judged under both policies
+    assert m["eval/after/tpa"] == 100.0 and m["eval/after/tpa/undecided"] == 1 and rows[38]["tpa"] is None
+    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: ["boom"] * 10 + ["yes"] * 30)
+    with pytest.raises(RuntimeError, match="20 of 80 judge calls failed"):
+        ev.evaluate(None, None, Failing({"boom"}), POLICY, POLICY, items, prefix="eval/after")

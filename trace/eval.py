@@ -136,6 +136,7 @@ def evaluate(
     value = [i for i, it in enumerate(items) if it.get("kind", "value") == "value"]
     utility = [i for i, it in enumerate(items) if it.get("kind") == "utility"]
     metrics = {f"{prefix}/n": float(len(value))}
+    failed_before = oracle.failed_calls
     if value:
         v_items, v_resp = [items[i] for i in value], [responses[i] for i in value]
         for name, policy in (("tpa", new), ("tpa_old", old)):
@@ -159,6 +160,13 @@ def evaluate(
         metrics[f"{prefix}/n_utility"] = float(len(utility))
         for i, v in zip(utility, verdicts):
             rows[i]["correct"] = v
+    failed = oracle.failed_calls - failed_before
+    metrics[f"{prefix}/judge_failed"] = float(failed)
+    asked = 2 * len(value) + len(utility)
+    if failed > oracle.max_failed_fraction * asked:
+        raise RuntimeError(f"{prefix}: {failed} of {asked} judge calls failed (more than oracle.max_failed_fraction="
+                           f"{oracle.max_failed_fraction}); the numbers would rest on too few verdicts. A rerun asks "
+                           "the failed ones again (answered ones are cached)")
     return metrics, rows
 
 
