@@ -11,6 +11,7 @@ never used, so the selection does not see the test set.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Sequence
 
 import lightning as L
@@ -40,6 +41,7 @@ class SelectByOracle(L.Callback):
         self.history: list[tuple[int, float]] = []
         self.best_score, self.best_step = float("-inf"), -1
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.seconds = 0.0
 
     def score(self, model: torch.nn.Module) -> float:
         responses = generate(model, self.tokenizer, self.prompts, self.max_new_tokens, self.batch_size, progress=False)
@@ -54,8 +56,9 @@ class SelectByOracle(L.Callback):
         return 100.0 * sum(decided) / max(len(decided), 1)
 
     def _consider(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        step = trainer.global_step
+        step, start = trainer.global_step, time.time()
         score = self.score(module.policy)
+        self.seconds += time.time() - start
         self.history.append((step, score))
         if score > self.best_score:  # ties keep the earlier, less trained parameters
             self.best_score, self.best_step = score, step

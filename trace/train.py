@@ -16,6 +16,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -95,6 +96,7 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     quiet = bool(cfg.get("quiet", False))
     if launched_as_rank_zero():
         rundir.claim(out, cfg)  # a folder holding another configuration's run stops us here
+    pin_threads(cfg.get("threads"))
     seed_everything(cfg.seed)
 
     source = source if source is not None else instantiate(cfg.dataset)
@@ -112,7 +114,9 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     ablation = cfg.ablation
     objective, datamodule = build_datamodule(cfg, source, oracle, None, out)
     # Triage before any model work: bad data, an oracle that fails and "nothing to re-align" stop here.
+    t0 = time.time()
     datamodule.prepare_data()
+    timings = {"time/data_seconds": time.time() - t0}
 
     corpus = source.corpus() if cfg.model.get("build") else None
     base_path = resolve_model_path(cfg.model, corpus, cfg.paths.cache_dir)
@@ -165,8 +169,10 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
                    max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
     rows: dict[str, list[dict[str, Any]]] = {}
     if cfg.eval.enabled and cfg.eval.before and trainer.is_global_zero:
+        t0 = time.time()
         before, rows["before"] = evaluate(module.policy, tokenizer, prefix="eval/before", **judging)
         metrics.update(before)
+        timings["time/eval_before_seconds"] = time.time() - t0
 
     t_fit = time.time()
     final = module.policy
@@ -184,6 +190,8 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         steps = trainer.global_step
         for cb in callbacks:
             metrics.update(cb.metrics())
+        timings["time/impact_seconds"] = module.impact_seconds
+        timings["time/select_seconds"] = sum(getattr(cb, "seconds", 0.0) for cb in callbacks)
         metrics.update({k: float(v) for k, v in module.impact_info.items()})
         metrics.update(module.last_losses)
         metrics.update(module.first_losses)
@@ -194,8 +202,10 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
 
     if trainer.is_global_zero:
         if cfg.eval.enabled:
+            t0 = time.time()
             after, rows["after"] = evaluate(final, tokenizer, prefix="eval/after", **judging)
             metrics.update(after)
+            timings["time/eval_after_seconds"] = time.time() - t0
             write_generations(out / "generations.jsonl", items, rows)
         if not ablation.get("retrain"):
             write_impact(out / "data" / "impact.jsonl", datamodule, module)
@@ -208,6 +218,7 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
             metrics.update(paying.metrics())
         if judge is not paying and hasattr(judge, "metrics"):
             metrics.update({k.replace("oracle/", "judge/", 1): v for k, v in judge.metrics().items()})
+        metrics.update(timings)
         metrics["time/total_seconds"] = time.time() - start
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         write_metrics(out / "metrics.json", metrics)
@@ -220,6 +231,12 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
 
 def seed_everything(seed: int) -> None:
     L.seed_everything(seed, workers=True, verbose=False)
+
+
+def pin_threads(threads: int | None) -> None:
+    """Set torch's CPU threads when the config names a count (the sums of a matmul depend on it)."""
+    if threads:
+        torch.set_num_threads(int(threads))
 
 
 def require_text_judge(judge: Any, evaluates: bool, selects: bool) -> None:
