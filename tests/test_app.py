@@ -281,7 +281,7 @@ def test_readme_run_command(tmp_path):
     res = subprocess.run([str(exe), *cmd[1:]], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "HYDRA_FULL_ERROR": "1"}, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "outputs in" in res.stdout and "eval/after/tpa" in res.stdout
+    assert "outputs in" in res.stdout and "TPA, shifted axes" in res.stdout and "verdict:" in res.stdout
     _check_metrics(tmp_path / "out")
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
