@@ -5,7 +5,7 @@ with `trace-realign`, `trace-data` or `python experiments/`, less a trailing `# 
 each exact command to how it runs on this machine. A command runs with its own arguments first, as
 shown, in a folder of its own that holds the data it names; the overrides a test appends are only
 
-  FAST_*     fewer steps, pairs, prompts and smaller batches and splits (shortening; never what is computed),
+  FAST_*     fewer steps, pairs and prompts, smaller batches and splits (shortening only),
   local data files the test writes in the documented format: PKU's schema (pku_fixture) in place of the
              hub (`dataset.path=pku/`), jsonl files (`pairs.jsonl`, `test.jsonl`),
   {url}      `oracle.base_url` / `judge.base_url` of a local OpenAI-compatible server (fake_openai), with a
@@ -364,6 +364,7 @@ def test_documented_command_runs(command, tmp_path, env, request):
     check_outputs(command, how, work, res)
 
 
+@pytest.mark.slow
 def test_hub_model_offline_names_model_name_or_path(tmp_path, env):
     """The README's hub-model command, offline and without a local copy, stops with the fix named (the
     data stages run first: nothing of the model is needed until then)."""
@@ -377,6 +378,7 @@ def test_hub_model_offline_names_model_name_or_path(tmp_path, env):
     assert failed and failed[0].read_text().startswith("ModelNotFoundError: ")
 
 
+@pytest.mark.slow
 def test_the_documented_jsonl_files_without_an_oracle_that_reads_them_stop_at_triage(tmp_path, env):
     """The jsonl command without oracle=openai or dataset.triaged=true: the world's judge reads none of the
     pairs, and triage says so, naming the fixes the README shows."""
