@@ -271,3 +271,60 @@ def test_too_many_failed_calls_stop_the_run_and_a_rerun_asks_only_those(tmp_path
     server.script = ["500"] * 6
     loose = llm_data(tmp_path / "loose", small_pku, server, "loose", "oracle.max_failed_fraction=0.2")
     assert loose["triage/excluded/oracle_failed"] == 6
+
+
+# -- an oracle that cannot read the data --
+def jsonl_pairs(path: Path, pairs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return path
+
+
+def world_pairs(n: int) -> list[dict]:
+    from trace_realign.world import SyntheticWorld
+
+    world = SyntheticWorld(pairs_per_axis=n, test_prompts_per_axis=1, utility_in_data=0)
+    return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in world.train_pairs()]
+
+
+OTHER = [{"prompt": f"How do I bake loaf {i}?", "chosen": f"Knead it {i} times.", "rejected": "No idea.",
+          "category": "retain" if i % 2 else "invert"} for i in range(12)]
+
+
+def test_the_world_judge_on_other_data_stops_triage_naming_the_fixes(tmp_path):
+    from trace_realign.pipeline import UndecidedError
+
+    pairs = jsonl_pairs(tmp_path / "pairs.jsonl", world_pairs(1) + OTHER)  # 4 readable pairs, 12 not
+    cfg = compose_cfg(["dataset=jsonl", f"dataset.train_path={pairs}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                      tmp_path / "run")
+    with pytest.raises(UndecidedError) as info:
+        prepare(cfg)
+    message = str(info.value)
+    assert "(WorldJudge) could not decide 12 of 16 pairs (75%)" in message
+    assert "dataset.triaged=true" in message and "oracle=openai" in message
+    # the categories in the file stand in for the oracle
+    m = prepare(compose_cfg(["dataset=jsonl", f"dataset.train_path={jsonl_pairs(tmp_path / 'cats.jsonl', OTHER)}",
+                             "dataset.triaged=true", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "triaged"))
+    assert m["triage/invert"] == 6 and m["triage/retain"] == 6 and "triage/excluded/undecided" not in m
+
+
+def test_a_few_undecided_pairs_are_excluded_with_a_warning(tmp_path, caplog):
+    pairs = jsonl_pairs(tmp_path / "pairs.jsonl", world_pairs(3) + OTHER[:2])  # 12 readable, 2 not
+    cfg = compose_cfg(["dataset=jsonl", f"dataset.train_path={pairs}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                      tmp_path / "run")
+    with caplog.at_level("WARNING", logger="trace_realign.pipeline"):
+        m = prepare(cfg)
+    assert m["triage/excluded/undecided"] == 2 and m["data/pairs"] == 14
+    assert sum(m[f"triage/{c}"] for c in CATEGORIES) == 12
+    assert "could not decide 2 of 14 pairs" in caplog.text
+
+
+def test_check_undecided_bounds():
+    from trace_realign.oracle import NoisyOracle
+    from trace_realign.pipeline import UndecidedError, check_undecided
+    from trace_realign.world import WorldJudge
+
+    judge = NoisyOracle(WorldJudge(), 0.1)
+    check_undecided(0, 10, judge)
+    check_undecided(5, 10, judge)  # half: a warning, not an error
+    with pytest.raises(UndecidedError, match=r"\(WorldJudge\) could not decide 6 of 10 pairs"):
+        check_undecided(6, 10, judge)  # a noisy oracle is named by the judge it wraps

@@ -147,3 +147,19 @@ def test_generic_stages_for_a_source_of_annotated_pairs(tmp_path):
     assert dpo == sft and all(p.category == "retain" for p in pretrain + sft)
     with pytest.raises(ValueError, match="pi_new's labels"):
         StageData(source, "sft", labels="new")
+
+
+@pytest.mark.parametrize("oracle", ["labels", "openai", "programmatic"])
+def test_a_stage_builds_no_oracle_of_the_run(tmp_path, oracle):
+    """A stage's data come labelled: the run's oracle (one bound to PKU's annotations, one over an API) is
+    not built for it, and the base oracle it gets instead can be bound to the stage's data."""
+    from trace_realign.oracle import Oracle, build_oracles
+    from trace_realign.prealign import stage_config
+
+    cfg = compose_cfg(["dataset=jsonl", f"dataset.train_path={tmp_path / 'train.jsonl'}", f"oracle={oracle}",
+                       "oracle.noise=0.1"], tmp_path / "run")
+    save_pairs([PreferencePair("p", "good", "bad")], tmp_path / "train.jsonl")
+    s = stage_config(cfg, "sft", cfg.model.prealign.stages.sft, "base", tmp_path / "stage")
+    data = StageData(JsonlSource(str(tmp_path / "train.jsonl"), None, "pi_old", "pi_new"), "sft")
+    used, judge = build_oracles(s.oracle, s.seed, data)
+    assert type(used) is Oracle and judge is used and "judge" not in s

@@ -218,3 +218,54 @@ def test_split_by_category_rejects_untriaged(bad_category):
         split_by_category(pairs)
     assert info.value.index == 1 and info.value.field == "category"
     assert "record 1" in str(info.value)
+
+
+# -- evaluation prompts (dataset.test_path) --
+EVAL_GOOD = {"prompt": "Should I take zinc?", "axis": "medical", "category": "invert", "shift": "shifted", "kind": "value"}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_eval_prompts_keep_the_known_fields_and_ignore_the_rest(tmp_path, suffix):
+    from trace_realign.records import load_eval_prompts
+
+    rows = [EVAL_GOOD, {"prompt": "Only a prompt."}, {**GOOD, "meta": {"x": 1}, "kind": "utility"}]
+    items = load_eval_prompts(write(tmp_path / f"test{suffix}", rows))
+    assert items == [EVAL_GOOD, {"prompt": "Only a prompt."}, {"prompt": GOOD["prompt"], "kind": "utility"}]
+
+
+@pytest.mark.parametrize("bad,field,problem", [
+    ({"axis": "medical"}, "prompt", "missing"),
+    ({"prompt": "   "}, "prompt", "empty text"),
+    ({"prompt": 3}, "prompt", "expected a string"),
+    ({**EVAL_GOOD, "category": "flip"}, "category", "unknown category 'flip'"),
+    ({**EVAL_GOOD, "shift": "moved"}, "shift", "unknown shift 'moved'"),
+    ({**EVAL_GOOD, "kind": "fact"}, "kind", "unknown kind 'fact'"),
+    ({**EVAL_GOOD, "axis": ""}, "axis", "expected a non-empty string"),
+    ({**EVAL_GOOD, "axis": 7}, "axis", "expected a non-empty string"),
+])
+def test_bad_eval_prompts_name_file_record_and_field(tmp_path, bad, field, problem):
+    from trace_realign.records import load_eval_prompts
+
+    path = write(tmp_path / "test.jsonl", [EVAL_GOOD, EVAL_GOOD, bad])
+    with pytest.raises(DataError) as info:
+        load_eval_prompts(path)
+    assert (info.value.index, info.value.field) == (BAD_INDEX, field)
+    assert str(info.value).startswith(f"{path}, record {BAD_INDEX}, field '{field}': {problem}")
+
+
+def test_eval_prompts_file_must_hold_objects(tmp_path):
+    from trace_realign.records import load_eval_prompts
+
+    with pytest.raises(DataError, match=r"record 0: expected a JSON object"):
+        load_eval_prompts(write(tmp_path / "test.jsonl", ["just a string"]))
+    with pytest.raises(DataError, match="no records"):
+        load_eval_prompts(write(tmp_path / "empty.jsonl", []))
+
+
+def test_jsonl_source_reads_prompt_only_test_files(tmp_path):
+    from trace_realign.data import JsonlSource
+
+    train = write(tmp_path / "pairs.jsonl", [GOOD])
+    test = write(tmp_path / "test.jsonl", [{"prompt": "Held out?", "shift": "unchanged"}])
+    source = JsonlSource(str(train), str(test), "pi_old", "pi_new")
+    assert source.eval_prompts() == [{"prompt": "Held out?", "shift": "unchanged"}]

@@ -81,3 +81,25 @@ def test_a_failed_run_leaves_why_and_no_metrics(tmp_path):
     assert res.returncode != 0
     assert "NoConflictsError" in (out / FAILED_FILE).read_text()
     assert not (out / "metrics.json").exists()
+
+
+def data_app(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "trace-data"
+    fast = [o for o in FAST if o.startswith("dataset.")]
+    return subprocess.run([str(exe), *fast, f"hydra.run.dir={out}", *extra],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+
+
+def test_trace_data_claims_its_folder_and_a_failure_says_why(tmp_path):
+    out = tmp_path / "run"
+    first = data_app(out, "seed=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads((out / RUN_FILE).read_text())["config"]["seed"] == 1 and (out / ".hydra").is_dir()
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    other = data_app(out, "seed=2")
+    assert other.returncode != 0 and "holds a run of another configuration" in other.stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    failed = data_app(tmp_path / "failed", "dataset.policy_new=pi_old")  # nothing to re-align: it stops
+    assert failed.returncode != 0
+    assert (tmp_path / "failed" / FAILED_FILE).read_text().startswith("NoConflictsError: ")
+    assert not (tmp_path / "failed" / "metrics.json").exists()

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from trace_realign.objective import TERM_RESPONSES, TRACE_TERMS, ObjectiveConfig
 from trace_realign.oracle import Oracle, Policy
 from trace_realign.pipeline import EVAL_FILE, TRIAGE_METRICS_FILE, TRIAGED_FILE, DataPlan, Stages, prepare, read_jsonl
-from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, PreferencePair, load_pairs
+from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, PreferencePair, load_eval_prompts, load_pairs
 from trace_realign.sequences import SequenceLimits, encode_pair, pad_batch
 from trace_realign.stages import StageCache
 from trace_realign.world.synthetic import load_policy
@@ -47,7 +47,12 @@ class DataSource(Protocol):
 
 
 class JsonlSource:
-    """Preference pairs from local .json/.jsonl files; categories, if present, can stand in for triage."""
+    """Preference pairs from local .json/.jsonl files; categories, if present, can stand in for triage.
+
+    train_path: records {prompt, chosen, rejected[, category, correction, meta]} (records.validate_record).
+    test_path: held-out prompts {prompt[, axis, category, shift, kind]}; other keys are ignored
+    (records.validate_eval_prompt), so a pair file or a run's data/eval.jsonl serves as well.
+    """
 
     def __init__(self, train_path: str, test_path: str | None, policy_old: str, policy_new: str, triaged: bool = False):
         self.train_path, self.test_path, self.triaged = train_path, test_path, triaged
@@ -59,7 +64,7 @@ class JsonlSource:
     def eval_prompts(self) -> list[dict[str, Any]]:
         if not self.test_path:
             return []
-        return [{"prompt": p.prompt, **p.meta} for p in load_pairs(self.test_path)]
+        return load_eval_prompts(self.test_path)
 
     def corpus(self) -> list[str]:
         return [t for p in self.train_pairs() for t in (p.prompt, p.chosen, p.rejected)]

@@ -17,7 +17,7 @@ class _NoTips(logging.Filter):
 
 
 LIGHTNING.addFilter(_NoTips())
-for name in ("httpx", "httpcore", "openai"):  # one INFO line per HTTP request otherwise
+for name in ("httpx", "httpx2", "httpcore", "openai"):  # one INFO line per HTTP request otherwise
     logging.getLogger(name).setLevel(logging.WARNING)
 # A deprecation inside peft's own calls, repeated on every model load; nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -130,12 +130,57 @@ def resolve_model_path(model_cfg: Mapping[str, Any], corpus: list[str] | None, c
     return str(build_tiny_model_dir(model_cfg["build"], corpus, cache_dir))
 
 
+class ModelNotFoundError(OSError):
+    """model.name_or_path names nothing that can be loaded here (not on disk, not downloadable)."""
+
+
+def _loading_errors() -> tuple[type[BaseException], ...]:
+    """What transformers and huggingface_hub raise for a model they cannot find or fetch."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+        errors += [HfHubHTTPError, HFValidationError]
+    except ImportError:  # an older huggingface_hub: its errors are OSErrors
+        pass
+    return tuple(errors)
+
+
+def not_found_message(what: str, path: str, revision: str | None, exc: BaseException) -> str:
+    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no detail'}"
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return (f"model.name_or_path={path!r}: the local directory holds no {what} that transformers can load "
+                f"({reason}). It must hold a transformers model (config.json and its weights) and its tokenizer.")
+    if path.startswith(("/", ".", "~")) or local.exists():
+        return (f"model.name_or_path={path!r}: no such local directory. Give the directory of a transformers "
+                "model (config.json, weights, tokenizer) with model.name_or_path=/path/to/model, or a hub id.")
+    return (f"model.name_or_path={path!r} (model.revision={revision or 'null'}): its {what} could not be found "
+            f"locally (in the Hugging Face cache) or downloaded from the hub ({reason}). Give a local directory "
+            "with model.name_or_path=/path/to/model, or check the id and model.revision, the network (HF_HUB_OFFLINE "
+            "forbids downloads) and, for a gated model, access to it (HF_TOKEN).")
+
+
+@contextlib.contextmanager
+def loading(what: str, path: str, model_cfg: Mapping[str, Any]) -> Iterator[None]:
+    """Turn transformers' and huggingface_hub's errors for a model they cannot find into one that names
+    model.name_or_path and model.revision and says how to give a local copy."""
+    errors = _loading_errors()
+    if Path(str(path)).expanduser().is_dir():
+        errors += (ValueError,)  # transformers' word for a directory that holds no model
+    try:
+        yield
+    except errors as exc:
+        raise ModelNotFoundError(not_found_message(what, str(path), model_cfg.get("revision"), exc)) from exc
+
+
 def load_tokenizer(path: str, model_cfg: Mapping[str, Any]):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        path, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
-    )
+    with loading("tokenizer", path, model_cfg):
+        tok = AutoTokenizer.from_pretrained(
+            path, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
+        )
     if tok.pad_token_id is None:
         # Padding is masked everywhere; reusing EOS as PAD is the usual choice for decoder-only models.
         tok.pad_token = tok.eos_token
@@ -164,7 +209,8 @@ def load_policy(path: str, model_cfg: Mapping[str, Any]) -> tuple[nn.Module, nn.
     }
     if model_cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = model_cfg["attn_implementation"]
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with loading("model", path, model_cfg):
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if model_cfg.get("disable_dropout", True):
         _disable_dropout(model)
     if model_cfg.get("gradient_checkpointing", False):

@@ -15,6 +15,8 @@ no pair, with its reason) and triage.json (counts that add up).
 An oracle call that failed (rate limited, timed out, unreadable) is no verdict: its pair is excluded from
 this run as `triage/excluded/oracle_failed`, and no stage built on it is cached, so the next run asks only
 the failed calls again. When more than `oracle.max_failed_fraction` of the pairs failed, the run stops.
+A pair the oracle cannot decide is excluded as `triage/excluded/undecided` with a warning; when that is
+more than half of the pairs, the oracle cannot read the data and the run stops (check_undecided).
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
 
         triaged, tstats = stages.cache.run_asking("triage", key, run_triage, oracle, complete)
         complete = complete and "triage" not in stages.cache.unstored
+        check_undecided(int(tstats.get("triage/excluded/undecided", 0)), len(pairs), oracle)
     metrics.update(tstats)
     metrics.update({f"triage/{c}": n for c, n in category_counts(triaged).items()})
     if needs_oracle and not stages.trust_labels:
@@ -207,6 +210,32 @@ def check_failed_fraction(failed_pairs: int, total: int, reasons: Counter, bound
             f"triage: oracle calls failed for {failed_pairs} of {total} pairs ({failed_pairs / total:.1%}; failed "
             f"calls by reason: {failure_summary(reasons) or 'none counted'}), more than oracle.max_failed_fraction="
             f"{bound}. The answered calls are cached, so a rerun asks only the failed ones again.")
+
+
+class UndecidedError(ValueError):
+    """The oracle could not decide most pairs: it cannot read this data."""
+
+
+# More than this share of pairs undecided stops the run; any fewer are excluded with a warning.
+MAX_UNDECIDED_FRACTION = 0.5
+
+
+def check_undecided(undecided: int, total: int, oracle: Oracle) -> None:
+    """An oracle that cannot decide a pair says so (None), and triage excludes the pair. A few such pairs
+    are the data's own (missing labels): a warning with the count. Most of them mean the oracle cannot
+    read this data at all (the embedded world's judge on other texts): stop, naming the oracle and the fixes."""
+    if not undecided or not total:
+        return
+    name = type(getattr(oracle, "base", oracle)).__name__
+    share = undecided / total
+    if share > MAX_UNDECIDED_FRACTION:
+        raise UndecidedError(
+            f"triage: the oracle in use ({name}) could not decide {undecided} of {total} pairs ({share:.0%}); it "
+            "cannot read this data, and training on the rest would misrepresent it. Either give every pair its "
+            "category in the file and set dataset.triaged=true, or triage with an oracle that reads any text: "
+            "oracle=openai (an OpenAI-compatible judge; oracle.base_url for another server).")
+    log.warning("triage: the oracle (%s) could not decide %d of %d pairs (%.1f%%); they are excluded and counted "
+                "as triage/excluded/undecided", name, undecided, total, 100 * share)
 
 
 def eval_items(pairs: list[PreferencePair]) -> list[dict[str, Any]]:

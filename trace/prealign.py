@@ -118,8 +118,10 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
     s.eval.enabled = False
     s.select = {"enabled": False}  # M_old follows pi_old: nothing may select it by pi_new
     s.pop("judge", None)
-    if "noise" in s.oracle:
-        s.oracle.noise = 0.0  # stage data come labelled; the oracle's noise is realignment's business
+    # Stage data come labelled (StageData.triaged) and a stage neither evaluates nor selects: no oracle is
+    # asked anything, so none is built. The run's own could not serve: one bound to the dataset's
+    # annotations (oracle=labels) cannot be bound to a stage's data, and one over an API needs no key here.
+    s.oracle = {"_target_": "trace_realign.oracle.Oracle"}
     s.logger = {}
     s.seed = int(stage.get("seed", 0))
     s.paths.output_dir = str(out_dir)

@@ -5,7 +5,8 @@
 
 Writes data/triaged.jsonl, data/triage.json and metrics.json (triage counts, exclusions and the oracle's
 accounting) into its Hydra run directory. Verdicts are cached by content, so the training run that follows
-asks the oracle nothing it has already answered.
+asks the oracle nothing it has already answered. Like `trace-realign`, it claims its folder for its
+configuration (rundir.py) and a failure leaves FAILED with the reason there, and no metrics.json.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from trace_realign import rundir
+from trace_realign.data import launched_as_rank_zero
 from trace_realign.pipeline import TRIAGE_METRICS_FILE
 from trace_realign.oracle import build_oracles
 from trace_realign.train import build_datamodule, print_summary, write_metrics
@@ -24,7 +27,8 @@ from trace_realign.train import build_datamodule, print_summary, write_metrics
 
 def prepare(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if launched_as_rank_zero():
+        rundir.claim(out, cfg)  # a folder holding another configuration's run stops us here
     source = instantiate(cfg.dataset)
     oracle, _ = build_oracles(cfg.oracle, cfg.seed, source)
     _, datamodule = build_datamodule(cfg, source, oracle, tokenizer=None, out=out)
@@ -40,7 +44,14 @@ def prepare(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="pkg://trace_realign.conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    prepare(cfg)
+    try:
+        prepare(cfg)
+    except rundir.RunDirError:
+        raise  # the folder is another run's: leave it exactly as it was
+    except BaseException as exc:
+        if launched_as_rank_zero():
+            rundir.record_failure(Path(cfg.paths.output_dir), exc)
+        raise
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Preference records: the one schema every stage reads and writes, validated at the door.
 
 A record is {prompt, chosen, rejected}; after triage it also carries `category` (invert, punish or
-retain) and, where an oracle wrote one, `correction` (y_c). Bad input fails before any training with a
+retain) and, where an oracle wrote one, `correction` (y_c). A held-out evaluation prompt is {prompt} with
+optional `axis`, `category`, `shift` and `kind` (EVAL_FIELDS). Bad input fails before any training with a
 message naming the file, the record index and the field.
 """
 
@@ -15,6 +16,15 @@ from typing import Any, Iterable, Sequence
 INVERT, PUNISH, RETAIN = "invert", "punish", "retain"
 CATEGORIES: tuple[str, ...] = (INVERT, PUNISH, RETAIN)
 TEXT_FIELDS: tuple[str, ...] = ("prompt", "chosen", "rejected")
+# The optional fields of an evaluation prompt and the values each may take (None: any non-empty string).
+# TPA is reported per axis, category and shift; `kind` tells value prompts (judged against the policies)
+# from utility prompts (judged right or wrong).
+EVAL_FIELDS: dict[str, tuple[str, ...] | None] = {
+    "axis": None,
+    "category": CATEGORIES,
+    "shift": ("shifted", "unchanged"),
+    "kind": ("value", "utility"),
+}
 
 
 class DataError(ValueError):
@@ -112,6 +122,32 @@ def load_pairs(path: str | Path, require_category: bool = False) -> list[Prefere
     if not rows:
         raise DataError(str(path), None, None, "no records")
     return [validate_record(r, str(path), i, require_category) for i, r in enumerate(rows)]
+
+
+def validate_eval_prompt(obj: Any, source: str, index: int) -> dict[str, str]:
+    """One evaluation prompt: a non-empty `prompt` and the optional EVAL_FIELDS; any other key (a pair's
+    chosen and rejected, for instance) is ignored."""
+    if not isinstance(obj, dict):
+        raise DataError(source, index, None, f"expected a JSON object, got {type(obj).__name__}")
+    item = {"prompt": _text(obj, "prompt", source, index)}
+    for key, allowed in EVAL_FIELDS.items():
+        value = obj.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(source, index, key, f"expected a non-empty string, got {value!r}")
+        if allowed is not None and value not in allowed:
+            raise DataError(source, index, key, f"unknown {key} {value!r}; expected one of {list(allowed)}")
+        item[key] = value
+    return item  # type: ignore[return-value]
+
+
+def load_eval_prompts(path: str | Path) -> list[dict[str, str]]:
+    """Load and validate the held-out prompts of a .json/.jsonl file (see validate_eval_prompt)."""
+    rows = read_json_records(path)
+    if not rows:
+        raise DataError(str(path), None, None, "no records")
+    return [validate_eval_prompt(r, str(path), i) for i, r in enumerate(rows)]
 
 
 def save_pairs(pairs: Iterable[PreferencePair], path: str | Path) -> None:
