@@ -100,16 +100,8 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     seed_everything(cfg.seed)
 
     source = source if source is not None else instantiate(cfg.dataset)
-    # Noise (oracle.noise) reaches triage and selection only; evaluation always uses the clean judge.
-    oracle, judge = build_oracles(cfg.oracle, cfg.seed, source)
-    selector = oracle
-    if cfg.get("judge"):
-        # A separate judge (oracle@judge=openai) scores generations: for selection and evaluation, e.g.
-        # when triage reads the dataset's labels, which know no model's text.
-        _, judge = build_oracles(cfg.judge, cfg.seed, source, writer=False)
-        selector = judge
+    oracle, judge, selector = build_judges(cfg, source)
     select = cfg.get("select") or {}
-    require_text_judge(judge, evaluates=bool(cfg.eval.enabled), selects=bool(select.get("enabled")))
 
     ablation = cfg.ablation
     objective, datamodule = build_datamodule(cfg, source, oracle, None, out)
@@ -132,20 +124,7 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     # seed alone, so a run that builds M_old and one that loads it give the same result.
     seed_everything(cfg.seed)
 
-    module = TraceModule(
-        model_path=model_path,
-        model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
-        objective=objective,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        use_impact=ablation.impact,
-        gamma=cfg.impact.gamma,
-        gold_batch_size=cfg.impact.gold_batch_size,
-        gold_chunk_size=cfg.impact.chunk_size,
-        stop_grad_norm=cfg.objective.stop_grad_norm,
-        seed=cfg.seed,
-    )
-    module.configure_model()
+    module = build_module(cfg, model_path, objective)
     loggers = build_loggers(cfg)
     callbacks = []
     if select.get("enabled"):
@@ -227,6 +206,42 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         if not quiet:
             print_summary(out, metrics)
     return metrics
+
+
+def build_judges(cfg: DictConfig, source: Any) -> tuple[Any, Any, Any]:
+    """(the oracle triage asks, the clean judge evaluation asks, the oracle selection asks).
+
+    Noise (oracle.noise) reaches triage and selection only; evaluation always uses the clean judge. A
+    separate judge (oracle@judge=openai) scores generations, for selection and evaluation, e.g. when
+    triage reads the dataset's labels, which know no model's text.
+    """
+    oracle, judge = build_oracles(cfg.oracle, cfg.seed, source)
+    selector = oracle
+    if cfg.get("judge"):
+        _, judge = build_oracles(cfg.judge, cfg.seed, source, writer=False)
+        selector = judge
+    select = cfg.get("select") or {}
+    require_text_judge(judge, evaluates=bool(cfg.eval.enabled), selects=bool(select.get("enabled")))
+    return oracle, judge, selector
+
+
+def build_module(cfg: DictConfig, model_path: str, objective: ObjectiveConfig) -> TraceModule:
+    """The LightningModule on `model_path` (M_old), its adapters or copy created."""
+    module = TraceModule(
+        model_path=model_path,
+        model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
+        objective=objective,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        use_impact=cfg.ablation.impact,
+        gamma=cfg.impact.gamma,
+        gold_batch_size=cfg.impact.gold_batch_size,
+        gold_chunk_size=cfg.impact.chunk_size,
+        stop_grad_norm=cfg.objective.stop_grad_norm,
+        seed=cfg.seed,
+    )
+    module.configure_model()
+    return module
 
 
 def seed_everything(seed: int) -> None:
