@@ -74,7 +74,9 @@ COMMANDS: dict[str, How] = {
     "trace-realign": How("app", (*FAST_EMBEDDED,)),
     # README: the embedded benchmark
     "python experiments/benchmark_embedded.py": How(
-        "elsewhere", why="being rewritten; run by its own test, tests/test_benchmark.py"),
+        "elsewhere", why="an hour at full length; tests/test_benchmark.py runs the script on two seeds with few steps"),
+    "python experiments/benchmark_embedded.py --seeds 0 1 2 3 4": How(
+        "elsewhere", why="an hour at full length; tests/test_benchmark.py runs the script on two seeds with few steps"),
     # README: overrides, sweeps, scale
     "trace-realign loss=ipo ablation=no_kl trainer.max_steps=5": How("app", (*FAST_EMBEDDED,)),
     "trace-realign optimizer.lr=5e-4 loss.beta=0.1 objective.alpha_kl=0.5 impact.gamma=10": How("app", (*FAST_EMBEDDED,)),
