@@ -21,8 +21,12 @@ def test_claim_records_then_accepts_the_same_configuration(tmp_path):
     claim(tmp_path, cfg)
     assert json.loads((tmp_path / RUN_FILE).read_text())["config"]["seed"] == 3
     (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / FAILED_FILE).write_text("ValueError: an earlier failure")
     claim(tmp_path, compose_cfg(["seed=3", "trainer.enable_progress_bar=false"], tmp_path))  # not a setting of the result
     assert not (tmp_path / "metrics.json").exists(), "a re-run must not leave the last run's numbers looking current"
+    assert not (tmp_path / FAILED_FILE).exists(), "nor the last run's failure"
+    with pytest.raises(RunDirError, match=r"seed: 3 there, 4 now"):
+        claim(tmp_path, compose_cfg(["seed=4"], tmp_path))
 
 
 def test_claim_refuses_another_configuration_naming_what_differs(tmp_path):
