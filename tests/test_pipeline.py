@@ -328,3 +328,25 @@ def test_check_undecided_bounds():
     check_undecided(5, 10, judge)  # half: a warning, not an error
     with pytest.raises(UndecidedError, match=r"\(WorldJudge\) could not decide 6 of 10 pairs"):
         check_undecided(6, 10, judge)  # a noisy oracle is named by the judge it wraps
+
+
+def test_ground_truth_agreement_counts_by_hand():
+    from trace_realign.pipeline import ground_truth_agreement
+    from trace_realign.records import PreferencePair
+
+    def pair(i, category, truth):
+        return PreferencePair(f"p{i}", "w", "l", category=category, meta={"gt_category": truth} if truth else {})
+
+    said_truly = [("invert", "invert")] * 2 + [("invert", "punish"), ("punish", "punish")] + \
+        [("retain", "invert")] * 2 + [("retain", "retain"), ("retain", None)]  # the last knows no truth
+    m = ground_truth_agreement([pair(i, c, t) for i, (c, t) in enumerate(said_truly)])
+    assert m == pytest.approx({
+        "triage/gt_accuracy": 4 / 7,
+        "triage/gt_precision/invert": 2 / 3, "triage/gt_recall/invert": 2 / 4,
+        "triage/gt_precision/punish": 1 / 1, "triage/gt_recall/punish": 1 / 2,
+        "triage/gt_precision/retain": 1 / 3, "triage/gt_recall/retain": 1 / 1,
+    })
+    assert ground_truth_agreement([pair(0, "retain", None)]) == {}
+    # a category neither said nor true has neither number
+    assert set(ground_truth_agreement([pair(0, "invert", "invert")])) == {
+        "triage/gt_accuracy", "triage/gt_precision/invert", "triage/gt_recall/invert"}
