@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from trace_realign.eval import agreement, percent_with_ci, verdict, wilson_interval
 from trace_realign.oracle import Oracle, Policy
@@ -165,3 +166,43 @@ def test_evaluation_with_no_verdict_at_all_stops(monkeypatch):
     with pytest.raises(RuntimeError, match="no verdict on any of 3 generations"):
         ev.evaluate(None, None, Table({}), POLICY, POLICY, items, prefix="eval/after")
     assert ev.evaluate(None, None, Table({}), POLICY, POLICY, [], prefix="eval/after") == ({}, [])
+
+
+class Echo(torch.nn.Module):
+    """A 'model' whose generation repeats its prompt's own tokens (those the attention mask keeps), after
+    checking that the batch is left-padded; it records how it was asked."""
+
+    def __init__(self, pad_id):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.pad_id, self.calls = pad_id, []
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.calls.append({"rows": len(input_ids), "training": self.training, **kwargs})
+        width = input_ids.shape[1]
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            n = sum(mask)
+            assert mask == [0] * (width - n) + [1] * n and ids[: width - n] == [self.pad_id] * (width - n)
+            rows.append(ids + ids[width - n:] + [self.pad_id] * (width - n))  # right-padded continuation
+        return torch.tensor(rows)
+
+
+def test_generate_answers_in_the_prompts_order_whatever_the_batching():
+    from trace_realign.eval import generate
+    from trace_realign.model import build_tokenizer
+
+    prompts = ["How do I bake bread at home today?", "Hi", "What is 3 plus 4?", "Tell me a story about a dog.", "Why?"]
+    tok = build_tokenizer(prompts, 300)
+    model = Echo(tok.pad_token_id)
+    model.train()
+    plain = build_tokenizer(prompts, 300)
+    plain.chat_template = None  # the prompt goes in raw: its last token is text, not a role tag
+    assert generate(model, plain, prompts, max_new_tokens=7, batch_size=2, progress=False) == prompts
+    for batch_size in (1, 2, 16):
+        model.calls.clear()
+        assert generate(model, tok, prompts, max_new_tokens=7, batch_size=batch_size, progress=False) == prompts
+        assert [c["rows"] for c in model.calls] == [min(batch_size, 5 - i) for i in range(0, 5, batch_size)]
+        assert all(c["max_new_tokens"] == 7 and c["do_sample"] is False and not c["training"] for c in model.calls)
+        assert all(c["pad_token_id"] == tok.pad_token_id and c["eos_token_id"] == tok.eos_token_id for c in model.calls)
+    assert model.training  # put back in the mode it was in
