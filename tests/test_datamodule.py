@@ -346,6 +346,16 @@ def test_oracle_punish_uses_corrections(tmp_path, world, tokenizer):
             assert batch["input_ids"][b + r, : len(loser)].tolist() == loser
 
 
+def test_pairs_that_label_noise_makes_punished_get_corrections_too(tmp_path, world, tokenizer):
+    from trace_realign.pipeline import DataPlan
+
+    judge = WorldJudge()
+    dm = make_dm(tmp_path, world, tokenizer, judge, terms=ORACLE_PUNISH, plan=DataPlan(label_noise=0.3))
+    made = [p for p in dm.splits[PUNISH] if p.meta.get("clean_category") in (INVERT, RETAIN)]
+    assert made  # pairs triage did not punish, and so asked no correction for
+    assert all(p.correction and judge.judge(p.prompt, p.correction, world.new) is True for p in dm.splits[PUNISH])
+
+
 def test_oracle_punish_without_corrections_fails_at_setup(tmp_path, world, tokenizer):
     source = jsonl_source(tmp_path, world, {INVERT, PUNISH, RETAIN})  # labelled, but no corrections
     dm = make_dm(tmp_path, source, tokenizer, None, trust_labels=True, terms=ORACLE_PUNISH, prepare=False)

@@ -58,8 +58,14 @@ def test_every_split_keeps_the_category_mix_and_no_prompt_crosses(tmp_path, pku_
     train = load_pairs(data / "splits" / "trace" / "train1.jsonl", require_category=True)
     test = load_pairs(data / "splits" / "trace" / "test.jsonl", require_category=True)
     assert not {p.prompt for p in train} & {p.prompt for p in test}
-    eval_prompts = [json.loads(line)["prompt"] for line in (data / "eval.jsonl").read_text().splitlines()]
-    assert sorted(eval_prompts) == sorted({p.prompt for p in test})
+    items = read_jsonl(data / "eval.jsonl")
+    assert sorted(it["prompt"] for it in items) == sorted({p.prompt for p in test})
+    # one item per held-out prompt, grouped by the category of its (first) pair
+    first = {}
+    for p in test:
+        first.setdefault(p.prompt, p.category)
+    assert all(it == {"prompt": it["prompt"], "kind": "value", "category": first[it["prompt"]]} for it in items)
+    assert {it["category"] for it in items} == set(CATEGORIES)
     # what trains is train1
     served = load_pairs(data / "triaged.jsonl", require_category=True)
     assert sorted(p.chosen for p in served) == sorted(p.chosen for p in train)
