@@ -470,13 +470,26 @@ def test_selection_by_oracle_runs_and_reports(make_cfg, caplog):
 
 
 @pytest.mark.slow
-def test_oracle_noise_reaches_triage_not_evaluation(make_cfg):
-    m = run(make_cfg("oracle.noise=0.3", "dataset.pairs_per_axis=24"))
-    assert m["oracle/noise"] == 0.3 and m["oracle/noise_flipped"] > 0
+def test_oracle_noise_reaches_triage_not_evaluation(tmp_path):
+    from trace_realign.oracle import NoisyOracle
+    from trace_realign.records import load_pairs
+    from trace_realign.triage import triage
+    from trace_realign.world import WorldJudge
+
+    cfg = compose_cfg([*FAST, "oracle.noise=0.3", "dataset.pairs_per_axis=24"], tmp_path / "noisy")
+    m = run(cfg)
+    # triage is the noisy oracle's, seeded by the run's seed: the same flips as one made here
+    world = instantiate(cfg.dataset)
+    noisy = NoisyOracle(WorldJudge(), 0.3, seed=cfg.seed)
+    expected = triage(world.train_pairs(), noisy, world.new).pairs
+    triaged = load_pairs(tmp_path / "noisy" / "data" / "triaged.jsonl", require_category=True)
+    assert [(p.prompt, p.chosen, p.category) for p in triaged] == [(p.prompt, p.chosen, p.category) for p in expected]
+    assert m["oracle/noise"] == 0.3 and m["oracle/noise_flipped"] == noisy.flipped > 0
     assert m["triage/gt_accuracy"] < 1.0  # the noisy labels really changed triage
-    clean = run(make_cfg("dataset.pairs_per_axis=24"))
+    clean = run(compose_cfg([*FAST, "dataset.pairs_per_axis=24"], tmp_path / "clean"))
+    assert clean["triage/gt_accuracy"] == 1.0 and "oracle/noise" not in clean
     # evaluation judged M_old's generations with the clean judge in both runs
-    assert m["eval/before/tpa"] == clean["eval/before/tpa"]
+    assert m["eval/before/tpa"] == clean["eval/before/tpa"] and m["eval/before/tpa_old"] == clean["eval/before/tpa_old"]
 
 
 @pytest.mark.slow
