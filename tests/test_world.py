@@ -125,9 +125,15 @@ def test_old_policy_preferences(world):
 
 
 def test_category_mix(world):
-    mix = Counter(p.meta["gt_category"] for p in world.train_pairs())
-    assert set(mix) == set(CATEGORIES)
-    assert all(mix[c] > 0 for c in CATEGORIES)
+    # medical inverts (pi_old refuses, pi_new answers); politics inverts where the rejected answer was the
+    # balanced one, every third pair as rejected stances rotate (refuse, caveat, neutral), and is punished
+    # otherwise; privacy, risky and the sums are retained
+    by_axis = Counter((p.meta["axis"], p.meta["gt_category"]) for p in world.train_pairs())
+    n, politics_invert = world.pairs_per_axis, len(range(2, world.pairs_per_axis, 3))
+    assert by_axis == {("medical", "invert"): n, ("politics", "invert"): politics_invert,
+                       ("politics", "punish"): n - politics_invert, ("privacy", "retain"): n, ("risky", "retain"): n,
+                       ("utility", "retain"): world.utility_in_data}
+    assert set(CATEGORIES) == {c for _, c in by_axis}
 
 
 def test_too_many_test_prompts_raise():
