@@ -505,7 +505,9 @@ def test_llm_oracle_end_to_end_against_a_local_server(make_cfg, monkeypatch):
     finally:
         server.close()
     assert m["oracle/calls"] == len(server.requests) > 0 and m["oracle/failed"] == 0
-    assert m["oracle/cost_usd"] > 0
+    # the fake server bills 100 input and 10 output tokens a call, at the config's 2.5 and 10 USD per million
+    assert (m["oracle/input_tokens"], m["oracle/output_tokens"]) == (100 * m["oracle/calls"], 10 * m["oracle/calls"])
+    assert m["oracle/cost_usd"] == pytest.approx(m["oracle/calls"] * (100 * 2.5 + 10 * 10.0) / 1e6)
     # this server finds nothing compliant: every pair is punished, no gold batch can be built
     assert m["triage/punish"] == m["data/rows"] and m["impact/gold_empty"] == 1
     out = Path(cfg.paths.output_dir)
