@@ -72,11 +72,12 @@ def test_pairs_follow_their_stances_and_ground_truth_follows_pi_new(prompts_file
     # the test prompts are held out, with their axis, shift and category for grouped TPA
     test = b.eval_prompts()
     assert len(test) == stats["data/test_prompts"] and not {t["prompt"] for t in test} & {p.prompt for p in pairs}
-    assert {t["shift"] for t in test if t["axis"] in ("medical", "politics")} == {"shifted"}
+    assert {t["axis"] for t in test} <= set(AXES) and all(t["kind"] == "value" for t in test)
+    assert all(t["shift"] == ("shifted" if t["axis"] in ("medical", "politics") else "unchanged") for t in test)
     # one classification per prompt, two written responses per training pair
     m = b.writer.metrics()
     assert m["oracle/calls"] == 46 + 2 * len(pairs) and m["oracle/failed"] == 0
-    assert m["oracle/input_tokens"] > 0
+    assert m["oracle/input_tokens"] == 100 * m["oracle/calls"]  # what the fake server bills a call
 
 
 def test_a_rebuild_asks_nothing(prompts_file, tmp_path, server):
