@@ -115,14 +115,23 @@ def test_prepare_data_runs_once(tmp_path, world, tokenizer):
             Counting.calls += 1
             return super().judge(prompt, response, policy)
 
-    dm = make_dm(tmp_path, world, tokenizer, Counting(), prepare=False)
+    cache = tmp_path / "cache"
+    dm = make_dm(tmp_path, world, tokenizer, Counting(), prepare=False, cache_dir=cache)
     dm.prepare_data()
     first = Counting.calls
     assert first == 2 * len(world.train_pairs())
     before = (tmp_path / "work" / TRIAGED_FILE).read_text()
-    dm.prepare_data()  # a resumed run finds its triage on disk
+    dm.prepare_data()  # called again (Lightning calls it once more on fit): nothing is redone
     assert Counting.calls == first
-    assert (tmp_path / "work" / TRIAGED_FILE).read_text() == before
+    # a new run on the same data reads the triage stage from the cache: the oracle is asked nothing
+    again = TriagedDataModule(world, Counting(), tokenizer, work_dir=tmp_path / "again", batch_size=B, cache_dir=cache)
+    again.prepare_data()
+    assert Counting.calls == first
+    assert (tmp_path / "again" / TRIAGED_FILE).read_text() == before
+    # ... and without a cache every run triages afresh
+    fresh = TriagedDataModule(world, Counting(), tokenizer, work_dir=tmp_path / "fresh", batch_size=B)
+    fresh.prepare_data()
+    assert Counting.calls == 2 * first
 
 
 def test_setup_splits(tmp_path, world, tokenizer):
@@ -212,11 +221,24 @@ def test_one_pass_before_repeats(tmp_path, world, tokenizer):
         assert order[cat][:n] != order[cat][n : 2 * n]  # reshuffled between passes
 
 
-def test_stream_is_reproducible(tmp_path, world, tokenizer):
+def test_stream_is_reproducible_and_seeded(tmp_path, world, tokenizer):
     dm = make_dm(tmp_path, world, tokenizer, WorldJudge())
     a = [s[INVERT]["index"].tolist() for s in steps(dm, 5)]
     b = [s[INVERT]["index"].tolist() for s in steps(dm, 5)]
     assert a == b
+    other = make_dm(tmp_path / "other", world, tokenizer, WorldJudge(), seed=1)
+    assert [s[INVERT]["index"].tolist() for s in steps(other, 5)] != a
+
+
+def test_selection_prompts_are_a_seeded_sample_of_distinct_training_prompts(tmp_path, world, tokenizer):
+    dm = make_dm(tmp_path, world, tokenizer, WorldJudge())
+    training = {p.prompt for c in CATEGORIES for p in dm.splits[c]}
+    picked = dm.selection_prompts(10)
+    assert len(picked) == len(set(picked)) == 10 and set(picked) <= training
+    assert not set(picked) & {t["prompt"] for t in dm.eval_prompts()}  # never a held-out prompt
+    assert dm.selection_prompts(10) == picked
+    assert make_dm(tmp_path / "other", world, tokenizer, WorldJudge(), seed=1).selection_prompts(10) != picked
+    assert sorted(dm.selection_prompts(10_000)) == sorted(training)  # no more than there are
 
 
 def test_batch_larger_than_category(tmp_path, world, tokenizer):
@@ -322,6 +344,16 @@ def test_oracle_punish_uses_corrections(tmp_path, world, tokenizer):
             assert batch["input_ids"][r, : len(want)].tolist() == want  # first response: the correction
             loser, _, _ = encode_pair(tokenizer, p.prompt, p.chosen, dm.limits)
             assert batch["input_ids"][b + r, : len(loser)].tolist() == loser
+
+
+def test_pairs_that_label_noise_makes_punished_get_corrections_too(tmp_path, world, tokenizer):
+    from trace_realign.pipeline import DataPlan
+
+    judge = WorldJudge()
+    dm = make_dm(tmp_path, world, tokenizer, judge, terms=ORACLE_PUNISH, plan=DataPlan(label_noise=0.3))
+    made = [p for p in dm.splits[PUNISH] if p.meta.get("clean_category") in (INVERT, RETAIN)]
+    assert made  # pairs triage did not punish, and so asked no correction for
+    assert all(p.correction and judge.judge(p.prompt, p.correction, world.new) is True for p in dm.splits[PUNISH])
 
 
 def test_oracle_punish_without_corrections_fails_at_setup(tmp_path, world, tokenizer):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from trace_realign.eval import agreement, percent_with_ci, verdict, wilson_interval
 from trace_realign.oracle import Oracle, Policy
@@ -62,13 +63,36 @@ def test_verdict_says_whether_realignment_happened_and_at_what_cost():
                "eval/after/tpa/shifted": 62.0, "eval/after/tpa_ci95/shifted": 4.7,
                "eval/before/tpa/unchanged": 100.0, "eval/after/tpa/unchanged": 94.0,
                "eval/before/utility": 100.0, "eval/after/utility": 99.0}
-    text = "\n".join(verdict(metrics))
-    assert "realigned: TPA on the shifted axes rose from 0.0 to 62.0" in text
-    assert "unchanged axes fell by 6.0 points" in text and "utility kept (-1.0)" in text
+    lines = verdict(metrics)
+    # the table: before, then after, each with its interval where there is one, and the change
+    assert lines[1].split() == ["TPA,", "shifted", "axes", "0.0", "±", "0.5", "62.0", "±", "4.7", "+62.0"]
+    assert lines[2].split() == ["TPA,", "unchanged", "axes", "100.0", "94.0", "-6.0"]
+    assert lines[3].split() == ["utility", "100.0", "99.0", "-1.0"]
+    assert len(lines) == 5
+    assert lines[4] == ("  verdict: realigned: TPA on the shifted axes rose from 0.0 to 62.0 (the 95 % intervals do "
+                        "not overlap); unchanged axes fell by 6.0 points, utility kept (-1.0)")
     metrics["eval/after/tpa/shifted"] = 4.0
+    assert "verdict: not shown to realign: TPA on the shifted axes rose from 0.0 to 4.0" in "\n".join(verdict(metrics))
+    metrics["eval/after/tpa/shifted"] = 5.2  # 5.2 - 4.7 = 0.5: the intervals touch, they do not part
     assert "not shown to realign" in "\n".join(verdict(metrics))
+    metrics["eval/after/tpa/shifted"] = 5.3
+    assert "verdict: realigned:" in "\n".join(verdict(metrics))
     metrics["eval/after/tpa/shifted"] = 0.0
-    assert "not realigned" in "\n".join(verdict(metrics))
+    assert "verdict: not realigned: TPA on the shifted axes went from 0.0 to 0.0" in "\n".join(verdict(metrics))
+    # within the 2-point tolerance a cost is "kept", beyond it a fall
+    metrics["eval/after/utility"], metrics["eval/after/tpa/unchanged"] = 98.0, 97.9
+    text = "\n".join(verdict(metrics))
+    assert "utility kept (-2.0)" in text and "unchanged axes fell by 2.1 points" in text
+
+
+def test_verdict_without_axes_reads_overall_tpa_and_the_categories_measured_before():
+    metrics = {"eval/before/tpa": 20.0, "eval/before/tpa_ci95": 3.0, "eval/after/tpa": 70.0, "eval/after/tpa_ci95": 4.0,
+               "eval/before/tpa/invert": 10.0, "eval/after/tpa/invert": 80.0, "eval/after/tpa/retain": 90.0}
+    lines = verdict(metrics)
+    assert [line.split()[:3] for line in lines[1:-1]] == [["TPA", "(pi_new)", "20.0"], ["TPA,", "invert", "prompts"]]
+    assert lines[2].split()[-3:] == ["10.0", "80.0", "+70.0"]
+    assert lines[-1] == "  verdict: realigned: TPA overall rose from 20.0 to 70.0 (the 95 % intervals do not overlap)"
+    assert verdict({"eval/before/tpa": 20.0}) == []  # nothing measured after: nothing to say
 
 
 class Failing(Oracle):
@@ -100,3 +124,85 @@ def test_failed_judge_calls_are_counted_and_too_many_stop_evaluation(monkeypatch
     monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: ["boom"] * 10 + ["yes"] * 30)
     with pytest.raises(RuntimeError, match="20 of 80 judge calls failed"):
         ev.evaluate(None, None, Failing({"boom"}), POLICY, POLICY, items, prefix="eval/after")
+
+
+class ByPolicy(Oracle):
+    """Complies when the response is one its policy lists; a sum is right when the response says "right"."""
+
+    def judge(self, prompt, response, policy):
+        if prompt.startswith("sum"):
+            return response == "right"
+        return response in policy.rules["ok"]
+
+
+def test_evaluate_scores_each_policy_and_utility_apart(monkeypatch):
+    import trace_realign.eval as ev
+
+    new, old = Policy("new", "", {"ok": {"a"}}), Policy("old", "", {"ok": {"b"}})
+    items = [{"prompt": "v0", "axis": "x"}, {"prompt": "sum0", "kind": "utility"}, {"prompt": "v1", "axis": "x"},
+             {"prompt": "v2", "axis": "y", "kind": "value"}, {"prompt": "sum1", "kind": "utility"},
+             {"prompt": "sum2", "kind": "utility"}, {"prompt": "sum3", "kind": "utility"}]
+    answers = {"v0": "a", "v1": "b", "v2": "a", "sum0": "right", "sum1": "wrong", "sum2": "right", "sum3": "right"}
+    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: [answers[p] for p in prompts])
+    m, rows = ev.evaluate(None, None, ByPolicy(), new, old, items, prefix="eval/after")
+    assert m["eval/after/n"] == 3 and m["eval/after/n_utility"] == 4
+    assert m["eval/after/tpa"] == pytest.approx(200 / 3) and m["eval/after/tpa_old"] == pytest.approx(100 / 3)
+    assert m["eval/after/tpa/x"] == 50.0 and m["eval/after/tpa/y"] == 100.0 and m["eval/after/tpa_old/x"] == 50.0
+    assert m["eval/after/tpa_old/y"] == 0.0
+    assert m["eval/after/utility"] == 75.0
+    assert m["eval/after/utility_ci95"] == pytest.approx(50 * (wilson_interval(3, 4)[1] - wilson_interval(3, 4)[0]))
+    assert m["eval/after/judge_failed"] == 0
+    assert rows == [{"response": "a", "tpa": True, "tpa_old": False}, {"response": "right", "correct": True},
+                    {"response": "b", "tpa": False, "tpa_old": True}, {"response": "a", "tpa": True, "tpa_old": False},
+                    {"response": "wrong", "correct": False}, {"response": "right", "correct": True},
+                    {"response": "right", "correct": True}]
+
+
+def test_evaluation_with_no_verdict_at_all_stops(monkeypatch):
+    import trace_realign.eval as ev
+
+    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: ["???"] * len(prompts))
+    items = [{"prompt": f"p{i}"} for i in range(3)]
+    with pytest.raises(RuntimeError, match="no verdict on any of 3 generations"):
+        ev.evaluate(None, None, Table({}), POLICY, POLICY, items, prefix="eval/after")
+    assert ev.evaluate(None, None, Table({}), POLICY, POLICY, [], prefix="eval/after") == ({}, [])
+
+
+class Echo(torch.nn.Module):
+    """A 'model' whose generation repeats its prompt's own tokens (those the attention mask keeps), after
+    checking that the batch is left-padded; it records how it was asked."""
+
+    def __init__(self, pad_id):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.pad_id, self.calls = pad_id, []
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.calls.append({"rows": len(input_ids), "training": self.training, **kwargs})
+        width = input_ids.shape[1]
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            n = sum(mask)
+            assert mask == [0] * (width - n) + [1] * n and ids[: width - n] == [self.pad_id] * (width - n)
+            rows.append(ids + ids[width - n:] + [self.pad_id] * (width - n))  # right-padded continuation
+        return torch.tensor(rows)
+
+
+def test_generate_answers_in_the_prompts_order_whatever_the_batching():
+    from trace_realign.eval import generate
+    from trace_realign.model import build_tokenizer
+
+    prompts = ["How do I bake bread at home today?", "Hi", "What is 3 plus 4?", "Tell me a story about a dog.", "Why?"]
+    tok = build_tokenizer(prompts, 300)
+    model = Echo(tok.pad_token_id)
+    model.train()
+    plain = build_tokenizer(prompts, 300)
+    plain.chat_template = None  # the prompt goes in raw: its last token is text, not a role tag
+    assert generate(model, plain, prompts, max_new_tokens=7, batch_size=2, progress=False) == prompts
+    for batch_size in (1, 2, 16):
+        model.calls.clear()
+        assert generate(model, tok, prompts, max_new_tokens=7, batch_size=batch_size, progress=False) == prompts
+        assert [c["rows"] for c in model.calls] == [min(batch_size, 5 - i) for i in range(0, 5, batch_size)]
+        assert all(c["max_new_tokens"] == 7 and c["do_sample"] is False and not c["training"] for c in model.calls)
+        assert all(c["pad_token_id"] == tok.pad_token_id and c["eos_token_id"] == tok.eos_token_id for c in model.calls)
+    assert model.training  # put back in the mode it was in

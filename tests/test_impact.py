@@ -357,6 +357,21 @@ def setup(request, tiny_dir, tokenizer):
     return request.param, policy, reference, params, tokenizer
 
 
+def test_load_policy_reads_the_lora_and_fine_tuning_settings(tiny_dir):
+    policy, reference = load_policy(tiny_dir, {"lora": {"enabled": True, "r": 3, "alpha": 12, "target_modules": ["q_proj"]}})
+    assert reference is None  # the reference is the policy with its adapters disabled
+    trainable = {n: tuple(p.shape) for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable == {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight": (3, 32),
+                         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight": (32, 3)}
+    q_proj = next(m for n, m in policy.named_modules() if n.endswith("q_proj"))
+    assert q_proj.scaling["default"] == 12 / 3
+    full, frozen = load_policy(tiny_dir, FULL)
+    assert frozen is not None and frozen is not full and not any(p.requires_grad for p in frozen.parameters())
+    assert all(p.requires_grad for p in full.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(full.parameters(), frozen.parameters()))
+    assert {m.p for m in full.modules() if isinstance(m, torch.nn.Dropout)} <= {0.0}
+
+
 def test_theta_equals_theta_ref(setup):
     # Impact scores are taken at theta_ref: policy and reference log-probs must agree before any training,
     # which also makes every relational loss log 2 (a check on the whole pipeline).

@@ -382,3 +382,54 @@ def test_a_triage_with_failed_calls_counts_them_apart_and_the_next_run_asks_only
     again = oracle(server, tmp_path)
     result = triage(pairs, again, POLICY)
     assert not result.excluded and again.metrics()["oracle/calls"] == 3 and again.metrics()["oracle/cached"] == 9
+
+
+def status_error(status: int, message: str = "error"):
+    import httpx
+    import openai
+
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/chat/completions")
+    return openai.APIStatusError(message, response=httpx.Response(status, request=request), body=None)
+
+
+def test_failure_reasons_by_status_and_what_stops_the_run():
+    import httpx
+    import openai
+
+    o = OpenAIOracle(model="judge", base_url="http://127.0.0.1:1/v1", progress=False)
+    request = httpx.Request("POST", "http://127.0.0.1:1/v1/chat/completions")
+    reasons = {s: o._failure_reason(status_error(s)) for s in (400, 404, 408, 422, 429, 500, 502, 503)}
+    assert reasons == {400: "bad_request", 404: "bad_request", 408: "timeout", 422: "bad_request",
+                       429: "rate_limited", 500: "server_error", 502: "server_error", 503: "server_error"}
+    assert o._failure_reason(openai.APITimeoutError(request=request)) == "timeout"
+    assert o._failure_reason(openai.APIConnectionError(request=request)) == "connection"
+    with pytest.raises(OracleConfigError, match="no such model"):
+        o._failure_reason(status_error(404, "The model `judge` does not exist"))
+    for status in (401, 403):
+        with pytest.raises(OracleAuthError):
+            o._failure_reason(status_error(status))
+
+
+def test_retry_after_is_honoured_up_to_the_cap_else_a_jittered_exponential_backoff():
+    import random
+    from types import SimpleNamespace
+
+    o = OpenAIOracle(model="judge", base_url="http://127.0.0.1:1/v1", backoff_base=2.0, backoff_cap=10.0,
+                     progress=False)
+
+    def exc(header=None):
+        return SimpleNamespace(response=SimpleNamespace(headers={"retry-after": header} if header else {}))
+
+    assert o._delay(1, exc("3")) == 3.0 and o._delay(4, exc("0.5")) == 0.5  # the server's word, any attempt
+    assert o._delay(1, exc("120")) == 10.0  # but never past the cap
+    random.seed(0)
+    for attempt, bound in ((1, 2.0), (3, 8.0), (5, 10.0)):  # base * 2^(attempt-1), capped
+        delays = [o._delay(attempt, exc()) for _ in range(300)] + [o._delay(attempt, exc("soon")) for _ in range(300)]
+        assert min(delays) >= 0 and max(delays) <= bound and max(delays) > 0.8 * bound, (attempt, max(delays))
+        assert len(set(delays)) > 100  # jittered, not one fixed wait
+
+
+def test_the_same_item_twice_in_a_batch_is_asked_once(server, tmp_path):
+    o = oracle(server, tmp_path)
+    assert o.judge_batch([ITEMS[0], ITEMS[1], ITEMS[0]], POLICY) == [True, False, True]
+    assert len(server.requests) == 2 and o.metrics()["oracle/calls"] == 2

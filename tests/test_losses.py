@@ -268,7 +268,10 @@ def test_objective_config_accepts_valid_edges():
     for relational in ("sigmoid", "ipo"):
         for reduction in ("mean", "sum"):
             cfg = ObjectiveConfig(beta=1e-6, relational=relational, alpha_kl=0.0, reduction=reduction)
-            assert cfg.alpha_kl == 0.0
+            assert (cfg.beta, cfg.relational, cfg.alpha_kl, cfg.reduction) == (1e-6, relational, 0.0, reduction)
+    # only a table with the oracle-guided term needs corrections written at triage
+    assert not ObjectiveConfig().needs_corrections
+    assert ObjectiveConfig(terms={**TRACE_TERMS, PUNISH: "relational_correction"}).needs_corrections
 
 
 def test_term_table_validation_and_dpo_term():

@@ -44,10 +44,26 @@ def test_edges_and_undecided():
 
 
 def test_build_oracles_keeps_evaluation_clean():
-    noisy, clean = build_oracles({"_target_": "trace_realign.world.WorldJudge", "seed": 0, "noise": 0.2}, seed=0)
+    noisy, clean = build_oracles({"_target_": "trace_realign.world.WorldJudge", "seed": 0, "noise": 0.2}, seed=3)
     assert isinstance(noisy, NoisyOracle) and isinstance(clean, WorldJudge) and noisy.base is clean
+    assert (noisy.p, noisy.seed) == (0.2, 3)  # the configured noise, seeded by the run's seed
     plain, clean2 = build_oracles({"_target_": "trace_realign.world.WorldJudge", "seed": 0, "noise": 0.0}, seed=0)
-    assert plain is clean2
+    assert plain is clean2 and isinstance(plain, WorldJudge)
+    unset, _ = build_oracles({"_target_": "trace_realign.world.WorldJudge", "seed": 0}, seed=0)
+    assert isinstance(unset, WorldJudge)
+
+
+def test_noisy_oracle_counts_its_flips_and_passes_corrections_through():
+    class Writer(Always):
+        def correct(self, prompt, policy):
+            return f"fix {prompt}"
+
+    noisy = NoisyOracle(Writer(True), 0.3, seed=0)
+    out = noisy.judge_batch(ITEMS[:1000], POLICY)
+    assert noisy.flipped == sum(v is False for v in out) > 0
+    assert noisy.correct_batch(["a", "b"], POLICY) == ["fix a", "fix b"]  # never flipped: not a verdict
+    assert noisy.fingerprint() != NoisyOracle(Writer(True), 0.3, seed=1).fingerprint()
+    assert noisy.fingerprint() != NoisyOracle(Writer(True), 0.2, seed=0).fingerprint()
 
 
 def test_pairs_and_single_verdicts_flip_the_same_items():

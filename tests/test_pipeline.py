@@ -58,8 +58,14 @@ def test_every_split_keeps_the_category_mix_and_no_prompt_crosses(tmp_path, pku_
     train = load_pairs(data / "splits" / "trace" / "train1.jsonl", require_category=True)
     test = load_pairs(data / "splits" / "trace" / "test.jsonl", require_category=True)
     assert not {p.prompt for p in train} & {p.prompt for p in test}
-    eval_prompts = [json.loads(line)["prompt"] for line in (data / "eval.jsonl").read_text().splitlines()]
-    assert sorted(eval_prompts) == sorted({p.prompt for p in test})
+    items = read_jsonl(data / "eval.jsonl")
+    assert sorted(it["prompt"] for it in items) == sorted({p.prompt for p in test})
+    # one item per held-out prompt, grouped by the category of its (first) pair
+    first = {}
+    for p in test:
+        first.setdefault(p.prompt, p.category)
+    assert all(it == {"prompt": it["prompt"], "kind": "value", "category": first[it["prompt"]]} for it in items)
+    assert {it["category"] for it in items} == set(CATEGORIES)
     # what trains is train1
     served = load_pairs(data / "triaged.jsonl", require_category=True)
     assert sorted(p.chosen for p in served) == sorted(p.chosen for p in train)
@@ -328,3 +334,25 @@ def test_check_undecided_bounds():
     check_undecided(5, 10, judge)  # half: a warning, not an error
     with pytest.raises(UndecidedError, match=r"\(WorldJudge\) could not decide 6 of 10 pairs"):
         check_undecided(6, 10, judge)  # a noisy oracle is named by the judge it wraps
+
+
+def test_ground_truth_agreement_counts_by_hand():
+    from trace_realign.pipeline import ground_truth_agreement
+    from trace_realign.records import PreferencePair
+
+    def pair(i, category, truth):
+        return PreferencePair(f"p{i}", "w", "l", category=category, meta={"gt_category": truth} if truth else {})
+
+    said_truly = [("invert", "invert")] * 2 + [("invert", "punish"), ("punish", "punish")] + \
+        [("retain", "invert")] * 2 + [("retain", "retain"), ("retain", None)]  # the last knows no truth
+    m = ground_truth_agreement([pair(i, c, t) for i, (c, t) in enumerate(said_truly)])
+    assert m == pytest.approx({
+        "triage/gt_accuracy": 4 / 7,
+        "triage/gt_precision/invert": 2 / 3, "triage/gt_recall/invert": 2 / 4,
+        "triage/gt_precision/punish": 1 / 1, "triage/gt_recall/punish": 1 / 2,
+        "triage/gt_precision/retain": 1 / 3, "triage/gt_recall/retain": 1 / 1,
+    })
+    assert ground_truth_agreement([pair(0, "retain", None)]) == {}
+    # a category neither said nor true has neither number
+    assert set(ground_truth_agreement([pair(0, "invert", "invert")])) == {
+        "triage/gt_accuracy", "triage/gt_precision/invert", "triage/gt_recall/invert"}

@@ -112,7 +112,8 @@ def test_duplicates_are_removed_unless_asked_to_keep_them():
 
 def test_label_oracle_triages_like_the_fixture_says():
     cases = awkward_rows()
-    pairs, _, _ = build_pairs([r for _, r in cases], "fixture")
+    regular = regular_rows(30)
+    pairs, _, _ = build_pairs([r for _, r in cases] + regular, "fixture")
 
     class Source:
         def response_labels(self):
@@ -129,6 +130,13 @@ def test_label_oracle_triages_like_the_fixture_says():
     for outcome, r in cases:
         if outcome in ("retain", "invert", "punish"):
             assert got[r["prompt"]] == outcome, r["prompt"]
+    # the regular rows' texts say "COMPLY" where their labels comply under pku_new (pku_fixture.text)
+    from trace_realign.triage import triage_category
+
+    regular_pairs = [p for p in result.pairs if p.prompt.startswith("Question ")]
+    assert len(regular_pairs) == len(regular)
+    expected = [triage_category("COMPLY" in p.chosen, "COMPLY" in p.rejected) for p in regular_pairs]
+    assert [p.category for p in regular_pairs] == expected and set(expected) == {"invert", "punish", "retain"}
     assert result.excluded == {"undecided": sum(o == "undecided" for o, _ in cases)}  # no call can fail
     # what it has no labels for (a model's generation) is undecided, never compliant
     assert oracle.judge("Awkward H?", "something a model wrote", NEW) is None

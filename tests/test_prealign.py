@@ -58,13 +58,18 @@ def test_built_once_then_reused(cfg, tmp_path, world):
     stages = FakeStages()
     path, m = build(cfg, tmp_path, world, stages)
     assert stages.calls == ["pretrain", "sft", "dpo"] and m["prealign/cached"] == 0.0
-    assert m["prealign/stages_built"] == 3
-    # each stage starts from the previous stage's model
-    assert json.loads((Path(path) / "config.json").read_text())["from"].split("/")[-1].startswith("sft-")
+    assert m["prealign/stages_built"] == 3 and m["prealign/seconds"] > 0
+    # each stage starts from the previous stage's model, the first from the base
+    root = Path(cfg.paths.cache_dir) / "prealign"
+    started = {d.name.split("-")[0]: json.loads((d / "config.json").read_text())["from"] for d in root.iterdir()}
+    assert Path(path).parent == root and Path(path).name.startswith("dpo-")
+    assert started["pretrain"] == str(tmp_path / "base")
+    assert Path(started["sft"]).name.startswith("pretrain-") and Path(started["dpo"]).name.startswith("sft-")
     again = FakeStages()
     path2, m2 = build(cfg, tmp_path, world, again)
     assert path2 == path and again.calls == [] and m2["prealign/cached"] == 1.0
-    assert m2["prealign/sft/loss"] == 0.5
+    assert m2["prealign/stages_built"] == 0 and m2["prealign/seconds"] == 0.0  # this run spent no time building
+    assert m2["prealign/sft/loss"] == 0.5 and m2["prealign/dpo/first_loss"] == 1.0  # each stage's own record
 
 
 def test_a_changed_stage_rebuilds_it_and_what_follows_only(cfg, tmp_path, world):

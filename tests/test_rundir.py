@@ -21,8 +21,34 @@ def test_claim_records_then_accepts_the_same_configuration(tmp_path):
     claim(tmp_path, cfg)
     assert json.loads((tmp_path / RUN_FILE).read_text())["config"]["seed"] == 3
     (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / FAILED_FILE).write_text("ValueError: an earlier failure")
     claim(tmp_path, compose_cfg(["seed=3", "trainer.enable_progress_bar=false"], tmp_path))  # not a setting of the result
     assert not (tmp_path / "metrics.json").exists(), "a re-run must not leave the last run's numbers looking current"
+    assert not (tmp_path / FAILED_FILE).exists(), "nor the last run's failure"
+    with pytest.raises(RunDirError, match=r"seed: 3 there, 4 now"):
+        claim(tmp_path, compose_cfg(["seed=4"], tmp_path))
+
+
+@pytest.mark.parametrize("first,again", [
+    (["logger=csv"], ["logger=none"]), (["logger=none"], ["logger=wandb"]),
+    (["tags=[a]", "task_name=x"], ["tags=[]", "task_name=y"]),
+    (["paths.cache_dir=/tmp/one"], ["paths.cache_dir=/tmp/two"]),
+    (["oracle=openai", "oracle.base_url=http://x/v1"], ["oracle=openai", "oracle.base_url=http://x/v1", "oracle.progress=false"]),
+])
+def test_settings_of_where_and_how_visibly_a_run_works_do_not_make_another_configuration(tmp_path, first, again):
+    claim(tmp_path, compose_cfg(first, tmp_path))
+    claim(tmp_path, compose_cfg(again, tmp_path))  # a re-run, not another configuration
+    with pytest.raises(RunDirError, match="loss.beta"):
+        claim(tmp_path, compose_cfg([*again, "loss.beta=0.9"], tmp_path))
+
+
+def test_a_record_that_still_holds_the_empty_logger_node_is_the_same_configuration(tmp_path):
+    claim(tmp_path, compose_cfg(["logger=none"], tmp_path))
+    record = json.loads((tmp_path / RUN_FILE).read_text())
+    assert "logger" not in record["config"]
+    record["config"]["logger"] = {}  # as written before the empty node counted as a logger setting
+    (tmp_path / RUN_FILE).write_text(json.dumps(record))
+    claim(tmp_path, compose_cfg(["logger=csv"], tmp_path))
 
 
 def test_claim_refuses_another_configuration_naming_what_differs(tmp_path):

@@ -41,15 +41,49 @@ def test_best_parameters_are_restored_and_ties_keep_the_earlier():
         trainer.global_step = step
         with torch.no_grad():
             module.policy.weight.add_(1.0)  # training moves the weights every step
+            module.policy.bias.add_(1.0)  # and the frozen bias too, so that restoring it would show
         snapshots[step] = module.policy.weight.detach().clone()
         cb.on_train_batch_end(trainer, module)
     bias = module.policy.bias.detach().clone()
     cb.on_train_end(trainer, module)
     assert cb.best_step == 20 and cb.best_score == 80.0
     assert torch.equal(module.policy.weight, snapshots[20])
-    assert torch.equal(module.policy.bias, bias)
-    assert [s for s, _ in cb.history] == [0, 10, 20, 30, 40]
+    assert not torch.equal(snapshots[20], snapshots[30])  # the tie at step 30 holds other weights
+    assert set(cb.best_state) == {"weight"}
+    assert torch.equal(module.policy.bias, bias)  # not saved, not restored: as training left it
+    assert [s for s, _ in cb.history] == [0, 10, 20, 30, 40]  # step 40 is not checked twice at the end
     assert cb.metrics() == {"select/best_step": 20.0, "select/best_tpa": 80.0, "select/checks": 5.0}
+
+
+def test_a_last_step_between_checks_is_checked_at_the_end():
+    trainer, module = Trainer(), Module()
+    cb = ScoreByWeight({0: 10.0, 10: 20.0, 20: 30.0, 25: 90.0})
+    cb.trainer = trainer
+    cb.on_train_start(trainer, module)
+    for step in range(1, 26):
+        trainer.global_step = step
+        with torch.no_grad():
+            module.policy.weight.add_(1.0)
+        cb.on_train_batch_end(trainer, module)
+    last = module.policy.weight.detach().clone()
+    cb.on_train_end(trainer, module)
+    assert [s for s, _ in cb.history] == [0, 10, 20, 25]
+    assert cb.best_step == 25 and torch.equal(module.policy.weight, last)
+
+
+def test_theta_ref_is_kept_when_training_never_beats_it():
+    trainer, module = Trainer(), Module()
+    start = module.policy.weight.detach().clone()
+    cb = ScoreByWeight({0: 60.0, 10: 40.0, 20: 60.0})
+    cb.trainer = trainer
+    cb.on_train_start(trainer, module)
+    for step in range(1, 21):
+        trainer.global_step = step
+        with torch.no_grad():
+            module.policy.weight.add_(1.0)
+        cb.on_train_batch_end(trainer, module)
+    cb.on_train_end(trainer, module)
+    assert cb.best_step == 0 and torch.equal(module.policy.weight, start)
 
 
 def test_every_n_steps_must_be_positive():
@@ -69,8 +103,9 @@ def test_score_leaves_failed_verdicts_out_and_refuses_when_none_is_given(monkeyp
     import trace_realign.select as select
 
     monkeypatch.setattr(select, "generate", lambda model, tok, prompts, *a, **k: ["text"] * len(prompts))
-    cb = SelectByOracle(["a", "b", "c"], Table({"a": True, "b": None, "c": False}), Policy("p", ""), tokenizer=None)
-    assert cb.score(None) == 50.0  # 1 of the 2 judged; the failed call is no verdict
+    cb = SelectByOracle(["a", "b", "c", "d"], Table({"a": True, "b": None, "c": False, "d": True}), Policy("p", ""),
+                        tokenizer=None)
+    assert cb.score(None) == pytest.approx(200 / 3)  # 2 of the 3 judged comply; the failed call is no verdict
     cb = SelectByOracle(["a"], Table({"a": None}), Policy("p", ""), tokenizer=None)
     with pytest.raises(ValueError, match="could not judge any"):
         cb.score(None)

@@ -42,6 +42,18 @@ def plain_tok(tok):
     return t
 
 
+@pytest.fixture(scope="module")
+def bos_tok(tok):
+    # The same vocabulary with a tokenizer that writes BOS itself, as most hub tokenizers do.
+    from tokenizers.processors import TemplateProcessing
+
+    t = copy.deepcopy(tok)
+    t._tokenizer.post_processor = TemplateProcessing(single=f"{t.bos_token} $A",
+                                                     special_tokens=[(t.bos_token, t.bos_token_id)])
+    assert t("x")["input_ids"][0] == t.bos_token_id != t("x", add_special_tokens=False)["input_ids"][0]
+    return t
+
+
 def response_ids(tok, text):
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
@@ -82,6 +94,18 @@ def test_encode_pair_prompt_goes_through_chat_template(tok):
     assert tok.decode(ids[2 : n_prompt - 1]) == PROMPT
     # BOS appears once: the template writes it, the tokenizer must not add another.
     assert ids.count(tok.bos_token_id) == 1
+
+
+def test_bos_once_whether_the_template_or_the_tokenizer_writes_it(bos_tok):
+    with_template = encode_prompt(bos_tok, PROMPT)
+    assert with_template.count(bos_tok.bos_token_id) == 1 and with_template[0] == bos_tok.bos_token_id
+    plain = copy.deepcopy(bos_tok)
+    plain.chat_template = None
+    raw = encode_prompt(plain, PROMPT)  # no template: the tokenizer's own special tokens are the prompt's
+    assert raw[0] == plain.bos_token_id and raw[1:] == list(plain(PROMPT, add_special_tokens=False)["input_ids"])
+    # the response never gets one
+    ids, labels, _ = encode_pair(bos_tok, PROMPT, RESPONSE, SequenceLimits())
+    assert ids.count(bos_tok.bos_token_id) == 1 and bos_tok.bos_token_id not in labels
 
 
 def test_no_chat_template_uses_raw_prompt(tok, plain_tok):
@@ -255,6 +279,11 @@ def test_prompt_limit_must_leave_room_for_a_response():
     # A prompt limit at or above max_length would leave no room for the response: refused up front.
     with pytest.raises(ValueError, match="max_prompt_length"):
         SequenceLimits(max_length=6, max_prompt_length=64)
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        SequenceLimits(max_length=6, max_prompt_length=6)  # equal leaves no room either
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        SequenceLimits(max_length=6, max_prompt_length=0)
+    assert SequenceLimits(max_length=6, max_prompt_length=5).max_prompt_length == 5
 
 
 @pytest.mark.parametrize("max_length,max_prompt_length", [(6, 3), (8, 7), (12, 4)])

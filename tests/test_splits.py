@@ -86,9 +86,18 @@ def test_label_noise_flips_the_fraction_asked_and_nests():
     flipped10 = {p.chosen for p in ten if "clean_category" in p.meta}
     flipped20 = {p.chosen for p in twenty if "clean_category" in p.meta}
     assert len(flipped10) == n10 and flipped10 < flipped20
-    for p in ten:
+    moves = Counter()
+    for before, p in zip(pairs, twenty):
         if "clean_category" in p.meta:
-            assert p.category != p.meta["clean_category"]
+            assert p.meta["clean_category"] == before.category and p.category != before.category
+            moves[(before.category, p.category)] += 1
+        else:
+            assert p == before
+    # a flipped label may become either other category, each about as often
+    assert set(moves) == {(a, b) for a in CATEGORIES for b in CATEGORIES if a != b}
+    for a in CATEGORIES:
+        to = [n for (x, _), n in moves.items() if x == a]
+        assert min(to) > 0.3 * sum(to), (a, moves)
     # an item's noisy label does not depend on the set it is in
     assert flip_labels(pairs[:10], 0.1, seed=0)[0] == ten[:10]
     assert flip_labels(pairs, 0.0, seed=0) == (list(pairs), 0)
@@ -106,11 +115,22 @@ def test_dpo_gold_swaps_inverted_pairs_and_punished_pairs_follow_config():
         else:
             assert (after.chosen, after.rejected) == (before.chosen, before.rejected)
     n_punish = category_counts(pairs)[PUNISH]
-    assert dpo_gold(pairs, "drop")[1] == n_punish
+    assert 0 < n_punish < 100
+    dropped, left = dpo_gold(pairs, "drop")
+    assert left == n_punish
+    assert dropped == [q for q in gold if q.category != PUNISH]  # the rest exactly as with "keep"
     corrected, left = dpo_gold(pairs, "correction")
     with_fix = [p for p in pairs if p.category == PUNISH and p.correction]
+    assert 0 < len(with_fix) < n_punish
     assert left == n_punish - len(with_fix)
-    assert all(p.chosen.startswith("fix") for p in corrected if p.category == PUNISH)
+    # a punished pair with a correction becomes (correction over the old chosen); one without is left out
+    expected = [q for q in gold if q.category != PUNISH or q.correction]
+    assert [(q.prompt, q.category) for q in corrected] == [(q.prompt, q.category) for q in expected]
+    for before, after in zip(expected, corrected):
+        if before.category == PUNISH:
+            assert (after.chosen, after.rejected) == (before.correction, before.chosen)
+        else:
+            assert after == before
     with pytest.raises(ValueError, match="dpo_gold_punish"):
         dpo_gold(pairs, "swap")
 

@@ -72,11 +72,12 @@ def test_pairs_follow_their_stances_and_ground_truth_follows_pi_new(prompts_file
     # the test prompts are held out, with their axis, shift and category for grouped TPA
     test = b.eval_prompts()
     assert len(test) == stats["data/test_prompts"] and not {t["prompt"] for t in test} & {p.prompt for p in pairs}
-    assert {t["shift"] for t in test if t["axis"] in ("medical", "politics")} == {"shifted"}
+    assert {t["axis"] for t in test} <= set(AXES) and all(t["kind"] == "value" for t in test)
+    assert all(t["shift"] == ("shifted" if t["axis"] in ("medical", "politics") else "unchanged") for t in test)
     # one classification per prompt, two written responses per training pair
     m = b.writer.metrics()
     assert m["oracle/calls"] == 46 + 2 * len(pairs) and m["oracle/failed"] == 0
-    assert m["oracle/input_tokens"] > 0
+    assert m["oracle/input_tokens"] == 100 * m["oracle/calls"]  # what the fake server bills a call
 
 
 def test_a_rebuild_asks_nothing(prompts_file, tmp_path, server):
@@ -223,9 +224,27 @@ def test_trace_data_triages_synthvaluebench_and_scores_triage_against_ground_tru
     assert sum(m[f"triage/{c}"] for c in ("invert", "punish", "retain")) == n
     # every call of the build and of triage is in one account
     assert m["oracle/calls"] == 46 + 2 * n + 2 * n
-    # The fake judge ignores the policy, so its triage is often wrong: the report says how often, by kind.
-    assert 0.0 <= m["triage/gt_accuracy"] < 1.0
-    assert any(k.startswith("triage/gt_recall/") for k in m)
+    # The fake judge ignores the policy (a response that does what was asked, comply or caveat, complies), so
+    # its triage is often wrong: the report says how often, by kind, as counted here from the stances.
+    from trace_realign.records import load_pairs
+
+    triaged = load_pairs(tmp_path / "run" / "data" / "triaged.jsonl", require_category=True)
+    assert len(triaged) == n
+
+    def fake(stance):
+        return stance in ("comply", "caveat")
+
+    assert all(p.category == triage_category(fake(p.meta["stance_chosen"]), fake(p.meta["stance_rejected"]))
+               for p in triaged)
+    right = [p for p in triaged if p.category == p.meta["gt_category"]]
+    assert 0 < len(right) < n
+    assert m["triage/gt_accuracy"] == pytest.approx(len(right) / n)
+    for c in ("invert", "punish", "retain"):
+        truly = [p for p in triaged if p.meta["gt_category"] == c]
+        said = [p for p in triaged if p.category == c]
+        hits = sum(p.category == c for p in truly)
+        assert m.get(f"triage/gt_recall/{c}") == (pytest.approx(hits / len(truly)) if truly else None), c
+        assert m.get(f"triage/gt_precision/{c}") == (pytest.approx(hits / len(said)) if said else None), c
     items = (tmp_path / "run" / "data" / "eval.jsonl").read_text().splitlines()
     assert len(items) == m["data/test_prompts"]
 

@@ -55,6 +55,18 @@ def test_put_get_reload_and_no_duplicates(tmp_path):
     assert len(path.read_text().splitlines()) == 2
 
 
+def test_a_key_stored_twice_keeps_its_first_answer_and_counts_the_other(tmp_path):
+    path = tmp_path / "verdicts.jsonl"
+    rows = [{"key": key(1), "compliant": True, "n": 1}, {"key": key(2), "compliant": False},
+            {"key": key(1), "compliant": False, "n": 2}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with VerdictStore(path) as store:
+        assert len(store) == 2 and store.duplicate_lines == 1 and store.torn_lines == 0
+        assert store.get(key(1)) == rows[0]  # the first answer paid for is the one that stands
+        assert not store.put(key(1), {"compliant": False})
+    assert len(path.read_text().splitlines()) == 3  # nothing appended
+
+
 def test_failures_are_never_stored_and_old_failed_rows_are_asked_again(tmp_path):
     path = tmp_path / "verdicts.jsonl"
     with VerdictStore(path) as store:

@@ -125,9 +125,15 @@ def test_old_policy_preferences(world):
 
 
 def test_category_mix(world):
-    mix = Counter(p.meta["gt_category"] for p in world.train_pairs())
-    assert set(mix) == set(CATEGORIES)
-    assert all(mix[c] > 0 for c in CATEGORIES)
+    # medical inverts (pi_old refuses, pi_new answers); politics inverts where the rejected answer was the
+    # balanced one, every third pair as rejected stances rotate (refuse, caveat, neutral), and is punished
+    # otherwise; privacy, risky and the sums are retained
+    by_axis = Counter((p.meta["axis"], p.meta["gt_category"]) for p in world.train_pairs())
+    n, politics_invert = world.pairs_per_axis, len(range(2, world.pairs_per_axis, 3))
+    assert by_axis == {("medical", "invert"): n, ("politics", "invert"): politics_invert,
+                       ("politics", "punish"): n - politics_invert, ("privacy", "retain"): n, ("risky", "retain"): n,
+                       ("utility", "retain"): world.utility_in_data}
+    assert set(CATEGORIES) == {c for _, c in by_axis}
 
 
 def test_too_many_test_prompts_raise():
@@ -216,7 +222,9 @@ def test_text_merely_starting_with_to_is_unreadable():
 
 @pytest.mark.parametrize(
     "prompt",
-    ["What is the capital of France?", "", "What dose of zinc should I vote for?", "Tell me a joke."],
+    ["What is the capital of France?", "", "What dose of zinc should I vote for?", "Tell me a joke.",
+     # a prompt that reads as two axes at once (privacy's template around politics'): no axis can be told
+     "What is the phone number of Which party should I vote for on taxes?"],
 )
 def test_prompt_from_no_axis_is_undecided(world, prompt):
     judge = WorldJudge()
@@ -417,11 +425,40 @@ def test_politics_pairs_mix_invert_and_punish(world):
     mix = Counter(p.meta["gt_category"] for p in politics)
     assert mix["invert"] == sum(p.meta["stance_rejected"] == "neutral" for p in politics) > 0
     assert mix["punish"] > 0 and mix["retain"] == 0
-    # each prompt's pairs take different rejected stances
+
+
+def test_a_prompts_pairs_take_different_rejected_stances():
+    # 6 training prompts for 18 pairs: each prompt serves 3 pairs, one per rejected stance politics has
+    n = len(SyntheticWorld.prompts("politics"))
+    w = SyntheticWorld(axes=("politics",), pairs_per_axis=18, test_prompts_per_axis=n - 6, utility_in_data=0,
+                       utility_eval=0)
     by_prompt: dict[str, list[str]] = {}
-    for p in politics:
+    for p in w.train_pairs():
         by_prompt.setdefault(p.prompt, []).append(p.meta["stance_rejected"])
-    assert all(len(set(v)) == len(v) for v in by_prompt.values())
+    assert len(by_prompt) == 6
+    assert all(sorted(v) == ["caveat", "neutral", "refuse"] for v in by_prompt.values()), by_prompt
+
+
+def test_an_axis_is_unchanged_only_where_both_policies_allow_the_same_stances():
+    from trace_realign.world.synthetic import axis_kind
+
+    old = allow(["refuse"])
+    assert axis_kind(old, allow(["refuse"]), "medical") == "unchanged"
+    assert axis_kind(old, allow(["refuse", "caveat"]), "medical") == "shifted"  # a stance more is a shift too
+    assert axis_kind(allow(["refuse", "caveat"]), old, "medical") == "shifted"
+    assert axis_kind(allow(["caveat", "refuse"]), allow(["refuse", "caveat"]), "medical") == "unchanged"
+
+
+def test_a_sums_rejected_answer_is_wrong_and_a_number():
+    import re
+
+    sums = [p for p in SyntheticWorld(seed=1).stage_pairs("pretrain") if p.meta["axis"] == "utility"]
+    judge = WorldJudge()
+    assert {p.prompt for p in sums} >= {"What is 0 plus 0?", "What is 0 plus 1?", "What is 1 plus 0?"}
+    for p in sums:
+        assert judge.judge(p.prompt, p.chosen, allow(STANCES)) is True
+        assert judge.judge(p.prompt, p.rejected, allow(STANCES)) is False
+        assert re.fullmatch(r"The answer is \d+\.", p.rejected), p.rejected  # never a negative number
 
 
 @pytest.mark.parametrize("bad", [{"medical": ["refuse"]}, {"medical": ["shout"]}, {"medical": []}])

@@ -29,6 +29,12 @@ class RunDirError(RuntimeError):
     """The run directory holds another configuration's run."""
 
 
+def volatile(key: str) -> bool:
+    """Whether a dotted key is one of the VOLATILE settings ("logger." also names `logger` itself, the empty
+    node that logger=none leaves)."""
+    return any(key == v.rstrip(".") or key.startswith(v) for v in VOLATILE)
+
+
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
     """The resolved configuration as {dotted.key: value}, without the volatile settings."""
     out: dict[str, Any] = {}
@@ -39,7 +45,7 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
                 walk(v, f"{prefix}{k}.")
         else:
             key = prefix[:-1]
-            if not any(key == v or key.startswith(v) for v in VOLATILE):
+            if not volatile(key):
                 out[key] = node
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
@@ -58,7 +64,8 @@ def claim(out: Path, cfg: DictConfig) -> None:
     now = json.loads(json.dumps(flat_config(cfg), default=str))
     record = out / RUN_FILE
     if record.is_file():
-        stored = json.loads(record.read_text()).get("config", {})
+        # (a record written before `logger` itself counted as volatile may still hold it)
+        stored = {k: v for k, v in json.loads(record.read_text()).get("config", {}).items() if not volatile(k)}
         diff = differences(stored, now)
         if diff:
             shown = "\n  ".join(diff[:12]) + (f"\n  ... and {len(diff) - 12} more" if len(diff) > 12 else "")
