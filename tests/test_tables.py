@@ -324,10 +324,12 @@ def test_grouping_falls_back_to_run_json_without_overrides(tmp_path):
     values = {("full", 0.0): [60.0, 62.0], ("full", 0.2): [40.0, 44.0], ("no_kl", 0.0): [70.0, 71.0]}
     for (method, noise), tpa in values.items():
         for seed in range(2):
-            write_run(root / f"{method}-{noise}-{seed}", config=base_config(method, seed, **{"data.label_noise": noise}),
-                      metrics={TPA: tpa[seed], BEFORE_TPA: 20.0 + seed})
+            folder = root / f"{method}-{noise}-{seed}"
+            config = base_config(method, seed, **{"data.label_noise": noise, "trainer.default_root_dir": str(folder),
+                                                  "data.cache_path": f"/cache/{method}-{noise}-{seed}"})
+            write_run(folder, config=config, metrics={TPA: tpa[seed], BEFORE_TPA: 20.0 + seed})
     report = build_report(load_jobs([root]), metrics=[TPA])
-    assert report.keys == ["method", "data.label_noise"]
+    assert report.keys == ["method", "data.label_noise"]  # no per-run folder either
     assert row(report, "full", **{"data.label_noise": 0.2}).cells[TPA].mean == 42.0
     assert row(report, "no_kl", **{"data.label_noise": 0.0}).cells[TPA].std == math.sqrt(0.5)
     assert row(report, "before", kind="before", **{"data.label_noise": 0.0}).cells[TPA].mean == 20.5

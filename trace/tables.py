@@ -399,12 +399,24 @@ def setting_keys(jobs: Sequence[Job]) -> tuple[list[str], str]:
     return _reduce_config_keys(jobs, varying), source
 
 
+def _per_run_path(jobs: Sequence[Job], key: str) -> bool:
+    """A folder of each run's own (trainer.default_root_dir = the output folder): a path that names the run
+    folder, or a *dir / *path key with a different value in every run. Where a run works, not what."""
+    values = [j.config.get(key) for j in jobs]
+    if not all(isinstance(v, str) for v in values):
+        return False
+    if all(str(Path(j.path)) in v or Path(v).name == Path(j.path).name and "/" in v for j, v in zip(jobs, values)):
+        return True
+    return key.rsplit(".", 1)[-1].endswith(("dir", "path")) and len(set(values)) == len(values)
+
+
 def _reduce_config_keys(jobs: Sequence[Job], keys: list[str]) -> list[str]:
     """Config keys that vary carry much that is implied: the method's own fields, a key that copies the
     seed, every field of a model chosen by name. Keep one key per group (a `.name` first) and drop the
     keys the kept ones determine."""
     seeds = [seed_of(j) for j in jobs]
     keys = [k for k in keys if not all(s is not None and j.config.get(k) == s for j, s in zip(jobs, seeds))]
+    keys = [k for k in keys if not _per_run_path(jobs, k)]
     keys = [k for k in keys if not (k.split(".")[0] in METHOD_KEYS and _determined(jobs, "method", k, "config"))]
     priority = sorted(keys, key=lambda k: (not k.endswith((".name", ".name_or_path")), k.count("."), k))
     kept: list[str] = []
