@@ -11,7 +11,6 @@ import io
 import json
 import math
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -516,6 +515,7 @@ def test_wandb_logs_table_and_plots_offline_and_no_secret(grid, tmp_path, monkey
 
 
 def test_pyproject_declares_the_script_data_and_extras():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["project"]["scripts"]["trace-tables"] == "trace_realign.tables:main"
     assert any(d.startswith("matplotlib") for d in project["project"]["dependencies"])
