@@ -548,3 +548,19 @@ def test_slurm_launcher_config(monkeypatch):
         composed = compose(config_name="train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert composed.hydra.launcher._target_.endswith("SlurmLauncher")
     assert composed.hydra.launcher.timeout_min == 600
+
+
+def test_an_experiments_report_block_names_the_columns_and_the_paper_table(sweep):
+    # as experiment files set it: the columns of the table (one no evaluator measured yet) and its paper table
+    declared = {"table": "table8", "rows": "method", "columns": [TPA, "eval/after/asr/overall", UTIL]}
+    for folder in sweep.iterdir():
+        if (folder / "config.yaml").is_file():
+            cfg = yaml.safe_load((folder / "config.yaml").read_text())
+            (folder / "config.yaml").write_text(yaml.safe_dump({**cfg, "task_name": "main_tpa", "report": declared}))
+    report = build_report(load_jobs([sweep]))
+    assert report.metrics == [TPA, "eval/after/asr/overall", UTIL]
+    assert row(report, "trace").cells["eval/after/asr/overall"].n == 0  # an empty column, not a dropped one
+    assert any("eval/after/asr/overall" in n and "not measured" in n for n in report.notes)
+    assert list(report.paper_tables) == ["table8"]  # named by the block, not by the task name
+    # --metrics still wins over the block
+    assert build_report(load_jobs([sweep]), metrics=[UTIL]).metrics == [UTIL]

@@ -191,6 +191,7 @@ class Job:
     failed: str | None = None
     task_name: str | None = None
     order: int = 0  # position among the folders read (job numbers in order)
+    report: dict[str, Any] | None = None  # the run's `report` block: its paper table, rows and columns
 
     @property
     def status(self) -> str:
@@ -296,7 +297,18 @@ def load_job(path: Path, order: int = 0) -> Job:
     if (path / FAILED_FILE).is_file():
         lines = (path / FAILED_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
         failed = next((line.strip() for line in lines if line.strip()), "(FAILED is empty)")
-    return Job(str(path), config, overrides, metrics, failed, read_task_name(path, config, overrides), order)
+    return Job(str(path), config, overrides, metrics, failed, read_task_name(path, config, overrides), order,
+               read_report(path))
+
+
+def read_report(path: Path) -> dict[str, Any] | None:
+    """The `report` block of the run's config (experiment files set it; run.json leaves it out as volatile)."""
+    for name in ("config.yaml", ".hydra/config.yaml"):
+        if (path / name).is_file():
+            loaded = _read_yaml(path / name)
+            if isinstance(loaded, dict) and isinstance(loaded.get("report"), dict):
+                return loaded["report"]
+    return None
 
 
 def read_task_name(path: Path, config: dict[str, Any], overrides: dict[str, Any] | None) -> str | None:
@@ -493,6 +505,13 @@ def choose_metrics(jobs: Sequence[Job], requested: Sequence[str] | None) -> tupl
                               f"{'close' if hints else 'some'} keys the runs have: {', '.join(some)} "
                               f"({len(have)} in all)")
         return list(dict.fromkeys(requested)), []
+    declared = [c for j in jobs if j.report for c in (j.report.get("columns") or [])]
+    if declared:
+        # the columns the experiment declares, measured or not: a column whose evaluator these runs did not
+        # have stays in the table, empty, and says so
+        chosen = list(dict.fromkeys(declared))
+        notes = [f"column {k}: not measured by these runs" for k in chosen if k not in have]
+        return chosen, notes
     chosen = [k for k in DEFAULT_METRICS if k in have]
     dropped = [k for k in DEFAULT_METRICS if k not in have]
     notes = [f"default metric {k}: no finished run has it; left out" for k in dropped]
@@ -697,6 +716,9 @@ def paper_tables_for(jobs: Sequence[Job], requested: Sequence[str] | None,
         raise TablesError(f"--paper {', '.join(unknown)}: no such table; the paper's tables here: {', '.join(known)}")
     named = []
     for j in jobs:
+        if j.report and j.report.get("table") in known:  # the experiment names its paper table
+            named.append(j.report["table"])
+            continue
         task = j.task_name or ""
         for candidate in (task, task.split("_")[0]):
             if candidate in known:
