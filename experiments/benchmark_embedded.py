@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 METHODS: dict[str, list[str]] = {
-    "retrain": ["ablation=dpo_gold_retrain"],
-    "dpo_gold": ["ablation=dpo_gold"],
+    # punished pairs as full re-annotation would label them: a compliant response wins over the old chosen
+    "retrain": ["method=dpo_gold_retrain", "data.dpo_gold_punish=correction"],
+    "dpo_gold": ["method=dpo_gold", "data.dpo_gold_punish=correction"],
     "trace": [],
     "trace_noselect": ["select.enabled=false"],
 }

@@ -1,4 +1,4 @@
-"""The Hydra app end to end: every config option composes, every ablation and loss runs, outputs are
+"""The Hydra app end to end: every config option composes, every method and loss runs, outputs are
 complete, adapters really train, and secrets never reach the outputs."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ REQUIRED_KEYS = [
     "train/loss", "train/loss_invert", "train/loss_punish", "train/loss_kl",
     "eval/before/tpa", "eval/after/tpa",
 ]
-GROUPS = ["model", "dataset", "oracle", "loss", "ablation", "trainer", "logger"]
+GROUPS = ["model", "dataset", "oracle", "loss", "method", "trainer", "logger"]
 
 
 def options(group: str) -> list[str]:
@@ -42,7 +42,7 @@ CHOSEN = {
     "trainer": lambda c: (c.trainer.accelerator, str(c.trainer.strategy.get("_target_", c.trainer.strategy))
                           if not isinstance(c.trainer.strategy, str) else c.trainer.strategy),
     "model": lambda c: c.model.name_or_path or c.model.build.architecture,
-    "ablation": lambda c: c.ablation.name,
+    "method": lambda c: c.method.name,
     "loss": lambda c: c.loss.type,
 }
 EXPECTED_CHOICE = {
@@ -97,21 +97,61 @@ def test_every_job_of_every_experiment_file_composes(name, tmp_path):
         cfg = compose_cfg([f"experiment={name}", *job], tmp_path)
         for override in job:
             key, value = override.split("=", 1)
-            if key == "ablation":
-                assert cfg.ablation.name == value, (name, override)
+            if key == "method":
+                assert cfg.method.name == value, (name, override)
             elif key == "loss":
                 assert cfg.loss.type == value, (name, override)
             else:
                 assert str(OmegaConf.select(cfg, key)) == value, (name, override)
 
 
-def test_ablation_groups_set_their_flags(tmp_path):
-    flags = {o: compose_cfg([f"ablation={o}"], tmp_path).ablation for o in options("ablation")}
-    assert flags["no_triage"].triage is False
-    assert flags["no_impact"].impact is False and flags["no_impact"].triage is True
-    assert flags["no_kl"].kl is False and flags["no_kl"].impact is True
-    assert flags["oracle_punish"].terms.punish == "relational_correction"
-    assert flags["oracle_punish"].terms.invert == "relational_flip"
+# What each method is, as (triage, untriaged, terms invert/punish/retain, weights, weighted, alpha_kl or None
+# for "the objective's"): the tables the method files document, read back from the composed config.
+METHODS = {
+    "trace": (True, None, ("relational_flip", "npo", "kl"), "impact", ["invert", "punish"], None),
+    "no_impact": (True, None, ("relational_flip", "npo", "kl"), "uniform", ["invert", "punish"], None),
+    "no_kl": (True, None, ("relational_flip", "npo", "kl"), "impact", ["invert", "punish"], 0.0),
+    "no_triage": (False, "punish", ("relational_flip", "npo", "kl"), "uniform", ["invert", "punish"], None),
+    "no_triage_ref": (True, None, ("npo_rejected",) * 3, "impact", ["invert", "punish", "retain"], 0.0),
+    "oracle_punish": (True, None, ("relational_flip", "relational_correction", "kl"), "impact", ["invert", "punish"], None),
+    "dpo": (False, "retain", (None, None, "relational"), "uniform", [], 0.0),
+    "sft": (False, "retain", (None, None, "nll"), "uniform", [], 0.0),
+    "rdpo": (False, "retain", (None, None, "relational"), "uniform", [], 0.0),
+    "dpo_gold": (True, None, ("relational_flip", "relational", "relational"), "uniform", ["invert", "punish"], 0.0),
+    "dpo_gold_retrain": (True, None, ("relational_flip", "relational", "relational"), "uniform", ["invert", "punish"], 0.0),
+    "naive_oracle_dpo": (True, None, ("relational_flip", "relational_flip", "relational"), "uniform", ["invert", "punish"], 0.0),
+    "u2a": (True, None, ("npo_chosen", "npo", None), "impact", ["invert", "punish"], 0.0),
+}
+
+
+def test_every_method_file_is_the_table_it_documents(tmp_path):
+    assert sorted(METHODS) == options("method")
+    for name, (triage, untriaged, terms, weights, weighted, alpha) in METHODS.items():
+        m = compose_cfg([f"method={name}"], tmp_path).method
+        got = (m.triage, m.untriaged, (m.terms.invert, m.terms.punish, m.terms.retain), m.weights, list(m.weighted))
+        assert got == (triage, untriaged, terms, weights, weighted), name
+        assert m.alpha_kl == (0.1 if alpha is None else alpha), name  # None: the tiny model's recipe
+        assert m.retrain is (name == "dpo_gold_retrain"), name
+    assert compose_cfg(["method=rdpo"], tmp_path).method.loss == {"type": "robust", "label_smoothing": 0.1}
+
+
+def test_dpo_gold_punished_pairs_follow_data_dpo_gold_punish(tmp_path):
+    for rule, term in (("keep", "relational"), ("drop", None), ("correction", "relational_correction")):
+        for name in ("dpo_gold", "dpo_gold_retrain"):
+            assert compose_cfg([f"method={name}", f"data.dpo_gold_punish={rule}"], tmp_path).method.terms.punish == term
+    with pytest.raises(Exception, match="dpo_gold_punish"):
+        OmegaConf.to_container(compose_cfg(["method=dpo_gold", "data.dpo_gold_punish=swap"], tmp_path), resolve=True)
+
+
+def test_a_method_with_an_unknown_or_missing_key_is_refused(tmp_path):
+    from trace_realign.train import build_datamodule
+
+    with pytest.raises(ValueError, match=r"unknown keys \['kl'\]"):
+        build_datamodule(compose_cfg(["+method.kl=false"], tmp_path), None, None, None, tmp_path)
+    with pytest.raises(ValueError, match=r"missing keys \['weighted'\]"):
+        build_datamodule(compose_cfg(["~method.weighted"], tmp_path), None, None, None, tmp_path)
+    with pytest.raises(ValueError, match="method.weights"):
+        build_datamodule(compose_cfg(["method.weights=topk"], tmp_path), None, None, None, tmp_path)
 
 
 def test_hyperparameters_override_from_command_line(tmp_path):
@@ -135,8 +175,8 @@ def test_hyperparameters_override_from_command_line(tmp_path):
     assert optimizer.param_groups[0]["lr"] == 0.5
     trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
     assert (trainer.max_steps, trainer.accumulate_grad_batches) == (7, 3)
-    # an ablation without the KL anchor trains with alpha_KL = 0 whatever objective.alpha_kl says
-    objective, _ = build_datamodule(compose_cfg(["ablation=no_kl", "objective.alpha_kl=2"], tmp_path), None, None,
+    # a method without the KL anchor trains with alpha_KL = 0 whatever objective.alpha_kl says
+    objective, _ = build_datamodule(compose_cfg(["method=no_kl", "objective.alpha_kl=2"], tmp_path), None, None,
                                     None, tmp_path)
     assert objective.alpha_kl == 0.0
 
@@ -173,35 +213,97 @@ def _check_metrics(out: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ablation", ["full", "no_triage", "no_impact", "no_kl", "oracle_punish"])
-def test_two_step_run_per_ablation(ablation, make_cfg):
-    cfg = make_cfg(f"ablation={ablation}")
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_two_step_run_per_method(method, make_cfg):
+    cfg = make_cfg(f"method={method}")
     run(cfg)
     out = Path(cfg.paths.output_dir)
-    m = _check_metrics(out)
+    m = _check_metrics(out) if method != "dpo_gold_retrain" else json.loads((out / "metrics.json").read_text())
+    triage, untriaged, terms, weights, weighted, _ = METHODS[method]
+    if method == "dpo_gold_retrain":
+        # nothing is fine-tuned: the pipeline that built M_old re-runs under pi_new's labels
+        # (its pretraining stage is M_old's: the same data and settings, read from the cache)
+        assert m["train/steps"] == 0 and m["retrain/stages_built"] == 2 and "eval/after/tpa" in m
+        return
     assert m["train/steps"] == 2
-    n_conflict = m["triage/invert"] + m["triage/punish"]
-    if ablation == "no_triage":
-        assert m["triage/punish"] == m["data/rows"] and m["triage/invert"] == m["triage/retain"] == 0
-    if ablation in ("no_impact", "no_triage"):
-        assert m["impact/max"] == pytest.approx(1.0 / n_conflict)
-    if ablation == "no_kl":
-        # alpha_KL = 0: the KL is measured but does not enter the loss.
-        assert m["train/loss"] == pytest.approx(m["train/loss_invert"] + m["train/loss_punish"], rel=1e-5)
-    if ablation == "full":
-        assert m["train/loss"] == pytest.approx(
-            m["train/loss_invert"] + m["train/loss_punish"] + 0.1 * m["train/loss_kl"], rel=1e-5)
-        assert m["triage/gt_accuracy"] == 1.0
-    if ablation == "oracle_punish":
+    served = {c: m[f"data/train/{c}"] for c in ("invert", "punish", "retain")}
+    if not triage:
+        # no oracle is asked: every pair is served as the method's one category
+        assert served[untriaged] == m["data/rows"] and sum(served.values()) == m["data/rows"]
+        assert "triage/gt_accuracy" not in m
+    else:
+        assert m["triage/gt_accuracy"] == 1.0 and min(served.values()) > 0
+    n_weighted = sum(served[c] for c in weighted)
+    if weights == "uniform" and n_weighted:
+        assert m["impact/max"] == pytest.approx(1.0 / n_weighted)
+    if weights == "impact":
+        assert m["impact/gold_invert"] > 0 and len((out / "data" / "impact.jsonl").read_text().splitlines()) == n_weighted
+    # the loss is the sum of the terms the table names (alpha_KL times the KL when retain is `kl`)
+    alpha = cfg.method.alpha_kl if terms[2] == "kl" else 0.0
+    assert m["train/loss"] == pytest.approx(
+        m["train/loss_invert"] + m["train/loss_punish"] + m["train/loss_retain"] + alpha * m["train/loss_kl"], rel=1e-5)
+    for category, term in zip(("invert", "punish", "retain"), terms):
+        first = m[f"train/first_loss_{category}"]
+        if term is None or term == "kl" or not served[category]:
+            assert first == 0.0, (category, term)
+        elif weights == "uniform" and term in ("relational", "relational_flip", "relational_correction"):
+            assert first == pytest.approx(math.log(2), rel=1e-4)  # at theta_ref every margin is 0: -log sigma(0)
+        elif weights == "impact" and category in weighted:
+            assert first >= 0, (category, term)  # a batch of samples whose scores clipped to 0 weighs 0
+        else:
+            assert first > 0, (category, term)
+    assert m["train/first_loss"] > 0
+    if method == "oracle_punish":
         triaged = [json.loads(line) for line in (out / "data" / "triaged.jsonl").read_text().splitlines()]
         assert all(r.get("correction") for r in triaged if r["category"] == "punish")
+
+
+def test_each_methods_loss_is_its_formula_by_hand(tmp_path):
+    """Every method's objective, built from its config, on hand-chosen log-probabilities at one pair:
+    the value its paper or its file writes down."""
+    from trace_realign.objective import TERM_RESPONSES, category_losses
+    from trace_realign.train import build_datamodule
+
+    # log pi and log pi_ref of the responses of one pair: chosen, rejected, correction
+    pol = {"chosen": -2.0, "rejected": -5.0, "correction": -3.0}
+    ref = {"chosen": -3.0, "rejected": -4.0, "correction": -3.5}
+
+    def lr(y: str) -> float:
+        return pol[y] - ref[y]
+
+    def logsig(x: float) -> float:
+        return -math.log1p(math.exp(-x))
+
+    for name in sorted(METHODS):
+        cfg = compose_cfg([f"method={name}"], tmp_path)
+        objective, _ = build_datamodule(cfg, None, None, None, tmp_path)
+        beta, eps = objective.beta, objective.label_smoothing
+        expected = {
+            "relational": lambda a, b: -logsig(beta * (lr(a) - lr(b))),
+            "npo": lambda a, b: -logsig(-beta * lr(a)) - logsig(-beta * lr(b)),
+        }
+        if name == "rdpo":
+            assert objective.relational == "robust" and eps == 0.1
+            expected["relational"] = lambda a, b: (-(1 - eps) * logsig(beta * (lr(a) - lr(b)))
+                                                   + eps * logsig(-beta * (lr(a) - lr(b)))) / (1 - 2 * eps)
+        for category, term in objective.terms.items():
+            if term in (None, "kl", "nll"):
+                continue
+            rows = TERM_RESPONSES[term]
+            got = category_losses(category, torch.tensor([pol[y] for y in rows]), torch.tensor([ref[y] for y in rows]),
+                                  objective).item()
+            if len(rows) == 1:
+                want = -logsig(-beta * lr(rows[0]))  # NPO on one response (U2A)
+            else:
+                want = expected["npo" if term == "npo" else "relational"](*rows)
+            assert got == pytest.approx(want, rel=1e-6), (name, category, term)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
 def test_two_step_run_per_loss(loss, make_cfg):
     # Uniform weights (no_impact): N w_i = 1, so the first step's terms are the losses at theta_ref themselves.
-    cfg = make_cfg(f"loss={loss}", "ablation=no_impact")
+    cfg = make_cfg(f"loss={loss}", "method=no_impact")
     m = run(cfg)
     _check_metrics(Path(cfg.paths.output_dir))
     beta = cfg.loss.beta
@@ -359,15 +461,15 @@ def test_readme_run_command(tmp_path):
 def test_multirun_sweep_writes_one_folder_per_job(tmp_path):
     exe = Path(sys.executable).parent / "trace-realign"
     sweep = tmp_path / "sweep"
-    res = subprocess.run([str(exe), "-m", "ablation=full,no_kl", *FAST, "eval.enabled=false",
+    res = subprocess.run([str(exe), "-m", "method=trace,no_kl", *FAST, "eval.enabled=false",
                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     full, no_kl = (json.loads((sweep / job / "metrics.json").read_text()) for job in ("0", "1"))
-    # each folder holds its own job: its record, its overrides, and the loss its ablation defines
-    assert "ablation=full" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
-    assert "ablation=no_kl" in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
-    assert json.loads((sweep / "1" / "run.json").read_text())["config"]["ablation.kl"] is False
+    # each folder holds its own job: its record, its overrides, and the loss its method defines
+    assert "method=trace" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
+    assert "method=no_kl" in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
+    assert json.loads((sweep / "1" / "run.json").read_text())["config"]["method.alpha_kl"] == 0.0
     assert full["train/loss"] == pytest.approx(full["train/loss_invert"] + full["train/loss_punish"] + 0.1 * full["train/loss_kl"], rel=1e-5)
     assert no_kl["train/loss"] == pytest.approx(no_kl["train/loss_invert"] + no_kl["train/loss_punish"], rel=1e-5)
     assert no_kl["train/loss_kl"] > 0
@@ -439,7 +541,7 @@ def test_default_m_old_follows_pi_old(tmp_path):
 
 @pytest.mark.slow
 def test_a_category_without_a_term_gets_no_weight_and_no_batches(make_cfg):
-    m = run(make_cfg("ablation.terms.invert=null", "eval.enabled=false"))
+    m = run(make_cfg("method.terms.invert=null", "eval.enabled=false"))
     assert m["train/loss_invert"] == 0.0 and m["train/steps"] == 2
     out = Path(make_cfg().paths.output_dir)
     rows = [json.loads(line) for line in (out / "data" / "impact.jsonl").read_text().splitlines()]
@@ -526,7 +628,7 @@ def test_trace_data_pays_once_and_trace_realign_reuses_its_verdicts(tmp_path):
     server = FakeOpenAI()
     try:
         common = [*FAST, "oracle=openai", f"oracle.base_url={server.url}", "oracle.progress=false",
-                  f"oracle.cache_path={tmp_path / 'verdicts.jsonl'}", "eval.enabled=false", "ablation=no_impact"]
+                  f"oracle.cache_path={tmp_path / 'verdicts.jsonl'}", "eval.enabled=false", "method=no_impact"]
         data = prepare(compose_cfg(common, tmp_path / "data_run"))
         assert (tmp_path / "data_run" / "data" / "triaged.jsonl").is_file()
         assert data["oracle/calls"] == 2 * data["data/rows"] and data["oracle/cached"] == 0

@@ -20,7 +20,7 @@ from trace_realign.impact import (
     uniform_weights,
 )
 from trace_realign.model import build_tiny_model_dir, load_policy, load_tokenizer, trainable_parameters
-from trace_realign.objective import TRACE_TERMS, ObjectiveConfig, conflict_losses, policy_and_reference_logps
+from trace_realign.objective import TRACE_TERMS, ObjectiveConfig, category_losses, policy_and_reference_logps
 from trace_realign.records import INVERT, PUNISH, RETAIN, PreferencePair
 from trace_realign.sequences import SequenceLimits, encode_pair
 
@@ -183,6 +183,19 @@ def test_clip_and_normalise_clips_and_normalises():
     assert info["impact/max"] == pytest.approx(0.75) and info["impact/min"] == pytest.approx(0.0)
 
 
+def test_top_k_keeps_the_k_best_clipped_scores_then_normalises():
+    scores = torch.tensor([3.0, -1.0, 5.0, 3.0, 0.5], dtype=torch.float64)
+    w, info = clip_and_normalise(scores, 1.0, top_k=2)
+    # the two best are 5 (index 2) and the first of the tied 3s (index 0): 5/8 and 3/8
+    assert w.tolist() == [3 / 8, 0.0, 5 / 8, 0.0, 0.0] and info["impact/nonzero"] == 2
+    # k above the count of positive scores keeps exactly the positive ones
+    w, _ = clip_and_normalise(scores, 1.0, top_k=4)
+    assert w.tolist() == pytest.approx([3 / 11.5, 0.0, 5 / 11.5, 3 / 11.5, 0.5 / 11.5])
+    assert clip_and_normalise(scores, 1.0, top_k=10)[0].tolist() == clip_and_normalise(scores, 1.0)[0].tolist()
+    with pytest.raises(ValueError, match="top_k"):
+        clip_and_normalise(scores, 1.0, top_k=0)
+
+
 @pytest.mark.parametrize("gamma", [1e-3, 0.5, 7.5, 1e4])
 def test_clip_and_normalise_gamma_cancels_out(gamma):
     # w/gamma then w/Z: for positive gamma the normalised weights do not depend on gamma.
@@ -341,7 +354,7 @@ def closure(policy, reference, tok, rows, category, cfg):
 
             b = len(rows)
             return relational_loss(pol[:b], pol[b:], ref[:b], ref[b:], cfg.beta, cfg.relational).sum()
-        return conflict_losses(category, pol, ref, cfg).sum()
+        return category_losses(category, pol, ref, cfg).sum()
 
     return make
 

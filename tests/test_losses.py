@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trace_realign.losses import kl_anchor, log_ratio_margin, npo_loss, relational_loss
-from trace_realign.objective import TRACE_TERMS, ObjectiveConfig, conflict_losses
+from trace_realign.objective import TRACE_TERMS, ObjectiveConfig, category_losses
 from trace_realign.records import INVERT, PUNISH, RETAIN
 
 # Per-sequence log-probabilities for three samples; Delta is positive, negative and zero in turn.
@@ -192,7 +192,7 @@ def test_kl_anchor_is_forward_kl_not_reverse():
     assert float(kl_anchor(ref, pol, mask)) == pytest.approx(forward, rel=1e-6)
 
 
-# -- conflict_losses row layout --
+# -- category_losses row layout --
 
 FIRST_POL, SECOND_POL = [-2.0, -6.0], [-5.0, -3.0]
 FIRST_REF, SECOND_REF = [-3.0, -4.0], [-4.0, -4.5]
@@ -204,10 +204,10 @@ def stacked():
 
 
 @pytest.mark.parametrize("relational", ["sigmoid", "ipo"])
-def test_conflict_losses_invert_is_relational_first_over_second(relational):
+def test_category_losses_invert_is_relational_first_over_second(relational):
     cfg = ObjectiveConfig(beta=0.3, relational=relational)
     pol, ref = stacked()
-    got = conflict_losses(INVERT, pol, ref, cfg)
+    got = category_losses(INVERT, pol, ref, cfg)
     ds = [(a - c) - (b - d) for a, b, c, d in zip(FIRST_POL, SECOND_POL, FIRST_REF, SECOND_REF)]
     if relational == "sigmoid":
         expected = [neg_log_sigmoid(0.3 * d) for d in ds]
@@ -217,10 +217,10 @@ def test_conflict_losses_invert_is_relational_first_over_second(relational):
     assert got.tolist() == pytest.approx(expected, rel=1e-12)
 
 
-def test_conflict_losses_punish_is_npo_on_both_rows():
+def test_category_losses_punish_is_npo_on_both_rows():
     cfg = ObjectiveConfig(beta=0.3)
     pol, ref = stacked()
-    got = conflict_losses(PUNISH, pol, ref, cfg)
+    got = category_losses(PUNISH, pol, ref, cfg)
     expected = [
         neg_log_sigmoid(-0.3 * (a - c)) + neg_log_sigmoid(-0.3 * (b - d))
         for a, b, c, d in zip(FIRST_POL, SECOND_POL, FIRST_REF, SECOND_REF)
@@ -228,21 +228,21 @@ def test_conflict_losses_punish_is_npo_on_both_rows():
     assert got.tolist() == pytest.approx(expected, rel=1e-12)
 
 
-def test_conflict_losses_oracle_punish_is_relational():
+def test_category_losses_oracle_punish_is_relational():
     cfg = ObjectiveConfig(beta=0.3, terms={**TRACE_TERMS, "punish": "relational_correction"})
     pol, ref = stacked()
-    got = conflict_losses(PUNISH, pol, ref, cfg)
+    got = category_losses(PUNISH, pol, ref, cfg)
     ds = [(a - c) - (b - d) for a, b, c, d in zip(FIRST_POL, SECOND_POL, FIRST_REF, SECOND_REF)]
     assert got.tolist() == pytest.approx([neg_log_sigmoid(0.3 * d) for d in ds], rel=1e-12)
     # ... and differs from the NPO value on the same rows.
-    npo = conflict_losses(PUNISH, pol, ref, ObjectiveConfig(beta=0.3))
+    npo = category_losses(PUNISH, pol, ref, ObjectiveConfig(beta=0.3))
     assert not torch.allclose(got, npo)
 
 
-def test_conflict_losses_rejects_retain():
+def test_category_losses_rejects_retain():
     pol, ref = stacked()
-    with pytest.raises(ValueError, match="no pair loss for category .retain. \(its term is .kl.\)"):
-        conflict_losses(RETAIN, pol, ref, ObjectiveConfig())
+    with pytest.raises(ValueError, match="no per-sample loss on log-probabilities for category .retain. \(its term is .kl.\)"):
+        category_losses(RETAIN, pol, ref, ObjectiveConfig())
 
 
 # -- ObjectiveConfig validation --
@@ -282,7 +282,7 @@ def test_term_table_validation_and_dpo_term():
     pol = torch.tensor([-1.0, -3.0])
     ref = torch.tensor([-2.0, -2.0])
     expected = -math.log(1 / (1 + math.exp(-0.5 * ((-1 + 2) - (-3 + 2)))))
-    assert conflict_losses(RETAIN, pol, ref, cfg).item() == pytest.approx(expected)
+    assert category_losses(RETAIN, pol, ref, cfg).item() == pytest.approx(expected)
     assert cfg.terms == {INVERT: None, PUNISH: None, RETAIN: "relational"}
 
 

@@ -78,11 +78,11 @@ COMMANDS: dict[str, How] = {
     "python experiments/benchmark_embedded.py --seeds 0 1 2 3 4": How(
         "elsewhere", why="an hour at full length; tests/test_benchmark.py runs the script on two seeds with few steps"),
     # README: overrides, sweeps, scale
-    "trace-realign loss=ipo ablation=no_kl trainer.max_steps=5": How("app", (*FAST_EMBEDDED,)),
+    "trace-realign loss=ipo method=no_kl trainer.max_steps=5": How("app", (*FAST_EMBEDDED,)),
     "trace-realign optimizer.lr=5e-4 loss.beta=0.1 objective.alpha_kl=0.5 impact.gamma=10": How("app", (*FAST_EMBEDDED,)),
     "trace-realign model.lora.enabled=false": How("app", (*FAST_EMBEDDED,)),
-    "trace-realign -m ablation=full,no_triage,no_impact,no_kl seed=0,1,2": How("app", (*FAST_EMBEDDED,), jobs=12),
-    "trace-realign -m experiment=table4_ablation": How("app", (*FAST_EMBEDDED,), jobs=12),
+    "trace-realign -m method=trace,no_triage,no_impact,no_kl seed=0,1,2": How("app", (*FAST_EMBEDDED,), jobs=12),
+    "trace-realign -m experiment=table4_ablation": How("app", (*FAST_EMBEDDED, "seed=0"), jobs=5),
     "trace-realign logger=wandb": How("app", (*FAST_EMBEDDED,)),
     "trace-realign model=llama-3.1-8b trainer=ddp": How(
         "app", (*FAST_HUB, *HUB_LOCAL, *CPU_DDP),
@@ -113,14 +113,15 @@ COMMANDS: dict[str, How] = {
         "compare", why="RUN_A, RUN_B: the folders of the README's trace-data runs with oracle=labels and "
                        "oracle=openai on the PKU fixture"),
     # experiments/README.md
-    "trace-realign -m experiment=loss_choice": How("app", (*FAST_EMBEDDED,), jobs=6),
-    "trace-realign -m experiment=table3_data_size oracle=openai": How(
-        "app", (*PKU_DATA, *FAST_ANY_DATA, "data.splits.train1=40", "eval.max_prompts=8", *OPENAI,
-                "data.size=10,20,40"), jobs=9,
-        why="data.size swept over 10 / 20 / 40 in a training split of 40 (5k / 10k / 20k in one of 20k): the "
-            "fixture's ~300 pairs hold no 20k split; still nested, every seed"),
-    "trace-realign -m experiment=table8_noise oracle=openai": How(
-        "app", (*PKU_DATA, *FAST_ANY_DATA, *FAST_PKU, *OPENAI), jobs=9),
+    "trace-realign -m experiment=loss_choice": How("app", (*FAST_EMBEDDED, "seed=0"), jobs=2),
+    "trace-realign -m experiment=table3_data_size": How(
+        "app", (*FAST_EMBEDDED, "seed=0", "data.size=9,18,36"), jobs=6,
+        why="data.size=9,18,36: the shortened world's D holds 36 pairs (840 of 844 at full length)"),
+    "trace-realign -m experiment=table8_noise": How("app", (*FAST_EMBEDDED, "seed=0"), jobs=9),
+    "trace-realign -m experiment=main_tpa": How("app", (*FAST_EMBEDDED, "seed=0"), jobs=6),
+    "trace-realign -m experiment=table2_capability": How("app", (*FAST_EMBEDDED, "seed=0"), jobs=3),
+    "trace-realign -m experiment=table6_asr": How("app", (*FAST_EMBEDDED, "seed=0"), jobs=3),
+    "trace-realign -m experiment=table1_preference": How("app", (*FAST_EMBEDDED, "seed=0"), jobs=3),
 }
 
 
@@ -160,7 +161,7 @@ def test_the_extraction_reads_blocks_tables_and_comments():
     commands = documented_commands()
     assert "trace-realign" in commands  # the quick start, under its comment line
     assert "trace-realign -m experiment=loss_choice" in commands  # a table cell
-    assert "trace-realign loss=ipo ablation=no_kl trainer.max_steps=5" in commands  # a trailing comment dropped
+    assert "trace-realign loss=ipo method=no_kl trainer.max_steps=5" in commands  # a trailing comment dropped
     assert not any("#" in c for c in commands)
 
 
@@ -302,7 +303,7 @@ def check_outputs(command: str, how: How, work: Path, res: subprocess.CompletedP
         assert after["eval/after/n"] == 5 and "eval/after/tpa/travel" in after and "eval/after/utility" in after
         assert after["prealign/stages_built"] + after["prealign/cached"] > 0  # M_old from the files' own stages
     if "experiment=table3_data_size" in command:
-        assert sorted(m["data/train_pairs"] for m in metrics) == [10] * 3 + [20] * 3 + [40] * 3
+        assert sorted(m["data/train_pairs"] for m in metrics) == [9] * 2 + [18] * 2 + [36] * 2
     if "experiment=table8_noise" in command:
         assert sorted(m.get("data/label_noise", 0.0) for m in metrics) == [0.0] * 3 + [0.1] * 3 + [0.2] * 3
         assert all(m["data/noise_flipped"] > 0 for m in metrics if m.get("data/label_noise"))

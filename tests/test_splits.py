@@ -105,6 +105,24 @@ def test_label_noise_flips_the_fraction_asked_and_nests():
         flip_labels(pairs, 1.5, seed=0)
 
 
+def test_mixed_label_noise_swaps_half_and_relabels_half_as_the_reference_does():
+    pairs = triaged(4000)
+    mixed, n = flip_labels(pairs, 0.2, seed=0, style="mixed")
+    plain, n_plain = flip_labels(pairs, 0.2, seed=0)
+    assert n == n_plain  # the same pairs are noisy, whatever the style
+    kinds = Counter(p.meta.get("noise") for p in mixed)
+    assert kinds["swap"] + kinds["category"] == n and abs(kinds["swap"] / n - 0.5) < 0.05
+    for before, p in zip(pairs, mixed):
+        if p.meta.get("noise") == "swap":
+            assert (p.chosen, p.rejected, p.category) == (before.rejected, before.chosen, before.category)
+        elif p.meta.get("noise") == "category":
+            assert p.category != before.category and (p.chosen, p.rejected) == (before.chosen, before.rejected)
+        else:
+            assert p == before
+    with pytest.raises(ValueError, match="noise_style"):
+        flip_labels(pairs, 0.1, seed=0, style="swap")
+
+
 def test_dpo_gold_swaps_inverted_pairs_and_punished_pairs_follow_config():
     pairs = triaged(100)
     gold, left = dpo_gold(pairs, "keep")

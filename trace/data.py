@@ -14,13 +14,13 @@ import os
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from trace_realign.objective import TERM_RESPONSES, TRACE_TERMS, ObjectiveConfig
+from trace_realign.objective import CONFLICT, TERM_RESPONSES, TRACE_TERMS, ObjectiveConfig
 from trace_realign.oracle import Oracle, Policy
 from trace_realign.pipeline import EVAL_FILE, TRIAGE_METRICS_FILE, TRIAGED_FILE, DataPlan, Stages, prepare, read_jsonl
 from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, PreferencePair, load_eval_prompts, load_pairs
@@ -131,6 +131,8 @@ class TriagedDataModule(L.LightningDataModule):
         limits: SequenceLimits = SequenceLimits(),
         use_triage: bool = True,
         terms: Mapping[str, str | None] | None = None,
+        weighted: Sequence[str] = CONFLICT,
+        untriaged: str = PUNISH,
         trust_labels: bool = False,
         seed: int = 0,
         num_workers: int = 0,
@@ -147,8 +149,14 @@ class TriagedDataModule(L.LightningDataModule):
         self.work_dir = Path(work_dir)
         self.batch_size = {c: int(batch_size[c]) for c in CATEGORIES}
         self.limits, self.use_triage = limits, use_triage
-        objective = ObjectiveConfig(terms=terms if terms is not None else TRACE_TERMS)
+        objective = ObjectiveConfig(terms=terms if terms is not None else TRACE_TERMS, weighted=tuple(weighted))
         self.objective_terms, self.needs_corrections = objective.terms, objective.needs_corrections
+        # the categories whose pairs carry per-sample weights, in order (their rows are indexed across them)
+        self.weighted = objective.weighted
+        if not use_triage and untriaged not in CATEGORIES:
+            raise ValueError(f"method.untriaged: {untriaged!r}; a method without triage serves every pair as one "
+                             f"of {list(CATEGORIES)}")
+        self.untriaged = untriaged
         self.trust_labels, self.seed, self.num_workers = trust_labels, seed, num_workers
         self.plan = plan or DataPlan()
         # data stages are cached under cache_dir/stages (none given: every stage is built afresh)
@@ -168,7 +176,7 @@ class TriagedDataModule(L.LightningDataModule):
             self._prepared = True
             return
         stages = Stages(StageCache(self.cache_dir), use_triage=self.use_triage, trust_labels=self.trust_labels,
-                        corrections=self.needs_corrections, seed=self.seed)
+                        corrections=self.needs_corrections, seed=self.seed, untriaged=self.untriaged)
         prepare(self.source, self.oracle, self.plan, stages, self.work_dir)
         self._prepared = True
         # before any model work: a run with nothing to re-align stops here
@@ -194,7 +202,10 @@ class TriagedDataModule(L.LightningDataModule):
                     raise DataError(str(self.work_dir / TRIAGED_FILE), lacking[0], "correction",
                                     f"term {term!r} needs a correction for every {cat} pair ({len(lacking)} lack one)")
         truncated = Counter()
-        offset = {INVERT: 0, PUNISH: len(self.splits[INVERT]), RETAIN: 0}
+        # weighted rows are numbered across the weighted categories (index into the module's weights)
+        offset, n = {c: 0 for c in CATEGORIES}, 0
+        for cat in self.weighted:
+            offset[cat], n = n, n + len(self.splits[cat])
         for cat in CATEGORIES:
             self.rows[cat] = []
             if self.objective_terms[cat] is None:
@@ -237,10 +248,9 @@ class TriagedDataModule(L.LightningDataModule):
         return collate(rows, self.tokenizer.pad_token_id)
 
     def conflict_row(self, k: int) -> tuple[str, dict[str, Any] | None]:
-        """Category and encoded row of conflict sample k (invert first, then punish); the row is None
-        when no term trains that category."""
-        n_i = len(self.splits[INVERT])
-        category, i = (INVERT, k) if k < n_i else (PUNISH, k - n_i)
+        """Category and encoded row of weighted sample k (numbered across `weighted`: invert, then punish,
+        for TRACE); the row is None when no term trains that category."""
+        category, i = self._locate(k)
         return category, (self.rows[category][i] if self.rows[category] else None)
 
     def selection_prompts(self, n: int) -> list[str]:
@@ -249,12 +259,20 @@ class TriagedDataModule(L.LightningDataModule):
         return random.Random(f"{self.seed}:select").sample(prompts, min(n, len(prompts)))
 
     def conflict_pair(self, k: int) -> PreferencePair:
-        n_i = len(self.splits[INVERT])
-        return self.splits[INVERT][k] if k < n_i else self.splits[PUNISH][k - n_i]
+        category, i = self._locate(k)
+        return self.splits[category][i]
+
+    def _locate(self, k: int) -> tuple[str, int]:
+        for category in self.weighted:
+            if k < len(self.splits[category]):
+                return category, k
+            k -= len(self.splits[category])
+        raise IndexError(f"weighted sample {k} out of range ({self.num_conflicts})")
 
     @property
     def num_conflicts(self) -> int:
-        return len(self.splits[INVERT]) + len(self.splits[PUNISH])
+        """The number of weighted samples (the conflict set, for TRACE)."""
+        return sum(len(self.splits[c]) for c in self.weighted)
 
     def train_dataloader(self) -> DataLoader:
         stream = StepStream(self.rows, self.batch_size, self.tokenizer.pad_token_id, self.seed)

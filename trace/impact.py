@@ -95,9 +95,10 @@ def impact_scores(
 
 
 def clip_and_normalise(
-    scores: torch.Tensor, gamma: float, served: torch.Tensor | None = None
+    scores: torch.Tensor, gamma: float, served: torch.Tensor | None = None, top_k: int | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Line 20: w <- max(0, w / gamma), then w / sum|w|.
+    """Line 20: w <- max(0, w / gamma), then w / sum|w|. With top_k, only the k highest clipped scores
+    keep their weight (U2A's selection of the samples that help the gold objective most; ties by index).
 
     If every score clips to zero, no sample helps the gold objective at theta_ref and Algorithm 1 leaves
     nothing to train on; the weights then fall back to uniform over the `served` samples (those a term
@@ -108,7 +109,15 @@ def clip_and_normalise(
     if not torch.isfinite(scores).all():
         bad = torch.nonzero(~torch.isfinite(scores)).flatten().tolist()
         raise FloatingPointError(f"impact scores are not finite for conflict samples {bad[:10]} (of {len(bad)})")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"impact.top_k must be >= 1 or null, got {top_k}")
     w = torch.clamp(scores / gamma, min=0.0)
+    if top_k is not None and top_k < len(w):
+        # a stable sort keeps the lower index first among equal scores, so the choice is deterministic
+        order = torch.sort(-w, stable=True).indices
+        keep = torch.zeros_like(w, dtype=torch.bool)
+        keep[order[:top_k]] = True
+        w = torch.where(keep, w, torch.zeros_like(w))
     z = w.abs().sum()
     info = {
         "impact/nonzero": int((w > 0).sum()),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-RELATIONAL_LOSSES = ("sigmoid", "ipo")
+RELATIONAL_LOSSES = ("sigmoid", "ipo", "robust")
 
 
 def log_ratio_margin(
@@ -27,17 +27,28 @@ def relational_loss(
     ref_neg: torch.Tensor,
     beta: float,
     kind: str = "sigmoid",
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Loss that prefers y+ over y-.
 
-    sigmoid: -log sigma(beta * Delta), as Algorithm 1 writes l_IPO (the DPO form).
+    sigmoid: -log sigma(beta * Delta), as Algorithm 1 writes l_IPO (the DPO form); with label_smoothing
+             eps > 0, conservative DPO: -(1 - eps) log sigma(beta Delta) - eps log sigma(-beta Delta).
     ipo:     (Delta - 1/(2 beta))^2, the squared loss of Azar et al. (2024).
+    robust:  robust DPO (Chowdhury et al., 2024), unbiased when labels flip at rate eps:
+             (-(1 - eps) log sigma(beta Delta) + eps log sigma(-beta Delta)) / (1 - 2 eps).
     """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {label_smoothing}")
     delta = log_ratio_margin(policy_pos, policy_neg, ref_pos, ref_neg)
     if kind == "sigmoid":
-        return -F.logsigmoid(beta * delta)
+        if label_smoothing == 0.0:
+            return -F.logsigmoid(beta * delta)
+        return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
     if kind == "ipo":
         return (delta - 1.0 / (2.0 * beta)) ** 2
+    if kind == "robust":
+        eps = label_smoothing
+        return (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
     raise ValueError(f"unknown relational loss {kind!r}; expected one of {RELATIONAL_LOSSES}")
 
 
@@ -45,7 +56,12 @@ def npo_loss(
     policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor, beta: float
 ) -> torch.Tensor:
     """NPO on both responses: -log sigma(-beta log pi/pi_ref (y_w)) - log sigma(-beta log pi/pi_ref (y_l))."""
-    return -F.logsigmoid(-beta * (policy_w - ref_w)) - F.logsigmoid(-beta * (policy_l - ref_l))
+    return npo_single(policy_w, ref_w, beta) + npo_single(policy_l, ref_l, beta)
+
+
+def npo_single(policy: torch.Tensor, ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO on one response: -log sigma(-beta log pi/pi_ref (y)) (U2A's unlearning loss)."""
+    return -F.logsigmoid(-beta * (policy - ref))
 
 
 def kl_anchor(ref_logits: torch.Tensor, policy_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -22,10 +22,10 @@ from trace_realign.model import load_policy, trainable_parameters
 from trace_realign.objective import (
     ObjectiveConfig,
     ReferenceCache,
-    conflict_losses,
+    category_losses,
     forward_logits,
     nll,
-    pair_losses,
+    sequence_losses,
     policy_and_reference_logps,
     reduce,
     retain_kl,
@@ -51,15 +51,17 @@ class TraceModule(L.LightningModule):
         gold_chunk_size: int = 8,
         stop_grad_norm: float = 0.0,
         seed: int = 0,
+        top_k: int | None = None,
     ):
         super().__init__()
         self.model_path, self.model_cfg, self.objective = model_path, dict(model_cfg), objective
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.use_impact, self.gamma, self.gold_batch_size = use_impact, gamma, gold_batch_size
         self.gold_chunk_size, self.stop_grad_norm, self.seed = gold_chunk_size, stop_grad_norm, seed
+        self.top_k = top_k
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
-        # w over the conflict set (invert first, then punish); a buffer so a checkpoint carries it.
+        # w over the weighted categories (the conflict set: invert, then punish); a buffer so a checkpoint carries it.
         self.register_buffer("weights", torch.zeros(0), persistent=True)
         self.impact_info: dict[str, float] = {}
         self.impact_raw = torch.zeros(0, dtype=torch.float64)  # <g_J, g_k> before clipping, for inspection
@@ -102,12 +104,13 @@ class TraceModule(L.LightningModule):
 
     @torch.enable_grad()
     def compute_impact(self, dm) -> tuple[torch.Tensor, dict[str, float]]:
-        """Lines 9-20, sharded over ranks: each rank scores every world-th sample, then the scores are summed."""
+        """Lines 9-20, sharded over ranks: each rank scores every world-th sample, then the scores are summed.
+        Each weighted sample's gradient is that of its own term (U2A's NPO, TRACE's relational or NPO)."""
         assert self.policy is not None
         if type(self.trainer.strategy).__name__.startswith("FSDP"):
             # Per-sample gradients need whole gradients on each rank; FSDP shards them across ranks.
             raise NotImplementedError(
-                "impact weights are not computed under FSDP yet: use trainer=ddp, or ablation=no_impact"
+                "impact weights are not computed under FSDP yet: use trainer=ddp, or method=no_impact"
             )
         rng = random.Random(self.seed)
         gold = gold_batch(dm.splits[INVERT], dm.splits[PUNISH], dm.splits[RETAIN], self.gold_batch_size, rng)
@@ -138,7 +141,7 @@ class TraceModule(L.LightningModule):
                 category, row = dm.conflict_row(k)
                 batch = self._to_device(collate([row], dm.tokenizer.pad_token_id))
                 pol, ref = policy_and_reference_logps(self.policy, self.reference, batch)
-                return conflict_losses(category, pol, ref, cfg).sum()
+                return category_losses(category, pol, ref, cfg).sum()
             return make
 
         rank, world = self.global_rank, self.trainer.world_size
@@ -147,7 +150,7 @@ class TraceModule(L.LightningModule):
         if world > 1:
             scores = self.trainer.strategy.reduce(scores.to(self.device), reduce_op="sum").cpu()
         self.impact_raw = scores
-        w, info = clip_and_normalise(scores, self.gamma, torch.tensor(served))
+        w, info = clip_and_normalise(scores, self.gamma, torch.tensor(served), self.top_k)
         info.update({"impact/gold_retain": gold.n_retain, "impact/gold_invert": gold.n_invert,
                      "impact/gold_punish": gold.n_punish, "impact/grad_norm_gold": float(g_gold.norm())})
         self.policy.zero_grad(set_to_none=True)
@@ -175,8 +178,8 @@ class TraceModule(L.LightningModule):
             else:
                 ref = self.reference_cache(self.policy, self.reference, category, part)
                 pol = sequence_logps(forward_logits(self.policy, part), part["labels"])
-                per_sample = pair_losses(term, pol, ref, cfg)
-            if category in (INVERT, PUNISH):  # the conflict set carries impact weights
+                per_sample = sequence_losses(term, pol, ref, cfg)
+            if category in cfg.weighted:  # the conflict set (or the method's weighted set) carries the weights
                 per_sample = self.weights[part["index"]] * scale * per_sample
             terms[category] = reduce(per_sample, cfg.reduction)
         loss = terms[INVERT] + terms[PUNISH] + terms[RETAIN] + cfg.alpha_kl * terms["kl"]

@@ -5,8 +5,9 @@ A method is a table: which term applies to which triage category. TRACE is
     punish -> npo               suppress y_w and y_l                (line 26)
               relational_correction: prefer y_c over y_w             (line 25, oracle-guided)
     retain -> kl                KL(pi_ref || pi_theta) on y_w       (line 27)
-and other tables give its ablations and plain preference training (relational: prefer y_w over y_l,
-as DPO; nll: supervised fine-tuning on y_w).
+and other tables give its ablations and the baselines (relational: prefer y_w over y_l, as DPO;
+npo_chosen / npo_rejected: NPO on one response, as U2A; nll: supervised fine-tuning on y_w). Which
+table a method uses is its config (conf/method/).
 
 Batches of pair terms stack two responses: rows [0, b) hold the first and rows [b, 2b) the second, in
 the order TERM_RESPONSES gives. Single-response terms hold one row per sample.
@@ -20,7 +21,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from trace_realign.losses import RELATIONAL_LOSSES, kl_anchor, npo_loss, relational_loss
+from trace_realign.losses import RELATIONAL_LOSSES, kl_anchor, npo_loss, npo_single, relational_loss
 from trace_realign.model import reference_of
 from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN
 from trace_realign.sequences import sequence_logps, shift_for_loss
@@ -32,16 +33,22 @@ TERM_RESPONSES: dict[str, tuple[str, ...]] = {
     "relational": ("chosen", "rejected"),
     "relational_correction": ("correction", "chosen"),
     "npo": ("chosen", "rejected"),
+    "npo_chosen": ("chosen",),
+    "npo_rejected": ("rejected",),
     "kl": ("chosen",),
     "nll": ("chosen",),
 }
 RELATIONAL_TERMS = ("relational_flip", "relational", "relational_correction")
+# Terms on log pi / pi_ref per sequence, which impact scores can be computed for (kl and nll read logits).
+SEQUENCE_TERMS = (*RELATIONAL_TERMS, "npo", "npo_chosen", "npo_rejected")
 TRACE_TERMS: dict[str, str | None] = {INVERT: "relational_flip", PUNISH: "npo", RETAIN: "kl"}
+CONFLICT: tuple[str, ...] = (INVERT, PUNISH)
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """beta, the relational loss, alpha_KL and how batch sums are reduced.
+    """beta, the relational loss, alpha_KL, how batch sums are reduced, the term table and which
+    categories carry the per-sample weights (`weighted`, the conflict set by default).
 
     reduction="sum" is Algorithm 1 as written: L = sum_i w_i l_i + ... with w summing to 1 over the
     conflict set. reduction="mean" uses w * |D_conflict| (mean 1) and batch means, so uniform weights give
@@ -53,12 +60,27 @@ class ObjectiveConfig:
     alpha_kl: float = 0.1
     reduction: str = "mean"
     terms: Mapping[str, str | None] = field(default_factory=lambda: dict(TRACE_TERMS))
+    weighted: tuple[str, ...] = CONFLICT
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
+        extra = set(self.terms) - set(CATEGORIES)
+        if extra:
+            raise ValueError(f"method.terms: unknown categories {sorted(extra)}; expected {list(CATEGORIES)}")
         object.__setattr__(self, "terms", {c: self.terms.get(c) for c in CATEGORIES})
         unknown = {c: t for c, t in self.terms.items() if t is not None and t not in TERM_RESPONSES}
         if unknown:
-            raise ValueError(f"ablation.terms: unknown terms {unknown}; expected one of {list(TERM_RESPONSES)} or null")
+            raise ValueError(f"method.terms: unknown terms {unknown}; expected one of {list(TERM_RESPONSES)} or null")
+        weighted = tuple(c for c in CATEGORIES if c in set(self.weighted))  # canonical order
+        if set(self.weighted) - set(CATEGORIES):
+            raise ValueError(f"method.weighted: unknown categories {sorted(set(self.weighted) - set(CATEGORIES))}")
+        unweighable = {c: self.terms[c] for c in weighted if self.terms[c] not in (None, *SEQUENCE_TERMS)}
+        if unweighable:
+            raise ValueError(f"method.weighted: the terms {unweighable} take no per-sample weight; weigh only "
+                             f"categories trained by {list(SEQUENCE_TERMS)}")
+        object.__setattr__(self, "weighted", weighted)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.relational not in RELATIONAL_LOSSES:
             raise ValueError(f"loss.type: unknown relational loss {self.relational!r}; expected one of {RELATIONAL_LOSSES}")
         if self.reduction not in REDUCTIONS:
@@ -73,25 +95,28 @@ class ObjectiveConfig:
         return "relational_correction" in self.terms.values()
 
 
-def pair_losses(term: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
-    """Per-sample loss of a stacked pair batch (see the module docstring for the row layout)."""
+def sequence_losses(term: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+    """Per-sample loss of a batch of a sequence term: stacked pairs (see the module docstring for the row
+    layout) or one row per sample for the single-response NPO terms."""
+    if term in ("npo_chosen", "npo_rejected"):
+        return npo_single(policy_logps, ref_logps, cfg.beta)  # U2A's unlearning loss
     b = policy_logps.shape[0] // 2
     p1, p2, r1, r2 = policy_logps[:b], policy_logps[b:], ref_logps[:b], ref_logps[b:]
     if term in RELATIONAL_TERMS:
-        return relational_loss(p1, p2, r1, r2, cfg.beta, cfg.relational)  # lines 24 and 25
+        return relational_loss(p1, p2, r1, r2, cfg.beta, cfg.relational, cfg.label_smoothing)  # lines 24, 25
     if term == "npo":
         return npo_loss(p1, p2, r1, r2, cfg.beta)  # line 26
-    raise ValueError(f"{term!r} is not a pair term")
+    raise ValueError(f"{term!r} is not a term on sequence log-probabilities (one of {SEQUENCE_TERMS})")
 
 
-def conflict_losses(
+def category_losses(
     category: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor, cfg: ObjectiveConfig
 ) -> torch.Tensor:
-    """Per-sample loss of a stacked batch of `category` under the configured term table."""
+    """Per-sample loss of a batch of `category` under the configured term table (impact scoring)."""
     term = cfg.terms.get(category)
-    if term is None or len(TERM_RESPONSES[term]) != 2:
-        raise ValueError(f"no pair loss for category {category!r} (its term is {term!r})")
-    return pair_losses(term, policy_logps, ref_logps, cfg)
+    if term not in SEQUENCE_TERMS:
+        raise ValueError(f"no per-sample loss on log-probabilities for category {category!r} (its term is {term!r})")
+    return sequence_losses(term, policy_logps, ref_logps, cfg)
 
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """The data stages, in order, each cached on disk keyed by its inputs (stages.py):
 
     source    the dataset's pairs (PKU rows cleaned, SynthValueBench written, ...), with removals counted
-    triage    categories by the oracle under pi_new (or the dataset's own labels, or none: no_triage)
+    triage    categories by the oracle under pi_new (or the dataset's own labels, or none: every pair served
+              as the method's `untriaged` category, e.g. dpo, no_triage)
     split     stratified splits by category (data.splits, e.g. train1 / train2 / test)
     subset    the first data.size pairs of the training split's stratified order (nested: 5k < 10k < 20k)
-    noise     a seeded fraction data.label_noise of training labels flipped (Table 8)
+    noise     a seeded fraction data.label_noise of training labels flipped (Table 8; data.noise_style=mixed
+              swaps chosen and rejected of half of them instead, as the reference does)
 
 `prepare` runs them and writes, under the run's data/ directory: triaged.jsonl (what trains), eval.jsonl
 (held-out prompts), splits/{trace,dpo,dpo_gold}/<split>.jsonl (TRACE records, {prompt, chosen, rejected}
@@ -30,7 +32,7 @@ from typing import Any, Mapping
 
 from trace_realign.oracle import NoisyOracle, Oracle, OracleFailuresError, failure_summary
 from trace_realign.records import CATEGORIES, PUNISH, DataError, PreferencePair, save_pairs
-from trace_realign.splits import DPO_GOLD_PUNISH, category_counts, dpo_gold, flip_labels, nested_subset, stratified_split
+from trace_realign.splits import DPO_GOLD_PUNISH, NOISE_STYLES, category_counts, dpo_gold, flip_labels, nested_subset, stratified_split
 from trace_realign.stages import StageCache, pairs_digest, stage_key
 from trace_realign.triage import TriageResult, attach_corrections, triage
 
@@ -51,6 +53,7 @@ class DataPlan:
     eval_split: str | None = None  # a split whose prompts are the held-out evaluation prompts
     size: int | None = None
     label_noise: float = 0.0
+    noise_style: str = "category"
     dpo_gold_punish: str = "keep"
 
     def __post_init__(self) -> None:
@@ -66,6 +69,8 @@ class DataPlan:
             raise ValueError("data.eval_split needs data.splits")
         if not 0.0 <= self.label_noise <= 1.0:
             raise ValueError(f"data.label_noise must be in [0, 1], got {self.label_noise}")
+        if self.noise_style not in NOISE_STYLES:
+            raise ValueError(f"data.noise_style: {self.noise_style!r}; expected one of {NOISE_STYLES}")
         if self.dpo_gold_punish not in DPO_GOLD_PUNISH:
             raise ValueError(f"data.dpo_gold_punish: {self.dpo_gold_punish!r}; expected one of {DPO_GOLD_PUNISH}")
         if self.size is not None and self.size < 1:
@@ -74,13 +79,14 @@ class DataPlan:
 
 @dataclass
 class Stages:
-    """What prepare() needs besides the plan: where to cache and how the ablation triages."""
+    """What prepare() needs besides the plan: where to cache and how the method triages."""
 
     cache: StageCache
     use_triage: bool = True
     trust_labels: bool = False
     corrections: bool = False
     seed: int = 0
+    untriaged: str = PUNISH  # without triage, the category every pair is served as (method.untriaged)
 
 
 def source_key(source: Any, pairs: list[PreferencePair]) -> str:
@@ -106,7 +112,8 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
                 raise DataError("dataset", i, "category", "missing, but the dataset is declared triaged")
         triaged, tstats = pairs, {}
     elif not needs_oracle:
-        triaged, tstats = [replace(p, category=PUNISH) for p in pairs], {}
+        triaged, tstats = [replace(p, category=untriaged(stages)) for p in pairs], {}
+        key = stage_key("untriaged", upstream=key, category=untriaged(stages))  # stages below cache categories
     else:
         if oracle is None:
             raise ValueError("triage needs an oracle (oracle=...) or a triaged dataset (dataset.triaged=true)")
@@ -159,18 +166,18 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
         train, _ = stages.cache.run("subset", key, lambda: (nested_subset(train, plan.size, stages.seed), {}),
                                     store=lambda: complete)
     if plan.label_noise > 0:
-        key = stage_key("noise", upstream=key, p=plan.label_noise, seed=stages.seed)
+        key = stage_key("noise", upstream=key, p=plan.label_noise, seed=stages.seed, style=plan.noise_style)
 
         def run_noise() -> tuple[list[PreferencePair], dict[str, Any]]:
-            noisy, flipped = flip_labels(train, plan.label_noise, stages.seed)
+            noisy, flipped = flip_labels(train, plan.label_noise, stages.seed, plan.noise_style)
             return noisy, {"data/noise_flipped": flipped}
 
         train, nstats = stages.cache.run("noise", key, run_noise, store=lambda: complete)
         metrics.update(nstats)
         metrics["data/label_noise"] = plan.label_noise
     if not stages.use_triage:
-        # The no-triage ablation: every training pair is a pair to punish (NPO on all pairs).
-        train = [replace(p, category=PUNISH) for p in train]
+        # A method without triage (dpo, no_triage) serves every training pair as one category.
+        train = [replace(p, category=untriaged(stages)) for p in train]
     if stages.corrections and stages.use_triage and plan.label_noise > 0 and not stages.trust_labels:
         # Pairs that noise turned into punish have no correction yet: ask for them now, as triage does.
         result = TriageResult(pairs=train)
@@ -200,6 +207,13 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
     write_formats({**splits, plan.train_split: train}, out / "splits", plan.dpo_gold_punish, metrics)
     (out / TRIAGE_METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
+
+
+def untriaged(stages: Stages) -> str:
+    if stages.untriaged not in CATEGORIES:
+        raise ValueError(f"method.untriaged: {stages.untriaged!r}; a method without triage serves every pair as one "
+                         f"of {list(CATEGORIES)}")
+    return stages.untriaged
 
 
 def check_failed_fraction(failed_pairs: int, total: int, reasons: Counter, bound: float) -> None:

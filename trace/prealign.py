@@ -1,8 +1,8 @@
 """Building M_old: the starting model, aligned to pi_old before any realignment.
 
 The tiny default model is trained in stages (pretraining, supervised fine-tuning, then DPO under pi_old)
-by the very pipeline that realigns it: each stage is a run of `train.run` with its own term table (nll,
-then relational on retained pairs) and full fine-tuning. A stage's data come from the run's data source:
+by the very pipeline that realigns it: each stage is a run of `train.run` with a method of conf/method/
+(sft, then dpo) and full fine-tuning. A stage's data come from the run's data source:
 a source that knows how to serve them (the embedded world: `stage_pairs`) serves its own, any other
 source gets the generic stages built from its pairs as annotated (`StageData`).
 
@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import replace
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,10 +38,10 @@ from trace_realign.stages import pairs_digest
 log = logging.getLogger(__name__)
 
 # Bump when what a stage does with the same data and settings changes meaning, to invalidate caches.
-PREALIGN_VERSION = 2
+PREALIGN_VERSION = 3
 # What every stage's data plan is, whatever the realignment run asks for (pipeline.DataPlan's defaults).
 DATA_PLAN_DEFAULTS = {"splits": None, "train_split": "train", "eval_split": None, "size": None,
-                      "label_noise": 0.0, "dpo_gold_punish": "keep"}
+                      "label_noise": 0.0, "noise_style": "category", "dpo_gold_punish": "keep"}
 INFO_FILE = "prealign.json"
 GENERIC_STAGES = ("pretrain", "sft", "dpo")
 
@@ -67,7 +68,7 @@ class StageData:
                 raise ValueError(
                     f"building a model under pi_new's labels (full re-training) needs a dataset that knows them; "
                     f"{type(source).__name__} serves its pairs as annotated only. Use the embedded world "
-                    "(dataset=embedded), or DPO on the relabelled pairs fine-tuned from M_old (ablation=dpo_gold)")
+                    "(dataset=embedded), or DPO on the relabelled pairs fine-tuned from M_old (method=dpo_gold)")
 
     def train_pairs(self) -> list[PreferencePair]:
         if self._pairs is None:
@@ -99,8 +100,7 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
     s.model.name_or_path, s.model.build, s.model.prealign = model_path, None, None
     s.model.lora.enabled = False  # M_old is a full model: realignment then trains adapters on top of it
     s.model.gradient_checkpointing = False
-    s.ablation = {"name": f"prealign_{name}", "triage": True, "impact": False, "kl": False,
-                  "terms": OmegaConf.to_container(stage.terms)}
+    s.method = method_config(str(stage.method))
     s.loss = {"type": "sigmoid", "beta": float(stage.get("beta", 0.1))}
     s.objective = {"alpha_kl": 0.0, "reduction": "mean", "stop_grad_norm": 0.0}
     s.optimizer.lr = float(stage.lr)
@@ -126,7 +126,24 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
     s.seed = int(stage.get("seed", 0))
     s.paths.output_dir = str(out_dir)
     s.quiet = True  # an inner stage prints no summary of its own (its folder is temporary)
+    s.method = OmegaConf.to_container(s.method, resolve=True)  # resolved against the stage's own settings
     return s
+
+
+def method_config(name: str) -> DictConfig:
+    """A method of the `method` config group by name (conf/method/NAME.yaml, its in-group defaults merged
+    first, as Hydra composes it), unresolved: its interpolations read the config it joins."""
+    root = resources.files("trace_realign.conf") / "method"
+    path = root / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(f.name[:-5] for f in root.iterdir() if f.name.endswith(".yaml"))
+        raise ValueError(f"model.prealign: unknown method {name!r}; expected one of {known}")
+    own = OmegaConf.create(path.read_text())
+    parents = own.pop("defaults", [])
+    merged = OmegaConf.create()
+    for parent in parents:
+        merged = OmegaConf.merge(merged, method_config(str(parent)))
+    return OmegaConf.merge(merged, own)
 
 
 def stage_inputs(s: DictConfig, data_digest: str) -> dict[str, Any]:
@@ -136,7 +153,7 @@ def stage_inputs(s: DictConfig, data_digest: str) -> dict[str, Any]:
                                              "trust_remote_code")}
     data = {k: c["data"].get(k) for k in ("batch_size", "max_length", "max_prompt_length")}
     trainer = {k: c["trainer"].get(k) for k in ("max_steps", "gradient_clip_val", "precision", "accumulate_grad_batches")}
-    return {"data": data_digest, "model": model, "ablation": c["ablation"], "loss": c["loss"],
+    return {"data": data_digest, "model": model, "method": c["method"], "loss": c["loss"],
             "objective": c["objective"], "optimizer": c["optimizer"], "scheduler": c.get("scheduler"),
             "batching": data, "trainer": trainer, "seed": c["seed"]}
 

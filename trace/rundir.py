@@ -20,7 +20,7 @@ RUN_FILE = "run.json"
 FAILED_FILE = "FAILED"
 # Settings that change where or how visibly a run works, never what it computes.
 VOLATILE = ("paths.", "trainer.enable_progress_bar", "oracle.progress", "judge.progress", "logger.", "tags",
-            "quiet", "task_name")
+            "quiet", "task_name", "report.")
 # What a finished or half-finished run leaves behind.
 OUTPUTS = ("metrics.json", "generations.jsonl", "data", "adapter", "model", "config.yaml")
 

@@ -60,6 +60,8 @@ class SelectByOracle(L.Callback):
         score = self.score(module.policy)
         self.seconds += time.time() - start
         self.history.append((step, score))
+        for logger in getattr(trainer, "loggers", []):  # the selection curve beside the losses (trace-tables --plots)
+            logger.log_metrics({"select/tpa": score}, step=step)
         if score > self.best_score:  # ties keep the earlier, less trained parameters
             self.best_score, self.best_step = score, step
             self.best_state = {n: p.detach().cpu().clone() for n, p in module.policy.named_parameters() if p.requires_grad}

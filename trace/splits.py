@@ -112,19 +112,34 @@ def _unit(*parts: object) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def flip_labels(pairs: Sequence[PreferencePair], p: float, seed: int) -> tuple[list[PreferencePair], int]:
-    """Replace the triage label of a seeded fraction p of pairs by another category (Table 8's noisy
-    oracle). An item flips when a hash of (seed, item) falls below p, so the pairs flipped at 10 % are
-    among those flipped at 20 %, and an item keeps its noisy label in any subset. The clean label is kept
-    in meta.clean_category."""
+NOISE_STYLES = ("category", "mixed")
+
+
+def flip_labels(
+    pairs: Sequence[PreferencePair], p: float, seed: int, style: str = "category"
+) -> tuple[list[PreferencePair], int]:
+    """Corrupt a seeded fraction p of pairs (Table 8's noisy oracle). An item is noisy when a hash of
+    (seed, item) falls below p, so the pairs noisy at 10 % are among those noisy at 20 %, and an item keeps
+    its noise in any subset.
+
+    style="category": its triage label is replaced by another category. style="mixed", as the reference's
+    create_noisy_splits.py: half of the noisy pairs (by another hash) get another category, the other half
+    their chosen and rejected swapped under the same category. The clean label is kept in
+    meta.clean_category, and a swap is marked meta.noise="swap"."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"data.label_noise must be in [0, 1], got {p}")
+    if style not in NOISE_STYLES:
+        raise ValueError(f"data.noise_style: {style!r}; expected one of {NOISE_STYLES}")
     out, flipped = [], 0
     for q in pairs:
         if p > 0 and _unit(seed, "flip", q.prompt, q.chosen, q.rejected) < p:
-            others = [c for c in CATEGORIES if c != q.category]
-            new = others[int(_unit(seed, "to", q.prompt, q.chosen, q.rejected) * len(others))]
-            out.append(replace(q, category=new, meta={**q.meta, "clean_category": q.category}))
+            meta = {**q.meta, "clean_category": q.category}
+            if style == "mixed" and _unit(seed, "swap", q.prompt, q.chosen, q.rejected) < 0.5:
+                out.append(replace(q, chosen=q.rejected, rejected=q.chosen, meta={**meta, "noise": "swap"}))
+            else:
+                others = [c for c in CATEGORIES if c != q.category]
+                new = others[int(_unit(seed, "to", q.prompt, q.chosen, q.rejected) * len(others))]
+                out.append(replace(q, category=new, meta={**meta, "noise": "category"}))
             flipped += 1
         else:
             out.append(q)

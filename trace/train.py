@@ -1,8 +1,8 @@
 """`trace-realign`: the Hydra app. Glue only: build each part from config, triage, fit, evaluate, write.
 
     trace-realign                                   # the embedded default, on a CPU
-    trace-realign loss=ipo ablation=no_kl trainer.max_steps=5
-    trace-realign -m ablation=full,no_triage,no_impact,no_kl
+    trace-realign loss=ipo method=no_kl trainer.max_steps=5
+    trace-realign -m method=trace,no_triage,no_impact,no_kl
 """
 
 from __future__ import annotations
@@ -49,14 +49,19 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
 def build_datamodule(
     cfg: DictConfig, source: Any, oracle: Any, tokenizer: Any, out: Path
 ) -> tuple[ObjectiveConfig, TriagedDataModule]:
-    """The objective's term table and the DataModule that triages and serves for it."""
-    ablation = cfg.ablation
+    """The method's objective (its term table over the loss group's settings) and the DataModule that
+    triages and serves for it."""
+    method = cfg.method
+    check_method(method)
+    loss = {**OmegaConf.to_container(cfg.loss, resolve=True), **(OmegaConf.to_container(method, resolve=True)["loss"] or {})}
     objective = ObjectiveConfig(
-        beta=cfg.loss.beta,
-        relational=cfg.loss.type,
-        alpha_kl=cfg.objective.alpha_kl if ablation.kl else 0.0,
+        beta=float(loss["beta"]),
+        relational=loss["type"],
+        label_smoothing=float(loss.get("label_smoothing") or 0.0),
+        alpha_kl=float(method.alpha_kl),
         reduction=cfg.objective.reduction,
-        terms=OmegaConf.to_container(ablation.terms, resolve=True),
+        terms=OmegaConf.to_container(method.terms, resolve=True),
+        weighted=tuple(method.weighted),
     )
     datamodule = TriagedDataModule(
         source=source,
@@ -65,8 +70,10 @@ def build_datamodule(
         work_dir=out / "data",
         batch_size=cfg.data.batch_size,
         limits=SequenceLimits(cfg.data.max_length, cfg.data.max_prompt_length),
-        use_triage=ablation.triage,
+        use_triage=method.triage,
         terms=objective.terms,
+        weighted=objective.weighted,
+        untriaged=method.get("untriaged") or "punish",
         trust_labels=bool(getattr(source, "triaged", False)),
         seed=cfg.seed,
         num_workers=cfg.data.num_workers,
@@ -74,6 +81,20 @@ def build_datamodule(
         cache_dir=cfg.paths.cache_dir,
     )
     return objective, datamodule
+
+
+METHOD_KEYS = {"name", "triage", "untriaged", "terms", "weights", "weighted", "alpha_kl", "loss", "retrain"}
+WEIGHTS = ("impact", "uniform")
+
+
+def check_method(method: DictConfig) -> None:
+    """A method config names every key of the schema (conf/method/trace.yaml) and no other."""
+    keys = set(method.keys())
+    if keys - METHOD_KEYS or METHOD_KEYS - keys:
+        raise ValueError(f"method {method.get('name')!r}: unknown keys {sorted(keys - METHOD_KEYS)}, missing keys "
+                         f"{sorted(METHOD_KEYS - keys)}; a method lists {sorted(METHOD_KEYS)} (conf/method/trace.yaml)")
+    if method.weights not in WEIGHTS:
+        raise ValueError(f"method.weights: {method.weights!r}; expected one of {WEIGHTS}")
 
 
 def data_plan(data: DictConfig) -> DataPlan:
@@ -84,6 +105,7 @@ def data_plan(data: DictConfig) -> DataPlan:
         eval_split=data.get("eval_split"),
         size=data.get("size"),
         label_noise=float(data.get("label_noise", 0.0)),
+        noise_style=data.get("noise_style", "category"),
         dpo_gold_punish=data.get("dpo_gold_punish", "keep"),
     )
 
@@ -103,7 +125,7 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     oracle, judge, selector = build_judges(cfg, source)
     select = cfg.get("select") or {}
 
-    ablation = cfg.ablation
+    method = cfg.method
     objective, datamodule = build_datamodule(cfg, source, oracle, None, out)
     # Triage before any model work: bad data, an oracle that fails and "nothing to re-align" stop here.
     t0 = time.time()
@@ -155,11 +177,11 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
 
     t_fit = time.time()
     final = module.policy
-    if ablation.get("retrain"):
+    if method.retrain:
         # The full re-training upper bound: no realignment of M_old; the pipeline that built it, re-run
         # from the base model with pi_new's labels, gives the model evaluated "after".
         gold_path, built = prealigned_model(cfg, base_path, run, source, labels="new",
-                                            gold_punish=str(ablation.get("gold_punish", "correction")))
+                                            gold_punish=str(cfg.data.dpo_gold_punish))
         metrics.update(built)
         final = load_policy(gold_path, {**OmegaConf.to_container(cfg.model, resolve=True), "lora": {"enabled": False}})[0]
         steps = 0
@@ -186,9 +208,9 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
             metrics.update(after)
             timings["time/eval_after_seconds"] = time.time() - t0
             write_generations(out / "generations.jsonl", items, rows)
-        if not ablation.get("retrain"):
+        if not method.retrain:
             write_impact(out / "data" / "impact.jsonl", datamodule, module)
-        save_dir = out / ("adapter" if cfg.model.lora.enabled and not ablation.get("retrain") else "model")
+        save_dir = out / ("adapter" if cfg.model.lora.enabled and not method.retrain else "model")
         final.save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
         # an oracle that pays per call accounts for every call of the run (a noisy oracle's are its base's)
@@ -233,12 +255,13 @@ def build_module(cfg: DictConfig, model_path: str, objective: ObjectiveConfig) -
         objective=objective,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        use_impact=cfg.ablation.impact,
+        use_impact=cfg.method.weights == "impact",
         gamma=cfg.impact.gamma,
         gold_batch_size=cfg.impact.gold_batch_size,
         gold_chunk_size=cfg.impact.chunk_size,
         stop_grad_norm=cfg.objective.stop_grad_norm,
         seed=cfg.seed,
+        top_k=cfg.impact.get("top_k"),
     )
     module.configure_model()
     return module
