@@ -1128,9 +1128,12 @@ def log_to_wandb(report: Report, images: Sequence[Path], group: str, out: Path) 
 
     mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_present() else "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
+    if wandb.run is not None:
+        wandb.finish()  # a run left open in this process would otherwise receive the table
     run = wandb.init(
         project=os.environ.get("WANDB_PROJECT") or "trace-realign", group=group, job_type="tables",
-        mode=mode, dir=None if os.environ.get("WANDB_DIR") else str(out),
+        # the folder given explicitly: wandb reads WANDB_DIR only when it first sets up in a process
+        mode=mode, dir=os.environ.get("WANDB_DIR") or str(out),
         config={"metrics": report.metrics, "baseline": report.baseline, "rows": report.keys,
                 "paper_tables": list(report.paper_tables)},
     )
