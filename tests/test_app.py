@@ -421,6 +421,11 @@ def test_wandb_offline_without_credentials_and_no_key_in_outputs(make_cfg, tmp_p
             assert secret.encode() not in path.read_bytes(), path
 
 
+def test_wandb_groups_a_sweep_by_task_and_types_each_job_by_method(tmp_path):
+    logger = compose_cfg(["logger=wandb", "experiment=table8_noise", "method=u2a"], tmp_path).logger.wandb
+    assert (logger.group, logger.job_type) == ("table8_noise", "u2a")
+
+
 def test_wandb_with_key_in_environment_counts_as_credentials(monkeypatch, tmp_path):
     from trace_realign.loggers import wandb_credentials_present
 

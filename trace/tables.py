@@ -1197,7 +1197,9 @@ def main(argv: list[str] | None = None) -> int:
             for n in notes:
                 print(f"note: {n}")
         if args.wandb:
-            where = log_to_wandb(report, images, Path(args.paths[0]).resolve().name, out)
+            # the training jobs log into the wandb group of their task (conf/logger/wandb.yaml): join it
+            task = next((j.task_name for j in jobs if j.task_name), None)
+            where = log_to_wandb(report, images, task or Path(args.paths[0]).resolve().name, out)
             print(f"wandb: logged to {where}")
         for path in [*written, *images]:
             print(f"wrote {path}")
