@@ -290,6 +290,16 @@ def check_outputs(command: str, how: How, work: Path, res: subprocess.CompletedP
     metrics = [json.loads((f / "metrics.json").read_text()) for f in folders]
     if "-m" in command.split():  # every job of a sweep ran its own point of it
         assert len({(f / ".hydra" / "overrides.yaml").read_text() for f in folders}) == how.jobs
+    if "experiment=" in command and "-m" in command.split():
+        # the sweep folder becomes its table: one row per method (and setting), each job counted once
+        from trace_realign.tables import build_report, load_jobs
+
+        report = build_report(load_jobs([folders[0].parent]), metrics=["eval/after/tpa"])
+        runs = [r for r in report.rows if r.kind == "run"]
+        assert sum(r.cells["eval/after/tpa"].n for r in runs) == how.jobs and not report.failed
+        swept = {m.split("=", 1)[1] for f in folders for m in (f / ".hydra" / "overrides.yaml").read_text().split()
+                 if m.startswith("method=")}
+        assert {r.method for r in runs} == (swept or {"trace"})
     if "logger=wandb" in command:
         assert list(work.rglob("offline-run-*")), "without credentials wandb runs offline"
     if "trainer=ddp" in command:
