@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from trace_realign.tables import summarize
 
 METHODS: dict[str, list[str]] = {
     # punished pairs as full re-annotation would label them: a compliant response wins over the old chosen
@@ -48,8 +48,6 @@ COLUMNS = [
     ("pi_old agree", "tpa_old", None),
     ("utility", "utility", "utility_ci95"),
 ]
-# Two-sided 95 % t quantiles by degrees of freedom (a t-interval of a mean over few seeds).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 def run_one(method: str, seed: int, out: Path, overrides: list[str], reuse: bool) -> dict[str, Any]:
@@ -94,14 +92,11 @@ def cell(m: dict[str, Any], when: str, key: str, ci: str | None) -> str:
 
 
 def summary(values: list[float]) -> str:
-    """mean ± std, [95 % t-interval of the mean], min."""
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return f"{mean:.1f} (n=1)"
-    sd = statistics.stdev(values)
-    half = T95.get(n - 1, 1.96) * sd / math.sqrt(n)
-    return f"{mean:.1f} ± {sd:.1f} [{mean - half:.1f}, {mean + half:.1f}], min {min(values):.1f}"
+    """mean ± std, [95 % t-interval of the mean], min (trace-tables' seed statistics)."""
+    s = summarize(values)
+    if s.n < 2:
+        return f"{s.mean:.1f} (n=1)"
+    return f"{s.mean:.1f} ± {s.std:.1f} [{s.low:.1f}, {s.high:.1f}], min {s.min:.1f}"
 
 
 def tables(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -> str:
