@@ -11,6 +11,7 @@ from trace_realign.select import SelectByOracle
 
 class Trainer:
     global_step = 0
+    loggers: list = []
 
 
 class Module:
@@ -29,6 +30,16 @@ class ScoreByWeight(SelectByOracle):
 
     def score(self, model):
         return self.schedule[self.trainer.global_step]
+
+
+def train(cb, trainer, module, steps):
+    """Steps 1..steps, each moving the trainable weight by 1, with the callback's hooks around them."""
+    cb.on_train_start(trainer, module)
+    for step in range(1, steps + 1):
+        trainer.global_step = step
+        with torch.no_grad():
+            module.policy.weight.add_(1.0)
+        cb.on_train_batch_end(trainer, module)
 
 
 def test_best_parameters_are_restored_and_ties_keep_the_earlier():
@@ -59,12 +70,7 @@ def test_a_last_step_between_checks_is_checked_at_the_end():
     trainer, module = Trainer(), Module()
     cb = ScoreByWeight({0: 10.0, 10: 20.0, 20: 30.0, 25: 90.0})
     cb.trainer = trainer
-    cb.on_train_start(trainer, module)
-    for step in range(1, 26):
-        trainer.global_step = step
-        with torch.no_grad():
-            module.policy.weight.add_(1.0)
-        cb.on_train_batch_end(trainer, module)
+    train(cb, trainer, module, 25)
     last = module.policy.weight.detach().clone()
     cb.on_train_end(trainer, module)
     assert [s for s, _ in cb.history] == [0, 10, 20, 25]
@@ -76,14 +82,18 @@ def test_theta_ref_is_kept_when_training_never_beats_it():
     start = module.policy.weight.detach().clone()
     cb = ScoreByWeight({0: 60.0, 10: 40.0, 20: 60.0})
     cb.trainer = trainer
-    cb.on_train_start(trainer, module)
-    for step in range(1, 21):
-        trainer.global_step = step
-        with torch.no_grad():
-            module.policy.weight.add_(1.0)
-        cb.on_train_batch_end(trainer, module)
+    logged = []
+
+    class Recorder:
+        def log_metrics(self, metrics, step):
+            logged.append((step, metrics))
+
+    trainer.loggers = [Recorder()]
+    train(cb, trainer, module, 20)
     cb.on_train_end(trainer, module)
     assert cb.best_step == 0 and torch.equal(module.policy.weight, start)
+    # every check is logged as the selection curve, at its step
+    assert logged == [(0, {"select/tpa": 60.0}), (10, {"select/tpa": 40.0}), (20, {"select/tpa": 60.0})]
 
 
 def test_every_n_steps_must_be_positive():

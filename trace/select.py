@@ -60,7 +60,7 @@ class SelectByOracle(L.Callback):
         score = self.score(module.policy)
         self.seconds += time.time() - start
         self.history.append((step, score))
-        for logger in getattr(trainer, "loggers", []):  # the selection curve beside the losses (trace-tables --plots)
+        for logger in trainer.loggers:  # the selection curve beside the losses (trace-tables --plots)
             logger.log_metrics({"select/tpa": score}, step=step)
         if score > self.best_score:  # ties keep the earlier, less trained parameters
             self.best_score, self.best_step = score, step
