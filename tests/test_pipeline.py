@@ -356,3 +356,12 @@ def test_ground_truth_agreement_counts_by_hand():
     # a category neither said nor true has neither number
     assert set(ground_truth_agreement([pair(0, "invert", "invert")])) == {
         "triage/gt_accuracy", "triage/gt_precision/invert", "triage/gt_recall/invert"}
+
+
+def test_a_method_without_triage_must_name_a_category_to_serve_its_pairs_as():
+    from trace_realign.pipeline import Stages
+    from trace_realign.stages import StageCache
+
+    assert Stages(StageCache(None), use_triage=False, untriaged="retain").untriaged == "retain"
+    with pytest.raises(ValueError, match=r"method.untriaged: 'everything'"):
+        Stages(StageCache(None), use_triage=False, untriaged="everything")

@@ -153,10 +153,7 @@ class TriagedDataModule(L.LightningDataModule):
         self.objective_terms, self.needs_corrections = objective.terms, objective.needs_corrections
         # the categories whose pairs carry per-sample weights, in order (their rows are indexed across them)
         self.weighted = objective.weighted
-        if not use_triage and untriaged not in CATEGORIES:
-            raise ValueError(f"method.untriaged: {untriaged!r}; a method without triage serves every pair as one "
-                             f"of {list(CATEGORIES)}")
-        self.untriaged = untriaged
+        self.untriaged = untriaged  # checked by Stages (pipeline.py)
         self.trust_labels, self.seed, self.num_workers = trust_labels, seed, num_workers
         self.plan = plan or DataPlan()
         # data stages are cached under cache_dir/stages (none given: every stage is built afresh)

@@ -88,6 +88,11 @@ class Stages:
     seed: int = 0
     untriaged: str = PUNISH  # without triage, the category every pair is served as (method.untriaged)
 
+    def __post_init__(self) -> None:
+        if self.untriaged not in CATEGORIES:
+            raise ValueError(f"method.untriaged: {self.untriaged!r}; a method without triage serves every pair as "
+                             f"one of {list(CATEGORIES)}")
+
 
 def source_key(source: Any, pairs: list[PreferencePair]) -> str:
     fingerprint = getattr(source, "fingerprint", None)
@@ -112,8 +117,8 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
                 raise DataError("dataset", i, "category", "missing, but the dataset is declared triaged")
         triaged, tstats = pairs, {}
     elif not needs_oracle:
-        triaged, tstats = [replace(p, category=untriaged(stages)) for p in pairs], {}
-        key = stage_key("untriaged", upstream=key, category=untriaged(stages))  # stages below cache categories
+        triaged, tstats = [replace(p, category=stages.untriaged) for p in pairs], {}
+        key = stage_key("untriaged", upstream=key, category=stages.untriaged)  # stages below cache categories
     else:
         if oracle is None:
             raise ValueError("triage needs an oracle (oracle=...) or a triaged dataset (dataset.triaged=true)")
@@ -177,7 +182,7 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
         metrics["data/label_noise"] = plan.label_noise
     if not stages.use_triage:
         # A method without triage (dpo, no_triage) serves every training pair as one category.
-        train = [replace(p, category=untriaged(stages)) for p in train]
+        train = [replace(p, category=stages.untriaged) for p in train]
     if stages.corrections and stages.use_triage and plan.label_noise > 0 and not stages.trust_labels:
         # Pairs that noise turned into punish have no correction yet: ask for them now, as triage does.
         result = TriageResult(pairs=train)
@@ -207,13 +212,6 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
     write_formats({**splits, plan.train_split: train}, out / "splits", plan.dpo_gold_punish, metrics)
     (out / TRIAGE_METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
-
-
-def untriaged(stages: Stages) -> str:
-    if stages.untriaged not in CATEGORIES:
-        raise ValueError(f"method.untriaged: {stages.untriaged!r}; a method without triage serves every pair as one "
-                         f"of {list(CATEGORIES)}")
-    return stages.untriaged
 
 
 def check_failed_fraction(failed_pairs: int, total: int, reasons: Counter, bound: float) -> None:
