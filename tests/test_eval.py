@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trace_realign.eval import agreement, percent_with_ci, verdict, wilson_interval
+from trace_realign.eval import TPA, JudgeFailed, Utility, agreement, percent_with_ci, verdict, wilson_interval
 from trace_realign.oracle import Oracle, Policy
 
 POLICY = Policy(name="p", text="")
@@ -113,17 +113,24 @@ class Failing(Oracle):
         return Counter({"server_error": self.failures})
 
 
-def test_failed_judge_calls_are_counted_and_too_many_stop_evaluation(monkeypatch):
-    import trace_realign.eval as ev
+def evaluate(monkeypatch, oracle, new, old, items, respond, evaluators=None):
+    """The default evaluators (tpa, utility) on a stand-in model whose greedy answers `respond` gives."""
+    import trace_realign.eval.base as base
+    from trace_realign.eval import EvalInputs, run_evaluators
 
+    monkeypatch.setattr(base, "generate", lambda model, tok, prompts, *a, **k: respond(prompts))
+    inputs = EvalInputs(model=None, tokenizer=None, judge=oracle, new=new, old=old, items=items, when="after")
+    m, item_rows, _ = run_evaluators(evaluators or {"tpa": TPA(), "utility": Utility()}, inputs)
+    return m, [item_rows.get(i) for i in range(len(items))]
+
+
+def test_failed_judge_calls_are_counted_and_too_many_stop_evaluation(monkeypatch):
     items = [{"prompt": f"p{i}", "kind": "value", "axis": "a"} for i in range(40)]
-    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: ["yes"] * 38 + ["boom", "yes"])
-    m, rows = ev.evaluate(None, None, Failing({"boom"}), POLICY, POLICY, items, prefix="eval/after")
+    m, rows = evaluate(monkeypatch, Failing({"boom"}), POLICY, POLICY, items, lambda ps: ["yes"] * 38 + ["boom", "yes"])
     assert m["eval/after/judge_failed"] == 2  # one prompt, judged under both policies
     assert m["eval/after/tpa"] == 100.0 and m["eval/after/tpa/undecided"] == 1 and rows[38]["tpa"] is None
-    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: ["boom"] * 10 + ["yes"] * 30)
-    with pytest.raises(RuntimeError, match="20 of 80 judge calls failed"):
-        ev.evaluate(None, None, Failing({"boom"}), POLICY, POLICY, items, prefix="eval/after")
+    with pytest.raises(JudgeFailed, match="eval/after/tpa: 10 of 40 judge calls failed"):
+        evaluate(monkeypatch, Failing({"boom"}), POLICY, POLICY, items, lambda ps: ["boom"] * 10 + ["yes"] * 30)
 
 
 class ByPolicy(Oracle):
@@ -136,15 +143,14 @@ class ByPolicy(Oracle):
 
 
 def test_evaluate_scores_each_policy_and_utility_apart(monkeypatch):
-    import trace_realign.eval as ev
-
     new, old = Policy("new", "", {"ok": {"a"}}), Policy("old", "", {"ok": {"b"}})
     items = [{"prompt": "v0", "axis": "x"}, {"prompt": "sum0", "kind": "utility"}, {"prompt": "v1", "axis": "x"},
              {"prompt": "v2", "axis": "y", "kind": "value"}, {"prompt": "sum1", "kind": "utility"},
              {"prompt": "sum2", "kind": "utility"}, {"prompt": "sum3", "kind": "utility"}]
     answers = {"v0": "a", "v1": "b", "v2": "a", "sum0": "right", "sum1": "wrong", "sum2": "right", "sum3": "right"}
-    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: [answers[p] for p in prompts])
-    m, rows = ev.evaluate(None, None, ByPolicy(), new, old, items, prefix="eval/after")
+    asked = []
+    m, rows = evaluate(monkeypatch, ByPolicy(), new, old, items, lambda ps: asked.append(ps) or [answers[p] for p in ps])
+    assert asked == [["v0", "v1", "v2"], ["sum0", "sum1", "sum2", "sum3"]]  # each prompt generated once
     assert m["eval/after/n"] == 3 and m["eval/after/n_utility"] == 4
     assert m["eval/after/tpa"] == pytest.approx(200 / 3) and m["eval/after/tpa_old"] == pytest.approx(100 / 3)
     assert m["eval/after/tpa/x"] == 50.0 and m["eval/after/tpa/y"] == 100.0 and m["eval/after/tpa_old/x"] == 50.0
@@ -159,13 +165,41 @@ def test_evaluate_scores_each_policy_and_utility_apart(monkeypatch):
 
 
 def test_evaluation_with_no_verdict_at_all_stops(monkeypatch):
-    import trace_realign.eval as ev
-
-    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **k: ["???"] * len(prompts))
     items = [{"prompt": f"p{i}"} for i in range(3)]
     with pytest.raises(RuntimeError, match="no verdict on any of 3 generations"):
-        ev.evaluate(None, None, Table({}), POLICY, POLICY, items, prefix="eval/after")
-    assert ev.evaluate(None, None, Table({}), POLICY, POLICY, [], prefix="eval/after") == ({}, [])
+        evaluate(monkeypatch, Table({}), POLICY, POLICY, items, lambda ps: ["???"] * len(ps))
+    assert evaluate(monkeypatch, Table({}), POLICY, POLICY, [], lambda ps: []) == ({"eval/after/judge_failed": 0.0}, [])
+
+
+def test_sampled_tpa_averages_each_prompts_share_and_takes_its_interval_over_prompts(monkeypatch):
+    import trace_realign.eval.base as base
+    from trace_realign.eval import EvalInputs, GenerationSettings, mean_with_ci, run_evaluators
+
+    items = [{"prompt": "p0", "axis": "x"}, {"prompt": "p1", "axis": "x"}, {"prompt": "p2", "axis": "y"}]
+    drawn = {"p0": ["yes", "yes", "no", "???"], "p1": ["no"] * 4, "p2": ["yes"] * 4}
+
+    def fake(model, tok, prompts, *a, samples=0, **k):
+        return [drawn[p] for p in prompts] if samples else ["yes"] * len(prompts)
+
+    monkeypatch.setattr(base, "generate", fake)
+    inputs = EvalInputs(model=None, tokenizer=None, judge=Table({"yes": True, "no": False}), new=POLICY, old=POLICY,
+                        items=items, generation=GenerationSettings(samples=4, temperature=0.7))
+    m, rows, _ = run_evaluators({"tpa": TPA()}, inputs)
+    assert m["eval/after/tpa"] == 100.0  # greedy beside sampled
+    shares = [200 / 3, 0.0, 100.0]  # p0: 2 of its 3 decided samples
+    assert m["eval/after/tpa_sampled"] == pytest.approx(sum(shares) / 3)
+    assert m["eval/after/tpa_sampled_ci95"] == pytest.approx(mean_with_ci(shares)[1])
+    assert m["eval/after/tpa_sampled/x"] == pytest.approx(100 / 3) and m["eval/after/tpa_sampled/y"] == 100.0
+    assert m["eval/after/tpa_sampled/undecided"] == 1 and m["eval/after/tpa_sampled/samples"] == 4
+    assert rows[0]["samples"][3] == {"response": "???", "tpa": None}
+
+
+def test_mean_with_ci_by_hand():
+    from trace_realign.eval import mean_with_ci
+
+    mean, half = mean_with_ci([0.0, 50.0, 100.0])  # sd 50, n 3
+    assert mean == 50.0 and half == pytest.approx(1.959963984540054 * 50 / math.sqrt(3))
+    assert mean_with_ci([7.0]) == (7.0, 0.0) and mean_with_ci([]) == (0.0, 0.0)
 
 
 class Echo(torch.nn.Module):

@@ -16,98 +16,23 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from trace_realign import rundir
 from trace_realign.data import TriagedDataModule, launched_as_rank_zero
-from trace_realign.pipeline import DataPlan
-from trace_realign.eval import evaluate, verdict
 from trace_realign.logs import framework_quiet
 from trace_realign.model import load_policy, load_tokenizer, resolve_model_path
 from trace_realign.module import TraceModule
-from trace_realign.objective import ObjectiveConfig
-from trace_realign.oracle import NoisyOracle, build_oracles
+from trace_realign.oracle import NoisyOracle
 from trace_realign.prealign import prealigned_model
 from trace_realign.select import SelectByOracle
-from trace_realign.sequences import SequenceLimits
+from trace_realign.steps import (
+    build_datamodule, build_evaluation, build_judges, build_loggers, build_module, evaluate_model, finish_loggers,
+    pin_threads, print_summary, seed_everything, write_eval_rows, write_generations, write_metrics,
+)
 
 log = logging.getLogger(__name__)
-
-
-def build_loggers(cfg: DictConfig) -> list[Any]:
-    return [instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
-
-
-def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """One flat JSON object keyed by wandb-style paths."""
-    flat = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in metrics.items()}
-    path.write_text(json.dumps(dict(sorted(flat.items())), indent=2) + "\n")
-
-
-def build_datamodule(
-    cfg: DictConfig, source: Any, oracle: Any, tokenizer: Any, out: Path
-) -> tuple[ObjectiveConfig, TriagedDataModule]:
-    """The method's objective (its term table over the loss group's settings) and the DataModule that
-    triages and serves for it."""
-    method = cfg.method
-    check_method(method)
-    loss = {**OmegaConf.to_container(cfg.loss, resolve=True), **(OmegaConf.to_container(method, resolve=True)["loss"] or {})}
-    objective = ObjectiveConfig(
-        beta=float(loss["beta"]),
-        relational=loss["type"],
-        label_smoothing=float(loss.get("label_smoothing") or 0.0),
-        alpha_kl=float(method.alpha_kl),
-        reduction=cfg.objective.reduction,
-        terms=OmegaConf.to_container(method.terms, resolve=True),
-        weighted=tuple(method.weighted),
-    )
-    datamodule = TriagedDataModule(
-        source=source,
-        oracle=oracle,
-        tokenizer=tokenizer,
-        work_dir=out / "data",
-        batch_size=cfg.data.batch_size,
-        limits=SequenceLimits(cfg.data.max_length, cfg.data.max_prompt_length),
-        use_triage=method.triage,
-        terms=objective.terms,
-        weighted=objective.weighted,
-        untriaged=method.get("untriaged") or "punish",
-        trust_labels=bool(getattr(source, "triaged", False)),
-        seed=cfg.seed,
-        num_workers=cfg.data.num_workers,
-        plan=data_plan(cfg.data),
-        cache_dir=cfg.paths.cache_dir,
-    )
-    return objective, datamodule
-
-
-METHOD_KEYS = {"name", "triage", "untriaged", "terms", "weights", "weighted", "alpha_kl", "loss", "retrain"}
-WEIGHTS = ("impact", "uniform")
-
-
-def check_method(method: DictConfig) -> None:
-    """A method config names every key of the schema (conf/method/trace.yaml) and no other."""
-    keys = set(method.keys())
-    if keys - METHOD_KEYS or METHOD_KEYS - keys:
-        raise ValueError(f"method {method.get('name')!r}: unknown keys {sorted(keys - METHOD_KEYS)}, missing keys "
-                         f"{sorted(METHOD_KEYS - keys)}; a method lists {sorted(METHOD_KEYS)} (conf/method/trace.yaml)")
-    if method.weights not in WEIGHTS:
-        raise ValueError(f"method.weights: {method.weights!r}; expected one of {WEIGHTS}")
-
-
-def data_plan(data: DictConfig) -> DataPlan:
-    splits = data.get("splits")
-    return DataPlan(
-        splits=OmegaConf.to_container(splits, resolve=True) if splits is not None else None,
-        train_split=data.get("train_split", "train"),
-        eval_split=data.get("eval_split"),
-        size=data.get("size"),
-        label_noise=float(data.get("label_noise", 0.0)),
-        noise_style=data.get("noise_style", "category"),
-        dpo_gold_punish=data.get("dpo_gold_punish", "keep"),
-    )
 
 
 def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
@@ -166,12 +91,12 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     items = datamodule.eval_prompts()
     if cfg.eval.max_prompts:
         items = items[: cfg.eval.max_prompts]
-    judging = dict(oracle=judge, new=source.new, old=source.old, items=items,
-                   max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
-    rows: dict[str, list[dict[str, Any]]] = {}
+    evaluation = build_evaluation(cfg, judge, source.new, source.old, items, out, progress=not quiet)
+    rows: dict[str, dict[int, dict[str, Any]]] = {}
     if cfg.eval.enabled and cfg.eval.before and trainer.is_global_zero:
         t0 = time.time()
-        before, rows["before"] = evaluate(module.policy, tokenizer, prefix="eval/before", **judging)
+        before, rows["before"], other = evaluate_model(evaluation, module.policy, tokenizer, "before")
+        write_eval_rows(out, "before", other)
         metrics.update(before)
         timings["time/eval_before_seconds"] = time.time() - t0
 
@@ -204,7 +129,8 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     if trainer.is_global_zero:
         if cfg.eval.enabled:
             t0 = time.time()
-            after, rows["after"] = evaluate(final, tokenizer, prefix="eval/after", **judging)
+            after, rows["after"], other = evaluate_model(evaluation, final, tokenizer, "after")
+            write_eval_rows(out, "after", other)
             metrics.update(after)
             timings["time/eval_after_seconds"] = time.time() - t0
             write_generations(out / "generations.jsonl", items, rows)
@@ -230,71 +156,6 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     return metrics
 
 
-def build_judges(cfg: DictConfig, source: Any) -> tuple[Any, Any, Any]:
-    """(the oracle triage asks, the clean judge evaluation asks, the oracle selection asks).
-
-    Noise (oracle.noise) reaches triage and selection only; evaluation always uses the clean judge. A
-    separate judge (oracle@judge=openai) scores generations, for selection and evaluation, e.g. when
-    triage reads the dataset's labels, which know no model's text.
-    """
-    oracle, judge = build_oracles(cfg.oracle, cfg.seed, source)
-    selector = oracle
-    if cfg.get("judge"):
-        _, judge = build_oracles(cfg.judge, cfg.seed, source, writer=False)
-        selector = judge
-    select = cfg.get("select") or {}
-    require_text_judge(judge, evaluates=bool(cfg.eval.enabled), selects=bool(select.get("enabled")))
-    return oracle, judge, selector
-
-
-def build_module(cfg: DictConfig, model_path: str, objective: ObjectiveConfig) -> TraceModule:
-    """The LightningModule on `model_path` (M_old), its adapters or copy created."""
-    module = TraceModule(
-        model_path=model_path,
-        model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
-        objective=objective,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        use_impact=cfg.method.weights == "impact",
-        gamma=cfg.impact.gamma,
-        gold_batch_size=cfg.impact.gold_batch_size,
-        gold_chunk_size=cfg.impact.chunk_size,
-        stop_grad_norm=cfg.objective.stop_grad_norm,
-        seed=cfg.seed,
-        top_k=cfg.impact.get("top_k"),
-    )
-    module.configure_model()
-    return module
-
-
-def seed_everything(seed: int) -> None:
-    L.seed_everything(seed, workers=True, verbose=False)
-
-
-def pin_threads(threads: int | None) -> None:
-    """Set torch's CPU threads when the config names a count (the sums of a matmul depend on it)."""
-    if threads:
-        torch.set_num_threads(int(threads))
-
-
-def require_text_judge(judge: Any, evaluates: bool, selects: bool) -> None:
-    """Evaluation and selection judge the model's own text: refuse before any work if the judge cannot."""
-    if getattr(judge, "judges_text", True) or not (evaluates or selects):
-        return
-    uses = " and ".join(n for n, on in (("evaluation", evaluates), ("selection (select.enabled)", selects)) if on)
-    raise ValueError(
-        f"{uses} judge the model's generations, but {type(judge).__name__} judges annotated responses only. "
-        "Add a judge that reads text (e.g. oracle@judge=openai), or set eval.enabled=false select.enabled=false")
-
-
-def write_generations(path: Path, items: list[dict[str, Any]], rows: dict[str, list[dict[str, Any]]]) -> None:
-    """Each held-out prompt with the response before and after, and each verdict, to check by eye."""
-    with path.open("w", encoding="utf-8") as fh:
-        for i, item in enumerate(items):
-            line = {**item, **{when: r[i] for when, r in rows.items() if i < len(r)}}
-            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-
-
 def write_impact(path: Path, datamodule: TriagedDataModule, module: TraceModule) -> None:
     """Each conflict pair with its raw impact score and final weight, for inspection."""
     weights, raw = module.weights.cpu().tolist(), module.impact_raw.tolist()
@@ -304,35 +165,6 @@ def write_impact(path: Path, datamodule: TriagedDataModule, module: TraceModule)
             pair = datamodule.conflict_pair(k)
             fh.write(json.dumps({"index": k, "category": category, "prompt": pair.prompt, "chosen": pair.chosen,
                                  "rejected": pair.rejected, "score": None if math.isnan(raw[k]) else raw[k], "weight": weights[k]}) + "\n")
-
-
-def print_summary(out: Path, metrics: dict[str, Any], name: str = "trace-realign") -> None:
-    keys = ["data/rows", "data/pairs", "triage/invert", "triage/punish", "triage/retain",
-            "triage/excluded/oracle_failed", "triage/excluded/undecided", "triage/gt_accuracy", "data/train_pairs",
-            "data/cache_hits", "oracle/calls", "oracle/cached", "oracle/failed", "oracle/cost_usd", "impact/nonzero",
-            "train/steps", "train/loss", "select/best_step", "prealign/seconds", "retrain/seconds", "time/total_seconds"]
-    width = max(len(k) for k in keys)
-
-    def show(v: float) -> str:
-        return str(int(v)) if float(v).is_integer() else f"{v:.4g}"
-
-    lines = [f"  {k:<{width}}  {show(metrics[k])}" for k in keys if k in metrics]
-    text = f"\n{name}: outputs in {out}\n" + "\n".join(lines)
-    judged = verdict(metrics)
-    if judged:
-        text += "\n\n" + "\n".join(judged)
-    print(text, flush=True)
-
-
-def finish_loggers() -> None:
-    """wandb logs every multirun job into one run unless each is finished, even after a failure."""
-    try:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
-    except ImportError:
-        pass
 
 
 @hydra.main(version_base="1.3", config_path="pkg://trace_realign.conf", config_name="train")
