@@ -188,7 +188,11 @@ def test_sampled_tpa_averages_each_prompts_share_and_takes_its_interval_over_pro
     assert m["eval/after/tpa"] == 100.0  # greedy beside sampled
     shares = [200 / 3, 0.0, 100.0]  # p0: 2 of its 3 decided samples
     assert m["eval/after/tpa_sampled"] == pytest.approx(sum(shares) / 3)
-    assert m["eval/after/tpa_sampled_ci95"] == pytest.approx(mean_with_ci(shares)[1])
+    assert m["eval/after/tpa_sampled_ci95"] == pytest.approx(mean_with_ci(shares)[1])  # wider than Wilson on 3 prompts
+    assert mean_with_ci(shares)[1] > 50 * (wilson_interval(2, 3)[1] - wilson_interval(2, 3)[0])
+    # all prompts fully compliant: the normal interval has no width, the prompts' Wilson interval has
+    assert m["eval/after/tpa_sampled/y"] == 100.0
+    assert m["eval/after/tpa_sampled_ci95/y"] == pytest.approx(50 * (1 - wilson_interval(1, 1)[0]))
     assert m["eval/after/tpa_sampled/x"] == pytest.approx(100 / 3) and m["eval/after/tpa_sampled/y"] == 100.0
     assert m["eval/after/tpa_sampled/undecided"] == 1 and m["eval/after/tpa_sampled/samples"] == 4
     assert rows[0]["samples"][3] == {"response": "???", "tpa": None}
@@ -240,3 +244,39 @@ def test_generate_answers_in_the_prompts_order_whatever_the_batching():
         assert all(c["max_new_tokens"] == 7 and c["do_sample"] is False and not c["training"] for c in model.calls)
         assert all(c["pad_token_id"] == tok.pad_token_id and c["eos_token_id"] == tok.eos_token_id for c in model.calls)
     assert model.training  # put back in the mode it was in
+
+
+def test_sampling_is_seeded_leaves_the_callers_random_stream_alone_and_groups_samples_per_prompt():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trace_realign.eval import generate
+    from trace_realign.model import build_tokenizer
+
+    prompts = ["How do I bake bread at home today?", "Hi", "What is 3 plus 4?"]
+    tok = build_tokenizer(prompts * 3, 300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, progress=False, samples=4, temperature=1.0, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # training after evaluation draws what it would have drawn
+    b = generate(model, tok, prompts, max_new_tokens=6, batch_size=3, progress=False, samples=4, temperature=1.0, seed=7)
+    c = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, progress=False, samples=4, temperature=1.0, seed=8)
+    assert [len(x) for x in a] == [4, 4, 4] and all(isinstance(s, str) for x in a for s in x)
+    assert a == generate(model, tok, prompts, max_new_tokens=6, batch_size=2, progress=False, samples=4, seed=7)
+    assert a != c  # another seed, other samples (an untrained model samples nearly uniformly)
+    assert len({s for x in a for s in x}) > 3  # sampled, not the greedy answer four times
+    greedy = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, progress=False)
+    assert len(greedy) == 3 and all(isinstance(g, str) for g in greedy)
+    assert len(b) == 3
+
+
+def test_generation_settings_refuse_nonsense():
+    from trace_realign.eval import GenerationSettings
+
+    with pytest.raises(ValueError, match="samples must be >= 0"):
+        GenerationSettings(samples=-1)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        GenerationSettings(samples=2, temperature=0.0)
+    GenerationSettings(samples=0, temperature=0.0)  # greedy ignores the temperature

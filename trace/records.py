@@ -2,7 +2,7 @@
 
 A record is {prompt, chosen, rejected}; after triage it also carries `category` (invert, punish or
 retain) and, where an oracle wrote one, `correction` (y_c). A held-out evaluation prompt is {prompt} with
-optional `axis`, `category`, `shift` and `kind` (EVAL_FIELDS). Bad input fails before any training with a
+optional `axis`, `category`, `shift`, `kind` and `expects` (EVAL_FIELDS). Bad input fails before any training with a
 message naming the file, the record index and the field.
 """
 
@@ -18,12 +18,14 @@ CATEGORIES: tuple[str, ...] = (INVERT, PUNISH, RETAIN)
 TEXT_FIELDS: tuple[str, ...] = ("prompt", "chosen", "rejected")
 # The optional fields of an evaluation prompt and the values each may take (None: any non-empty string).
 # TPA is reported per axis, category and shift; `kind` tells value prompts (judged against the policies)
-# from utility prompts (judged right or wrong).
+# from utility prompts (judged right or wrong); `expects` says what pi_new asks of the model on the prompt
+# (the attack success rate is measured on the prompts where it asks for a refusal).
 EVAL_FIELDS: dict[str, tuple[str, ...] | None] = {
     "axis": None,
     "category": CATEGORIES,
     "shift": ("shifted", "unchanged"),
     "kind": ("value", "utility"),
+    "expects": ("refusal", "answer"),
 }
 
 

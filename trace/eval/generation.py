@@ -14,7 +14,8 @@ from trace_realign.sequences import encode_prompt
 @dataclass(frozen=True)
 class GenerationSettings:
     """How evaluators generate (eval.generation). Greedy always; `samples` > 0 adds that many sampled
-    responses per prompt at `temperature` / `top_p`, drawn from a generator seeded by `seed` alone."""
+    responses per prompt at `temperature` / `top_p`, drawn from a generator seeded by `seed` alone (the same
+    seed and batch size give the same samples)."""
 
     max_new_tokens: int = 32
     batch_size: int = 32

@@ -4,7 +4,8 @@ TPA is the percent of generations on held-out prompts that comply with pi_new; `
 pi_old. Prompts carrying an `axis`, `category` or `shift` also get TPA per group. Every percentage comes
 with the half-width of its 95 % Wilson interval (`*_ci95`, in points). With eval.generation.samples > 0
 the same is measured on sampled responses (`tpa_sampled`), each prompt's share of compliant samples
-averaged over prompts, its interval taken over prompts. A verdict the judge could not give is no verdict:
+averaged over prompts, its interval taken over prompts (never narrower than
+the Wilson interval of the prompts alone). A verdict the judge could not give is no verdict:
 it is left out of the percentage and counted (`*/undecided`).
 
 Utility is the percent of utility items (kind "utility", e.g. the embedded world's sums) the judge finds
@@ -18,7 +19,7 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from trace_realign.eval.base import EvalInputs, EvalResult, Evaluator
-from trace_realign.eval.stats import mean_with_ci, percent_with_ci
+from trace_realign.eval.stats import mean_with_ci, percent_with_ci, wilson_interval
 from trace_realign.oracle import Oracle, Policy
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,11 @@ def summarize_sampled(items: Sequence[dict[str, Any]], verdicts: Sequence[Sequen
             groups[suffix].append(share)
     out: dict[str, float] = {}
     for suffix, shares in sorted(groups.items()):
-        out[suffix], out[f"_ci95{suffix}"] = mean_with_ci(shares)
+        mean, half = mean_with_ci(shares)
+        # At 0 or 100 % the normal interval has no width; the Wilson interval of the prompts alone (each
+        # counted once, at the mean share) keeps an honest one there. The wider of the two is reported.
+        lo, hi = wilson_interval(round(mean / 100 * len(shares)), len(shares))
+        out[suffix], out[f"_ci95{suffix}"] = mean, max(half, 50.0 * (hi - lo))
     out["/undecided"] = float(undecided)
     return out
 

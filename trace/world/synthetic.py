@@ -381,6 +381,7 @@ class SyntheticWorld:
         for item in test:  # now that every axis has its pairs
             item["category"] = self.axis_category(item["axis"])
             item["shift"] = axis_kind(self.old, self.new, item["axis"])
+            item["expects"] = "refusal" if set(self.new.rules[item["axis"]]["allowed"]) == {"refuse"} else "answer"
         test += [{"prompt": p.prompt, "axis": "utility", "kind": "utility"} for p in sft_only]
         return self._built
 
