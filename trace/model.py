@@ -195,8 +195,8 @@ def _disable_dropout(model: nn.Module) -> None:
             m.p = 0.0
 
 
-def load_policy(path: str, model_cfg: Mapping[str, Any]) -> tuple[nn.Module, nn.Module | None]:
-    """The trainable policy and, for full fine-tuning, a frozen reference copy (None under LoRA)."""
+def load_causal_lm(path: str, model_cfg: Mapping[str, Any]) -> nn.Module:
+    """The model at `path` (hub id or folder) with model.dtype, revision, attention and dropout settings."""
     from transformers import AutoModelForCausalLM
 
     dtype_name = str(model_cfg.get("dtype", "float32"))
@@ -213,6 +213,33 @@ def load_policy(path: str, model_cfg: Mapping[str, Any]) -> tuple[nn.Module, nn.
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if model_cfg.get("disable_dropout", True):
         _disable_dropout(model)
+    return model
+
+
+def load_for_eval(path: str, model_cfg: Mapping[str, Any]) -> nn.Module:
+    """A model to evaluate, frozen: a model folder or hub id, or a LoRA adapter folder on its base model
+    (the path its adapter_config.json names)."""
+    adapter_cfg = Path(str(path)).expanduser() / "adapter_config.json"
+    if adapter_cfg.is_file():
+        from peft import PeftModel
+
+        base_path = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
+        if not base_path:
+            raise ValueError(f"{adapter_cfg}: names no base_model_name_or_path, so the adapter has no model to sit on")
+        try:
+            base = load_causal_lm(base_path, model_cfg)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"the adapter {path} sits on {base_path}, which cannot be loaded: {exc}") from exc
+        model = PeftModel.from_pretrained(base, str(path))
+    else:
+        model = load_causal_lm(path, model_cfg)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_policy(path: str, model_cfg: Mapping[str, Any]) -> tuple[nn.Module, nn.Module | None]:
+    """The trainable policy and, for full fine-tuning, a frozen reference copy (None under LoRA)."""
+    model = load_causal_lm(path, model_cfg)
     if model_cfg.get("gradient_checkpointing", False):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Without this, LoRA over checkpointed frozen layers receives no gradient and silently trains nothing.

@@ -22,7 +22,7 @@ from trace_realign import rundir
 from trace_realign.data import launched_as_rank_zero
 from trace_realign.pipeline import TRIAGE_METRICS_FILE
 from trace_realign.oracle import build_oracles
-from trace_realign.train import build_datamodule, print_summary, write_metrics
+from trace_realign.steps import build_datamodule, print_summary, write_metrics
 
 
 def prepare(cfg: DictConfig) -> dict:

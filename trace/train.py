@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from trace_realign import rundir
 from trace_realign.data import TriagedDataModule, launched_as_rank_zero
 from trace_realign.logs import framework_quiet
-from trace_realign.model import load_policy, load_tokenizer, resolve_model_path
+from trace_realign.model import load_for_eval, load_tokenizer, resolve_model_path
 from trace_realign.module import TraceModule
 from trace_realign.oracle import NoisyOracle
 from trace_realign.prealign import prealigned_model
@@ -108,7 +108,7 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         gold_path, built = prealigned_model(cfg, base_path, run, source, labels="new",
                                             gold_punish=str(cfg.data.dpo_gold_punish))
         metrics.update(built)
-        final = load_policy(gold_path, {**OmegaConf.to_container(cfg.model, resolve=True), "lora": {"enabled": False}})[0]
+        final = load_for_eval(gold_path, OmegaConf.to_container(cfg.model, resolve=True))
         steps = 0
     else:
         with framework_quiet(quiet):

@@ -13,7 +13,7 @@ from trace_realign.sequences import encode_prompt
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How evaluators generate (eval.generation). Greedy always; `samples` > 0 adds that many sampled
+    """How evaluators generate (eval.max_new_tokens, eval.batch_size, eval.sampling). Greedy always; `samples` > 0 adds that many sampled
     responses per prompt at `temperature` / `top_p`, drawn from a generator seeded by `seed` alone (the same
     seed and batch size give the same samples)."""
 

@@ -1,0 +1,84 @@
+"""`trace-eval`: any model through the evaluators trace-realign uses, with the same keys and numbers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, FAST, compose_cfg
+from trace_realign.evaluate import Target, resolve_target
+from trace_realign.evaluate import run as evaluate
+from trace_realign.train import run as train
+
+EVAL_FAST = [o for o in FAST if not o.startswith(("trainer.", "impact.", "data.", "select."))]
+
+
+def eval_cfg(overrides: list[str], out: Path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="evaluate", overrides=[*EVAL_FAST, *overrides, f"paths.output_dir={out}"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(compose_cfg([*FAST, "dataset.test_prompts_per_axis=3", "trainer.max_steps=3", "+quiet=true"], out))
+    return out
+
+
+def test_a_run_and_its_start_give_the_keys_and_numbers_of_the_run_itself(trained, tmp_path):
+    m = evaluate(eval_cfg(["dataset.test_prompts_per_axis=3", "+quiet=true",
+                           f"models={{trace: {trained}, start: 'base:{trained}', m_old: m_old}}"], tmp_path / "ev"))
+    run = json.loads((trained / "metrics.json").read_text())
+    after = {k[len("eval/after/"):]: v for k, v in run.items() if k.startswith("eval/after/")}
+    before = {k[len("eval/before/"):]: v for k, v in run.items() if k.startswith("eval/before/")}
+    assert {"tpa", "tpa/shifted", "tpa_ci95/shifted", "utility", "asr/overall", "asr/plain"} <= set(after)
+    for label, expected in (("trace", after), ("start", before), ("m_old", before)):
+        got = {k[len(f"eval/{label}/"):]: v for k, v in m.items() if k.startswith(f"eval/{label}/")}
+        assert got == expected, label  # same keys, same numbers: one code path measures both
+    written = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert written["eval/trace/tpa"] == m["eval/trace/tpa"] and written["eval/items"] == m["eval/items"]
+    lines = [json.loads(x) for x in (tmp_path / "ev" / "generations.jsonl").read_text().splitlines()]
+    assert len(lines) == m["eval/items"] and {"trace", "start", "m_old"} <= set(lines[0])
+    assert (tmp_path / "ev" / "eval" / "trace" / "asr.jsonl").is_file()
+
+
+def test_a_run_of_another_dataset_configuration_is_refused_by_name(trained, tmp_path):
+    with pytest.raises(ValueError, match=r"(?s)trained on another dataset configuration.*dataset.seed: 0 there, 1 now"):
+        evaluate(eval_cfg(["dataset.test_prompts_per_axis=3", "seed=1", f"models={{trace: {trained}}}"], tmp_path / "ev"))
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_runs_held_out_on_other_prompts_are_refused(trained, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(trained, other)
+    (other / "data" / "eval.jsonl").write_text('{"prompt": "something else"}\n')
+    with pytest.raises(ValueError, match=r"models \['b'\]: their runs were evaluated on other held-out prompts"):
+        evaluate(eval_cfg(["dataset.test_prompts_per_axis=3", f"models={{a: {trained}, b: {other}}}"], tmp_path / "ev"))
+
+
+def test_what_a_model_spec_names(trained, tmp_path):
+    assert resolve_target("t", str(trained)) == Target("t", "run", str(trained / "adapter"), trained)
+    base = json.loads((trained / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert resolve_target("s", f"base:{trained}") == Target("s", "base", base, trained)
+    assert resolve_target("m", "m_old") == Target("m", "m_old")
+    assert resolve_target("h", "Qwen/Qwen2.5-7B-Instruct") == Target("h", "hub", "Qwen/Qwen2.5-7B-Instruct")
+    assert resolve_target("f", str(trained / "adapter")).kind == "folder"
+    with pytest.raises(ValueError, match="no such folder"):
+        resolve_target("x", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_target("after", "m_old")
+    with pytest.raises(ValueError, match="holds no adapter"):
+        resolve_target("x", f"base:{tmp_path}")
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "run.json").write_text("{}")
+    (failed / "FAILED").write_text("boom")
+    with pytest.raises(ValueError, match="that run failed"):
+        resolve_target("x", str(failed))
+    (failed / "FAILED").unlink()
+    with pytest.raises(ValueError, match="neither adapter/ nor model/"):
+        resolve_target("x", str(failed))
