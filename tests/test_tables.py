@@ -564,3 +564,25 @@ def test_an_experiments_report_block_names_the_columns_and_the_paper_table(sweep
     assert list(report.paper_tables) == ["table8"]  # named by the block, not by the task name
     # --metrics still wins over the block
     assert build_report(load_jobs([sweep]), metrics=[UTIL]).metrics == [UTIL]
+
+
+def test_an_evaluation_folder_gives_one_row_per_model_and_its_preference_against_each_other(tmp_path):
+    """trace-eval's folders (one per seed of a `trace-eval -m seed=... models_from=SWEEP`) read as jobs of
+    the models they compared: eval/<label>/ becomes eval/after/, a pair's preference the first model's."""
+    root = tmp_path / "multirun" / "evaluate" / "t"
+    win = {0: 80.0, 1: 70.0}
+    for seed in (0, 1):
+        write_run(root / str(seed), config={"models_from": "/sweep", "models": None, "seed": seed, "dataset.seed": seed},
+                  overrides=[f"seed={seed}", "models_from=/sweep", "eval.preference.enabled=true"],
+                  metrics={"eval/trace/tpa": 60.0 + seed, "eval/u2a/tpa": 40.0, "eval/items": 8.0,
+                           "preference/trace_vs_u2a/win_rate": win[seed], "preference/u2a_vs_trace/win_rate": 100 - win[seed],
+                           "preference/alpha": 0.5},
+                  task_name="evaluate")
+    jobs = load_jobs([root])
+    assert sorted((tables.method_of(j), tables.seed_of(j)) for j in jobs) == [("trace", 0), ("trace", 1), ("u2a", 0), ("u2a", 1)]
+    trace0 = next(j for j in jobs if tables.method_of(j) == "trace" and tables.seed_of(j) == 0)
+    assert trace0.metrics == {"eval/after/tpa": 60.0, "preference/win_rate_vs_u2a": 80.0, "preference/alpha": 0.5}
+    report = build_report(jobs, metrics=["eval/after/tpa", "preference/win_rate_vs_u2a", "preference/alpha"])
+    assert row(report, "trace").cells["preference/win_rate_vs_u2a"].mean == 75.0
+    assert row(report, "u2a").cells["preference/win_rate_vs_u2a"].n == 0  # nobody wins over itself
+    assert row(report, "u2a").cells["eval/after/tpa"].mean == 40.0

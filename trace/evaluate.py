@@ -80,6 +80,38 @@ def resolve_target(label: str, spec: str) -> Target:
     return Target(label, "hub", spec)
 
 
+def sweep_models(sweep: Path, seed: int, exclude: set[str]) -> dict[str, str]:
+    """{method: job folder} for the finished jobs of a trace-realign sweep that ran with `seed`. Jobs of one
+    method and seed must be unique (a sweep over other settings too needs `models` instead)."""
+    from trace_realign.tables import load_jobs, method_of, seed_of
+
+    if not sweep.is_dir():
+        raise ValueError(f"models_from={sweep}: no such folder")
+    found: dict[str, str] = {}
+    jobs = [j for j in load_jobs([sweep]) if seed_of(j) == seed]
+    for job in jobs:
+        if job.status != "finished":
+            raise ValueError(f"models_from={sweep}: the job {job.path} of seed {seed} is {job.status}; finish or "
+                             "rerun it, or name the models to compare in `models`")
+        method = method_of(job)
+        if method in exclude:
+            continue
+        if method in found:
+            raise ValueError(f"models_from={sweep}: two finished jobs of method {method} at seed {seed} ({found[method]}, "
+                             f"{job.path}); name the ones to compare in `models` instead")
+        found[method] = job.path
+    if not found:
+        raise ValueError(f"models_from={sweep}: no finished job ran with seed={seed}")
+    return found
+
+
+def sweep_report(sweep: Path) -> dict[str, Any] | None:
+    """The `report` block (paper table, rows, columns) of the sweep's experiment, if it has one."""
+    from trace_realign.tables import load_jobs
+
+    return next((j.report for j in load_jobs([sweep]) if j.report), None)
+
+
 def check_same_dataset(cfg: DictConfig, targets: list[Target]) -> None:
     """A run's held-out prompts and policies are its dataset's: evaluating it under another dataset
     config would judge it against other policies. Refuse, naming the settings that differ."""
@@ -143,11 +175,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.time()
     out = Path(cfg.paths.output_dir)
     quiet = bool(cfg.get("quiet", False))
-    models = cfg.get("models")
-    if models is None:
+    models = dict(cfg.get("models") or {})
+    if cfg.get("models_from"):
+        models.update(sweep_models(Path(cfg.models_from), cfg.seed, exclude=set(models)))
+        report = sweep_report(Path(cfg.models_from))
+        if report is not None:  # the evaluation of a table's sweep reports as that table (trace-tables)
+            cfg.report = report
+    elif not models:
         models = {"m_old": "m_old"}
-    if not isinstance(models, DictConfig | dict) or not models:
-        raise ValueError(f"models: expected a mapping label -> model, e.g. 'models={{trace: RUN_DIR}}'; got {models!r}")
     targets = [resolve_target(label, spec) for label, spec in models.items()]
     check_same_dataset(cfg, targets)
     if launched_as_rank_zero():

@@ -327,7 +327,39 @@ def read_task_name(path: Path, config: dict[str, Any], overrides: dict[str, Any]
 
 
 def load_jobs(paths: Sequence[str | Path]) -> list[Job]:
-    return [load_job(p, i) for i, p in enumerate(find_run_dirs(paths))]
+    jobs = [load_job(p, i) for i, p in enumerate(find_run_dirs(paths))]
+    return [part for job in jobs for part in (evaluation_rows(job) if is_evaluation(job) else [job])]
+
+
+def is_evaluation(job: Job) -> bool:
+    """A trace-eval folder: its config has the app's `models_from` key."""
+    return "models_from" in job.config
+
+
+def evaluation_rows(job: Job) -> list[Job]:
+    """A trace-eval folder as one job per model it evaluated, so its models become rows like methods:
+    eval/<label>/<key> reads as eval/after/<key>, and preference/<label>_vs_<other>/<stat> as
+    preference/<stat>_vs_<other>; preference/<stat> without a pair (alpha, say) goes to every row."""
+    overrides = {k: v for k, v in (job.overrides or {}).items() if not k.startswith(("models", "models_from"))}
+    metrics = job.metrics or {}
+    labels = sorted({k.split("/")[1] for k in metrics if k.startswith("eval/") and k.count("/") >= 2
+                     and k.split("/")[1] not in ("before", "after", "preference")}, key=str)
+    if job.status != "finished" or not labels:
+        labels = [str(k.split(".", 1)[1]) for k in job.config if k.startswith("models.")] or ["evaluation"]
+    out = []
+    for label in labels:
+        own = {f"eval/after/{k[len(f'eval/{label}/'):]}": v for k, v in metrics.items() if k.startswith(f"eval/{label}/")}
+        for k, v in metrics.items():
+            if not k.startswith("preference/"):
+                continue
+            parts = k.split("/")
+            if len(parts) == 3 and parts[1].startswith(f"{label}_vs_"):
+                own[f"preference/{parts[2]}_vs_{parts[1][len(label) + 4:]}"] = v
+            elif len(parts) == 2:
+                own[k] = v
+        out.append(Job(f"{job.path}#{label}", job.config, {**overrides, "method": label},
+                       own if job.metrics is not None else None, job.failed, job.task_name, job.order, job.report))
+    return out
 
 
 # --------------------------------------------------------------------------------------------- grouping
