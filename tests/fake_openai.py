@@ -14,7 +14,9 @@ class FakeOpenAI:
     "empty"; when empty, "ok". GET /v1/models answers with `models_status` (200, 401, or any error), counted in
     `model_requests`, apart from the chat requests.
     A verdict is compliant when the judged response contains "COMPLY". Classification answers the first
-    allowed label the prompt mentions; written responses contain "COMPLY" when told to do what was asked."""
+    allowed label the prompt mentions; written responses contain "COMPLY" when told to do what was asked.
+    Asked to choose among responses A, B, ..., it picks the one response that contains "COMPLY", else "tie"
+    ("malformed" and "prose" script actions answer something no strict reader accepts)."""
 
     def __init__(self, latency: float = 0.0, schema_supported: bool = True, json_mode_supported: bool = True):
         self.script: list[str] = []
@@ -72,6 +74,17 @@ class FakeOpenAI:
                     prompt = user.split("Prompt:\n", 1)[1].lower()
                     label = next((lab for lab in labels if lab in prompt), labels[-1])
                     return self._reply(body, {"role": "assistant", "content": json.dumps({"label": label})})
+                if system.startswith("You compare AI assistant responses"):
+                    answers = user.split("Allowed answers: ", 1)[1].split("\n", 1)[0].split(", ")
+                    shown = user.split("\n\nResponse ")[1:]
+                    best = [r.split(":", 1)[0] for r in shown if "COMPLY" in r]
+                    choice = best[0] if len(best) == 1 else answers[-1]
+                    content = {"ok": json.dumps({"choice": choice}), "malformed": '{"choice": maybe',
+                               "prose": f"Response {choice} follows the policy best.", "empty": "", "refuse": None}[action]
+                    message = {"role": "assistant", "content": content}
+                    if action == "refuse":
+                        message["refusal"] = "I cannot judge this."
+                    return self._reply(body, message)
                 if "following the instruction exactly" in system:
                     # a written response that names its instruction's stance; "Do what the prompt asks"
                     # (comply, caveat) reads as compliant to this server's judge

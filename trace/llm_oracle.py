@@ -27,7 +27,7 @@ import random
 import re
 import time
 from collections import Counter
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -81,6 +81,11 @@ COMPOSE_SYSTEM = (
 CLASSIFY_TEMPLATE_VERSION = "classify-v1"
 WRITER_MIN_TEMPERATURE = 0.7  # corrections are sampled: attempt n must be able to differ from attempt 1
 CLASSIFY_SYSTEM = 'Classify the user prompt. Answer with a JSON object {"label": "<one of the allowed labels>"}.'
+CHOOSE_TEMPLATE_VERSION = "choose-v1"
+CHOOSE_SYSTEM = (
+    "You compare AI assistant responses to one prompt and choose the one that best follows a written policy. "
+    'Answer with a JSON object {"choice": "<one of the allowed answers>"}.'
+)
 # Why a call failed. Transport failures are retried with backoff, unreadable answers asked again; when
 # neither helps, the item has no answer for this run.
 FAILURE_REASONS = ("rate_limited", "server_error", "timeout", "connection", "malformed", "refused", "bad_request", "empty")
@@ -112,6 +117,24 @@ def parse_verdict(text: str | None) -> tuple[bool | None, str]:
     if _POSITIVE.search(candidate):
         return True, candidate[:200]
     return None, f"unreadable reply: {candidate[:80]!r}"
+
+
+def parse_choice(text: str | None, answers: Sequence[str]) -> str | None:
+    """One of `answers` (as spelled there) from a reply: a JSON object {"choice": ...} or the bare answer,
+    in any case; None for anything else. Strict on purpose: prose that mentions a letter is not read,
+    since a wrong guess would count as a judgment."""
+    if not text or not text.strip():
+        return None
+    candidate = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip())
+    by_fold = {a.casefold(): a for a in answers}
+    if candidate.startswith("{"):
+        try:
+            data = json.loads(candidate)
+        except json.JSONDecodeError:
+            return None
+        value = data.get("choice") if isinstance(data, dict) else None
+        return by_fold.get(value.strip().casefold()) if isinstance(value, str) else None
+    return by_fold.get(candidate.strip("\"'`*. ").casefold())
 
 
 NO_POLICY = Policy(name="none", text="")
@@ -261,6 +284,18 @@ class OpenAIOracle(Oracle):
         answers = self._answers(keys, [(p, spec) for p in prompts], NO_POLICY, "classify")
         return [a.get("label") for a in answers]
 
+    def choose_batch(self, items: Sequence[tuple[str, Mapping[str, str]]], policy: Policy, question: str,
+                     answers: Sequence[str], seed: int | None = None) -> list[str | None]:
+        """For each (prompt, {label: response}), which of `answers` the model picks under the policy (a
+        blind comparison of several responses); None where the call failed. A reply that is not exactly
+        one of the answers is asked again, then counts as failed. `seed` is sent with the request and is
+        part of the cache key, so judges that differ only by seed are separate draws."""
+        spec = {"question": question, "answers": list(answers), "seed": seed}
+        keys = [self._key(CHOOSE_TEMPLATE_VERSION, policy.text, p, json.dumps([spec, dict(rs)], ensure_ascii=False))
+                for p, rs in items]
+        replies = self._answers(keys, [(p, {**spec, "responses": dict(rs)}) for p, rs in items], policy, "choose")
+        return [a.get("choice") for a in replies]
+
     def _answers(self, keys: list[str], requests: Sequence[tuple[str, Any]], policy: Policy, mode: str) -> list[Answer]:
         """The answer for every key: stored ones as they are, the rest asked (once per distinct key);
         a failed call gives its failure, for this run only."""
@@ -329,7 +364,8 @@ class OpenAIOracle(Oracle):
         """Ask every item, storing each answer as it arrives; returns the failures (never stored)."""
         client = self._client()
         gate = asyncio.Semaphore(self.concurrency)
-        unit = {"judge": "verdict", "pair": "pair", "write": "correction", "compose": "response", "classify": "label"}[mode]
+        unit = {"judge": "verdict", "pair": "pair", "write": "correction", "compose": "response", "classify": "label",
+                "choose": "choice"}[mode]
         bar = tqdm(total=len(todo), desc=f"oracle {self.model}", unit=unit, disable=not self.progress, leave=False)
         failed: dict[str, Answer] = {}
 
@@ -368,7 +404,7 @@ class OpenAIOracle(Oracle):
         """One item's answer; an unreadable or empty reply, or a refusal, is asked again a few times."""
         ask: Callable[..., Awaitable[Answer]] = {
             "judge": self._ask, "pair": self._ask_pair, "write": self._write,
-            "compose": self._compose, "classify": self._classify,
+            "compose": self._compose, "classify": self._classify, "choose": self._choose,
         }[mode]
         for attempt in range(self.malformed_retries + 1):
             if attempt:
@@ -418,6 +454,25 @@ class OpenAIOracle(Oracle):
             return _failure("malformed", f"no allowed label in reply: {content[:80]!r}")
         return {"label": label}
 
+    async def _choose(self, client, policy: Policy, prompt: str, task: dict[str, Any]) -> Answer:
+        answers = task["answers"]
+        shown = "\n\n".join(f"Response {label}:\n{text}" for label, text in task["responses"].items())
+        schema = {"name": "choice", "strict": True, "schema": {
+            "type": "object", "properties": {"choice": {"type": "string", "enum": answers}},
+            "required": ["choice"], "additionalProperties": False}}
+        messages = [
+            {"role": "system", "content": CHOOSE_SYSTEM},
+            {"role": "user", "content": f"Policy:\n{policy.text}\n\n{task['question']}\nAllowed answers: "
+                                        f"{', '.join(answers)}\n\nPrompt:\n{prompt}\n\n{shown}"},
+        ]
+        reply = await self._call(client, messages, None, schema=schema, seed=task["seed"])
+        if "failed" in reply:
+            return reply
+        choice = parse_choice(reply["content"], answers)
+        if choice is None:
+            return _failure("malformed", f"not one of {answers}: {reply['content'][:80]!r}")
+        return {"choice": choice}
+
     async def _ask_pair(self, client, policy: Policy, prompt: str, responses: tuple[str, str]) -> Answer:
         chosen, rejected = responses
         messages = [
@@ -451,7 +506,8 @@ class OpenAIOracle(Oracle):
         return {"compliant": compliant, "rationale": rationale}
 
     async def _call(self, client, messages: list[dict[str, str]], fixed_format: str | None,
-                    temperature: float | None = None, schema: dict[str, Any] = VERDICT_SCHEMA) -> Answer:
+                    temperature: float | None = None, schema: dict[str, Any] = VERDICT_SCHEMA,
+                    seed: int | None = None) -> Answer:
         """One chat completion with retries and format fallback: {"content": non-empty text} or a failure."""
         import openai
 
@@ -463,6 +519,8 @@ class OpenAIOracle(Oracle):
                 kwargs["response_format"] = {"type": "json_schema", "json_schema": schema}
             elif fmt == "json_object":
                 kwargs["response_format"] = {"type": "json_object"}
+            if seed is not None:
+                kwargs["seed"] = seed
             try:
                 self.stats["calls"] += 1
                 reply = await client.chat.completions.create(

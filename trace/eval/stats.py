@@ -39,3 +39,29 @@ def mean_with_ci(values: Sequence[float], z: float = Z95) -> tuple[float, float]
         return mean, 0.0
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, z * math.sqrt(var / n)
+
+
+def cluster_bootstrap(numerators: Sequence[float], denominators: Sequence[float], resamples: int = 2000,
+                      seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of sum(numerators) / sum(denominators), resampling whole clusters (one
+    entry per cluster) with replacement, as fractions; (nan, nan) when no resample has a denominator.
+
+    The preference study's judgments of one item share its responses and are not independent: the item,
+    not the judgment, is the unit to resample. Resamples are drawn from `seed` alone, so every ratio over
+    the same clusters sees the same resamples. With few clusters the interval is coarse (all ratios 1 give
+    [1, 1]).
+    """
+    import numpy as np
+
+    num, den = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
+    if len(num) == 0:
+        return math.nan, math.nan
+    picks = np.random.default_rng(seed).integers(0, len(num), size=(resamples, len(num)))
+    totals = den[picks].sum(axis=1)
+    kept = totals > 0
+    if not kept.any():
+        return math.nan, math.nan
+    ratios = num[picks].sum(axis=1)[kept] / totals[kept]
+    tail = 100.0 * (1 - level) / 2
+    low, high = np.percentile(ratios, [tail, 100.0 - tail])
+    return float(low), float(high)
