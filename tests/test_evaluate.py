@@ -82,3 +82,23 @@ def test_what_a_model_spec_names(trained, tmp_path):
     (failed / "FAILED").unlink()
     with pytest.raises(ValueError, match="neither adapter/ nor model/"):
         resolve_target("x", str(failed))
+
+
+def test_a_preference_study_of_two_models_by_a_simulated_panel(trained, tmp_path):
+    from trace_realign.eval.preference import read_annotations
+
+    m = evaluate(eval_cfg(["dataset.test_prompts_per_axis=3", "+quiet=true", f"models={{mdl_b: {trained}, mdl_a: 'base:{trained}'}}",
+                           "eval.preference.enabled=true", "eval.preference.oracle.k=3", "eval.preference.oracle.noise=0.2",
+                           "eval.preference.resamples=50", "~eval.evaluators.asr"], tmp_path / "ev"))
+    kit = tmp_path / "ev" / "preference"
+    files = sorted(p.name for p in (kit / "annotations").iterdir())
+    assert files == ["machine-oracle-1.csv", "machine-oracle-2.csv", "machine-oracle-3.csv"]
+    key = json.loads((kit / "key.json").read_text())
+    assert key["models"] == ["mdl_b", "mdl_a"] and all(set(v.values()) == {"mdl_b", "mdl_a"} for v in key["items"].values())
+    assert "mdl_" not in (kit / "items.csv").read_text()  # the models' names stay in the key
+    assert m["preference/machine_annotated"] == 1 and m["preference/annotators"] == 3
+    assert m["preference/items"] == 12  # the value prompts: 4 axes x 3
+    win, lose = m["preference/mdl_b_vs_mdl_a/win_rate"], m["preference/mdl_a_vs_mdl_b/win_rate"]
+    assert win + lose == pytest.approx(100.0)  # ties count half to each side
+    assert "eval/mdl_b/asr/overall" not in m and "eval/mdl_b/tpa" in m  # an evaluator switched off is not run
+    assert read_annotations(kit).models == ["mdl_b", "mdl_a"]

@@ -576,13 +576,14 @@ def test_an_evaluation_folder_gives_one_row_per_model_and_its_preference_against
                   overrides=[f"seed={seed}", "models_from=/sweep", "eval.preference.enabled=true"],
                   metrics={"eval/trace/tpa": 60.0 + seed, "eval/u2a/tpa": 40.0, "eval/items": 8.0,
                            "preference/trace_vs_u2a/win_rate": win[seed], "preference/u2a_vs_trace/win_rate": 100 - win[seed],
-                           "preference/alpha": 0.5},
+                           "preference/alpha": 0.5, "preference/trace/best": 60.0, "preference/u2a/best": 30.0},
                   task_name="evaluate")
     jobs = load_jobs([root])
     assert sorted((tables.method_of(j), tables.seed_of(j)) for j in jobs) == [("trace", 0), ("trace", 1), ("u2a", 0), ("u2a", 1)]
     trace0 = next(j for j in jobs if tables.method_of(j) == "trace" and tables.seed_of(j) == 0)
-    assert trace0.metrics == {"eval/after/tpa": 60.0, "preference/win_rate_vs_u2a": 80.0, "preference/alpha": 0.5}
-    report = build_report(jobs, metrics=["eval/after/tpa", "preference/win_rate_vs_u2a", "preference/alpha"])
+    assert trace0.metrics == {"eval/after/tpa": 60.0, "preference/win_rate_vs_u2a": 80.0, "preference/alpha_all": 0.5,
+                              "preference/best": 60.0}
+    report = build_report(jobs, metrics=["eval/after/tpa", "preference/win_rate_vs_u2a", "preference/best"])
     assert row(report, "trace").cells["preference/win_rate_vs_u2a"].mean == 75.0
     assert row(report, "u2a").cells["preference/win_rate_vs_u2a"].n == 0  # nobody wins over itself
     assert row(report, "u2a").cells["eval/after/tpa"].mean == 40.0

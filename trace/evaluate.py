@@ -226,8 +226,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def compare(preference: DictConfig, items: list[dict[str, Any]], greedy: dict[str, list[str | None]], judge: Any,
             new: Any, out: Path) -> dict[str, float]:
-    """The preference kit on the models' greedy responses to the value prompts (eval.preference)."""
-    raise NotImplementedError("eval.preference: the preference kit is not wired yet")
+    """The preference kit (eval/preference.py) on the models' greedy responses to the held-out value prompts
+    (eval.preference): a blind kit in out/preference/, filled in by the configured annotator, measured."""
+    from trace_realign.eval import preference as kit
+
+    if len(greedy) < 2:
+        raise ValueError("eval.preference: comparing needs at least two models (models=...)")
+    index = [i for i, it in enumerate(items) if it.get("kind", "value") == "value"]
+    if preference.get("max_items"):
+        index = index[: int(preference.max_items)]
+    chosen = [{"id": str(i), "prompt": items[i]["prompt"]} for i in index]
+    responses = {label: [texts[i] or "" for i in index] for label, texts in greedy.items()}
+    folder = out / "preference"
+    annotator = preference.get("annotator") or "none"
+    if annotator == "none":  # a kit for people: they fill it in; `trace-preference import` measures
+        kit.export_kit(chosen, responses, folder, int(preference.seed), policy=new)
+        log.info("preference: kit for annotators in %s (trace-preference import %s when they are back)", folder, folder)
+        return {}
+    if annotator == "oracle":
+        machine = kit.OraclePanel(judge, k=int(preference.oracle.k), noise=float(preference.oracle.noise),
+                                  seed=int(preference.seed))
+    elif annotator == "llm":
+        machine = kit.LLMAnnotators(**OmegaConf.to_container(preference.llm, resolve=True))
+    else:
+        raise ValueError(f"eval.preference.annotator: {annotator!r}; expected oracle, llm or none")
+    return kit.run_preference(chosen, responses, machine, folder, preference.get("baseline"), policy=new,
+                              seed=int(preference.seed), ties=str(preference.ties), interval=str(preference.interval),
+                              resamples=int(preference.resamples))
 
 
 def print_table(out: Path, labels: list[str], metrics: dict[str, Any]) -> None:

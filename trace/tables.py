@@ -338,8 +338,9 @@ def is_evaluation(job: Job) -> bool:
 
 def evaluation_rows(job: Job) -> list[Job]:
     """A trace-eval folder as one job per model it evaluated, so its models become rows like methods:
-    eval/<label>/<key> reads as eval/after/<key>, and preference/<label>_vs_<other>/<stat> as
-    preference/<stat>_vs_<other>; preference/<stat> without a pair (alpha, say) goes to every row."""
+    eval/<label>/<key> reads as eval/after/<key>, preference/<label>_vs_<other>/<stat> as
+    preference/<stat>_vs_<other>, preference/<label>/<stat> as preference/<stat>, and what belongs to
+    no model (preference/alpha over all labels, say) as preference/<stat>_all in every row."""
     overrides = {k: v for k, v in (job.overrides or {}).items() if not k.startswith(("models", "models_from"))}
     metrics = job.metrics or {}
     labels = sorted({k.split("/")[1] for k in metrics if k.startswith("eval/") and k.count("/") >= 2
@@ -355,8 +356,10 @@ def evaluation_rows(job: Job) -> list[Job]:
             parts = k.split("/")
             if len(parts) == 3 and parts[1].startswith(f"{label}_vs_"):
                 own[f"preference/{parts[2]}_vs_{parts[1][len(label) + 4:]}"] = v
+            elif len(parts) == 3 and parts[1] == label:
+                own[f"preference/{parts[2]}"] = v
             elif len(parts) == 2:
-                own[k] = v
+                own[f"{k}_all"] = v
         out.append(Job(f"{job.path}#{label}", job.config, {**overrides, "method": label},
                        own if job.metrics is not None else None, job.failed, job.task_name, job.order, job.report))
     return out

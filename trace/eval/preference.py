@@ -619,6 +619,30 @@ class LLMAnnotators(MachineAnnotator):
                 f"{allowed}); they are written as missing. A rerun asks only these again (answered ones are cached)")
 
 
+class OraclePanel(MachineAnnotator):
+    """k oracle annotators: the oracle itself, or with `noise` > 0 k copies that each flip that seeded share
+    of its verdicts (NoisyOracle), a simulated panel whose disagreement alpha can measure. One annotator
+    leaves alpha undefined; k noiseless copies of a deterministic oracle always agree."""
+
+    def __init__(self, oracle: Oracle, k: int = 1, noise: float = 0.0, seed: int = 0, name: str = "oracle"):
+        from trace_realign.oracle import NoisyOracle
+
+        if k < 1:
+            raise ValueError(f"eval.preference.annotators: k must be at least 1, got {k}")
+        self.members = [OracleAnnotator(NoisyOracle(oracle, noise, seed + i) if noise else oracle,
+                                        name if k == 1 else f"{name}-{i + 1}") for i in range(k)]
+
+    def annotate(self, kit: Kit) -> dict[str, list[tuple[str | None, str]]]:
+        return {name: choices for m in self.members for name, choices in m.annotate(kit).items()}
+
+    def metrics(self) -> dict[str, float]:
+        return self.members[0].metrics()
+
+    def check(self) -> None:
+        for m in self.members:
+            m.check()
+
+
 def annotate_kit(kit_dir: str | Path, annotator: MachineAnnotator) -> list[Path]:
     """Let a machine annotator fill in the kit: one annotations/machine-<name>.csv per annotator, in the
     columns a person returns plus `annotator`, `machine_annotated` (1) and `note`. Files are written
