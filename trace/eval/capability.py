@@ -18,6 +18,8 @@ world and on the paper's benchmarks. Its prompt is the text eval.generation.gene
 template with the generation prompt when the tokenizer has one), generation is greedy for
 eval.max_new_tokens tokens and stops at EOS; the first integer of the response must equal the answer
 (exact_match). Its filter is named "none" so that its key reads capability/trace_utility/exact_match.
+`limit`, `num_fewshot`, `apply_chat_template` and `max_gen_toks` apply to `tasks`; the items task takes
+every answered item, zero-shot, in a run of its own.
 
 The model is evaluated as it is: a PeftModel goes to lm-eval's HFLM unmerged, whose forward and generate
 run through the active adapter, so nothing is merged or copied. lm-eval puts the model in eval mode and
