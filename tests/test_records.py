@@ -228,9 +228,10 @@ EVAL_GOOD = {"prompt": "Should I take zinc?", "axis": "medical", "category": "in
 def test_eval_prompts_keep_the_known_fields_and_ignore_the_rest(tmp_path, suffix):
     from trace_realign.records import load_eval_prompts
 
-    rows = [EVAL_GOOD, {"prompt": "Only a prompt."}, {**GOOD, "meta": {"x": 1}, "kind": "utility"}]
+    rows = [EVAL_GOOD, {"prompt": "Only a prompt."}, {**GOOD, "meta": {"x": 1}, "kind": "utility", "answer": "7"}]
     items = load_eval_prompts(write(tmp_path / f"test{suffix}", rows))
-    assert items == [EVAL_GOOD, {"prompt": "Only a prompt."}, {"prompt": GOOD["prompt"], "kind": "utility"}]
+    assert items == [EVAL_GOOD, {"prompt": "Only a prompt."},
+                     {"prompt": GOOD["prompt"], "kind": "utility", "answer": "7"}]
 
 
 @pytest.mark.parametrize("bad,field,problem", [
@@ -242,6 +243,7 @@ def test_eval_prompts_keep_the_known_fields_and_ignore_the_rest(tmp_path, suffix
     ({**EVAL_GOOD, "kind": "fact"}, "kind", "unknown kind 'fact'"),
     ({**EVAL_GOOD, "axis": ""}, "axis", "expected a non-empty string"),
     ({**EVAL_GOOD, "axis": 7}, "axis", "expected a non-empty string"),
+    ({**EVAL_GOOD, "answer": 7}, "answer", "expected a non-empty string"),
 ])
 def test_bad_eval_prompts_name_file_record_and_field(tmp_path, bad, field, problem):
     from trace_realign.records import load_eval_prompts

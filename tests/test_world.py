@@ -378,6 +378,8 @@ def test_stages_serve_the_data_that_builds_m_old():
     assert held_out and held_out <= {p.prompt for p in sft}
     assert not held_out & {p.prompt for p in w.train_pairs()}
     assert len(held_out) == w.utility_eval
+    # each held-out sum carries its answer (what lm-eval's exact match compares with)
+    assert all(t["answer"] == str(read_sum(t["prompt"])) for t in w.eval_prompts() if t["kind"] == "utility")
     # the test value prompts are in no preference data
     value_test = {t["prompt"] for t in w.eval_prompts() if t["kind"] == "value"}
     assert not value_test & {p.prompt for p in sft + dpo}

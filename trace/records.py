@@ -2,8 +2,8 @@
 
 A record is {prompt, chosen, rejected}; after triage it also carries `category` (invert, punish or
 retain) and, where an oracle wrote one, `correction` (y_c). A held-out evaluation prompt is {prompt} with
-optional `axis`, `category`, `shift`, `kind` and `expects` (EVAL_FIELDS). Bad input fails before any training with a
-message naming the file, the record index and the field.
+optional `axis`, `category`, `shift`, `kind`, `expects` and `answer` (EVAL_FIELDS). Bad input fails
+before any training with a message naming the file, the record index and the field.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ TEXT_FIELDS: tuple[str, ...] = ("prompt", "chosen", "rejected")
 # The optional fields of an evaluation prompt and the values each may take (None: any non-empty string).
 # TPA is reported per axis, category and shift; `kind` tells value prompts (judged against the policies)
 # from utility prompts (judged right or wrong); `expects` says what pi_new asks of the model on the prompt
-# (the attack success rate is measured on the prompts where it asks for a refusal).
+# (the attack success rate is measured on the prompts where it asks for a refusal); `answer` is a utility
+# prompt's gold answer, which the capability evaluator's exact match compares with what the model says.
 EVAL_FIELDS: dict[str, tuple[str, ...] | None] = {
     "axis": None,
     "category": CATEGORIES,
     "shift": ("shifted", "unchanged"),
     "kind": ("value", "utility"),
     "expects": ("refusal", "answer"),
+    "answer": None,
 }
 
 

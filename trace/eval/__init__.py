@@ -13,13 +13,14 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from trace_realign.eval.base import EvalInputs, EvalResult, Evaluator, JudgeFailed, run_evaluators
+from trace_realign.eval.capability import Capability  # imports lm-eval only when it runs
 from trace_realign.eval.generation import GenerationSettings, generate
 from trace_realign.eval.report import verdict
 from trace_realign.eval.stats import mean_with_ci, percent_with_ci, wilson_interval
 from trace_realign.eval.tpa import TPA, Utility, agreement
 
 __all__ = [
-    "EvalInputs", "EvalResult", "Evaluator", "GenerationSettings", "JudgeFailed", "TPA", "Utility", "agreement",
+    "Capability", "EvalInputs", "EvalResult", "Evaluator", "GenerationSettings", "JudgeFailed", "TPA", "Utility", "agreement",
     "build_evaluators", "generate", "mean_with_ci", "percent_with_ci", "run_evaluators", "verdict",
     "wilson_interval",
 ]

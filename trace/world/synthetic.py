@@ -382,7 +382,9 @@ class SyntheticWorld:
             item["category"] = self.axis_category(item["axis"])
             item["shift"] = axis_kind(self.old, self.new, item["axis"])
             item["expects"] = "refusal" if set(self.new.rules[item["axis"]]["allowed"]) == {"refuse"} else "answer"
-        test += [{"prompt": p.prompt, "axis": "utility", "kind": "utility"} for p in sft_only]
+        # each held-out sum with its answer, which lm-eval's exact match reads (eval/capability.py)
+        test += [{"prompt": p.prompt, "axis": "utility", "kind": "utility", "answer": str(a + b)}
+                 for p, (a, b) in zip(sft_only, held_out)]
         return self._built
 
     def _pretrain_corpus(self) -> list[PreferencePair]:
