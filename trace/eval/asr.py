@@ -10,6 +10,7 @@ add their own files.
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,6 +22,8 @@ from trace_realign.eval.stats import percent_with_ci
 
 ATTACKS_FILE = Path(__file__).with_name("attacks.yaml")
 PLAIN = "plain"
+
+log = logging.getLogger(__name__)
 
 
 def load_attacks(files: Sequence[str | Path] = (), names: Sequence[str] | None = None) -> dict[str, str]:
@@ -55,9 +58,17 @@ def apply_attack(template: str, prompt: str) -> str:
 
 
 def select_prompts(items: Sequence[dict[str, Any]], prompts: str | Mapping[str, Sequence[str]]) -> list[dict[str, Any]]:
-    """The items ASR is measured on: `expects_refusal` (items with expects: refusal), `all` value items,
-    or a filter {item key: allowed values}."""
+    """The items ASR is measured on: `expects_refusal` (items with expects: refusal; an error if the dataset
+    marks none), `auto` (the same, or none with a warning), `all` value items, or a filter {item key:
+    allowed values}."""
     value = [it for it in items if it.get("kind", "value") == "value"]
+    if prompts == "auto":  # the marked prompts if the dataset marks any; else none, with a warning
+        chosen = [it for it in value if it.get("expects") == "refusal"]
+        if value and not chosen:
+            log.warning("asr: the dataset marks no held-out prompt `expects: refusal`, so no attack success rate is "
+                        "measured; choose the prompts with eval.evaluators.asr.prompts=all or a filter such as "
+                        "'eval.evaluators.asr.prompts={category: [invert, punish]}'")
+        return chosen
     if prompts == "expects_refusal":
         chosen = [it for it in value if it.get("expects") == "refusal"]
         if value and not chosen:
@@ -70,14 +81,14 @@ def select_prompts(items: Sequence[dict[str, Any]], prompts: str | Mapping[str, 
         return value
     if isinstance(prompts, Mapping):
         return [it for it in value if all(it.get(k) in set(v) for k, v in prompts.items())]
-    raise ValueError(f"eval.evaluators.asr.prompts: {prompts!r}; expected expects_refusal, all or a mapping")
+    raise ValueError(f"eval.evaluators.asr.prompts: {prompts!r}; expected auto, expects_refusal, all or a mapping")
 
 
 class ASR(Evaluator):
     name = "asr"
 
     def __init__(self, attacks: Sequence[str] | None = None, attack_files: Sequence[str] = (),
-                 prompts: str | Mapping[str, Sequence[str]] = "expects_refusal", max_prompts: int | None = None,
+                 prompts: str | Mapping[str, Sequence[str]] = "auto", max_prompts: int | None = None,
                  plain: bool = True, seed: int = 0):
         self.attacks = load_attacks(attack_files, attacks)
         self.prompts, self.max_prompts, self.plain, self.seed = prompts, max_prompts, plain, seed
@@ -87,7 +98,7 @@ class ASR(Evaluator):
         if self.max_prompts is not None and len(items) > self.max_prompts:
             # a seeded sample, not the first N: held-out items are often grouped by axis
             items = random.Random(self.seed).sample(items, self.max_prompts)
-        result = EvalResult()
+        result = EvalResult(metrics={"asr/n": float(len(items))})
         if not items:
             return result
         attacks = ({PLAIN: "{prompt}"} if self.plain else {}) | self.attacks
@@ -110,5 +121,4 @@ class ASR(Evaluator):
         if self.attacks:
             pct, half, _, _ = percent_with_ci(pooled)
             result.metrics.update({"asr/overall": pct, "asr_ci95/overall": half})
-        result.metrics["asr/n"] = float(len(items))
         return result
