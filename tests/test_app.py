@@ -27,7 +27,7 @@ REQUIRED_KEYS = [
     "train/loss", "train/loss_invert", "train/loss_punish", "train/loss_kl",
     "eval/before/tpa", "eval/after/tpa",
 ]
-GROUPS = ["model", "dataset", "oracle", "loss", "method", "trainer", "logger"]
+GROUPS = ["model", "dataset", "oracle", "loss", "method", "trainer", "logger", "eval"]
 
 
 def options(group: str) -> list[str]:
@@ -44,6 +44,7 @@ CHOSEN = {
     "model": lambda c: c.model.name_or_path or c.model.build.architecture,
     "method": lambda c: c.method.name,
     "loss": lambda c: c.loss.type,
+    "eval": lambda c: (list(c.eval.evaluators), list(c.eval.evaluators.capability.tasks)),
 }
 EXPECTED_CHOICE = {
     ("dataset", "embedded"): "SyntheticWorld", ("dataset", "jsonl"): "JsonlSource",
@@ -54,6 +55,8 @@ EXPECTED_CHOICE = {
     ("trainer", "ddp"): ("gpu", "ddp"), ("trainer", "fsdp"): ("gpu", "trace_realign.strategies.fsdp"),
     ("model", "tiny"): "llama", ("model", "llama-3.1-8b"): "meta-llama/Llama-3.1-8B",
     ("model", "qwen2.5-7b"): "Qwen/Qwen2.5-7B-Instruct", ("model", "gemma-2-9b"): "google/gemma-2-9b-it",
+    ("eval", "default"): (["tpa", "utility", "capability", "asr"], []),
+    ("eval", "paper"): (["tpa", "utility", "capability", "asr"], ["gpqa_main_zeroshot", "mmlu", "hellaswag", "gsm8k"]),
 }
 
 

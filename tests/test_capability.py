@@ -259,9 +259,9 @@ def test_default_measures_the_sums_offline_and_paper_adds_its_benchmarks():
     from trace_realign.eval import build_evaluators
 
     default = build_evaluators(compose_cfg([]).eval.evaluators)
-    assert list(default) == ["tpa", "utility", "capability"]
+    assert list(default) == ["tpa", "utility", "capability", "asr"]
     assert default["capability"].tasks == [] and default["capability"].items_task == "trace_utility"
     paper = build_evaluators(compose_cfg(["eval=paper"]).eval.evaluators)
-    assert list(paper) == ["tpa", "utility", "capability"]
+    assert list(paper) == ["tpa", "utility", "capability", "asr"]
     assert paper["capability"].tasks == ["gpqa_main_zeroshot", "mmlu", "hellaswag", "gsm8k"]
     assert paper["capability"].items_task == "trace_utility" and paper["capability"].limit is None
