@@ -102,3 +102,15 @@ def test_a_preference_study_of_two_models_by_a_simulated_panel(trained, tmp_path
     assert win + lose == pytest.approx(100.0)  # ties count half to each side
     assert "eval/mdl_b/asr/overall" not in m and "eval/mdl_b/tpa" in m  # an evaluator switched off is not run
     assert read_annotations(kit).models == ["mdl_b", "mdl_a"]
+
+
+def test_evaluating_before_training_does_not_change_what_training_does(tmp_path):
+    """Every evaluator (lm-eval seeds the global generators, sampling draws from them) leaves the random
+    state and the model as it found them: the same losses with and without the evaluation before."""
+    common = [*FAST, "trainer.max_steps=3", "+quiet=true", "eval.sampling.samples=2", "eval.max_new_tokens=4"]
+    with_eval = train(compose_cfg([*common, "eval.before=true"], tmp_path / "a"))
+    without = train(compose_cfg([*common, "eval.before=false"], tmp_path / "b"))
+    assert "eval/before/capability/trace_utility/exact_match" in with_eval and "eval/before/asr/n" in with_eval
+    losses = {k: v for k, v in with_eval.items() if k.startswith(("train/loss", "train/first", "impact/"))}
+    assert losses and losses == {k: without[k] for k in losses}
+    assert with_eval["eval/after/tpa"] == without["eval/after/tpa"]
