@@ -587,3 +587,13 @@ def test_an_evaluation_folder_gives_one_row_per_model_and_its_preference_against
     assert row(report, "trace").cells["preference/win_rate_vs_u2a"].mean == 75.0
     assert row(report, "u2a").cells["preference/win_rate_vs_u2a"].n == 0  # nobody wins over itself
     assert row(report, "u2a").cells["eval/after/tpa"].mean == 40.0
+
+
+def test_paper_numbers_printed_in_percent_meet_lm_evals_fractions_through_scale(tmp_path):
+    mmlu = "eval/after/capability/mmlu/acc"
+    for seed in (0, 1):
+        write_run(tmp_path / str(seed), config=base_config("trace", seed), overrides=["method=trace", f"seed={seed}"],
+                  metrics={mmlu: 0.25 + seed / 100})
+    report = build_report(load_jobs([tmp_path]), metrics=[mmlu], paper=["table2"])
+    refs = {r.label: r.reported[mmlu] for r in report.rows if r.kind == "paper"}
+    assert refs["paper: TRACE (Ours) (PKU-SafeRLHF)"] == pytest.approx((0.702, 0.008))  # printed 70.2 ± 0.8

@@ -774,6 +774,8 @@ def reference_rows(name: str, table: dict[str, Any], jobs: Sequence[Job], keys: 
     """The paper table's rows whose setting (e.g. data.size: 5000) the runs have, in the columns their
     metric maps to. The rows it leaves out and the metrics no column shows are noted."""
     maps = {p: (spec or {}).get("maps_to") for p, spec in (table.get("metrics") or {}).items()}
+    # a printed number times `scale` is in the units of its column (the paper's 70.6 % is lm-eval's 0.706)
+    scales = {p: float((spec or {}).get("scale", 1.0)) for p, spec in (table.get("metrics") or {}).items()}
     shown_metrics = [p for p, m in maps.items() if m in metrics]
     if not shown_metrics:
         notes.append(f"paper {name}: none of its metrics ({', '.join(maps)}) is a column here; see its own table")
@@ -793,7 +795,8 @@ def reference_rows(name: str, table: dict[str, Any], jobs: Sequence[Job], keys: 
         pms = ref.get("pm") or {}
         for p in shown_metrics:
             if p in (ref.get("values") or {}):
-                row.reported[maps[p]] = (float(ref["values"][p]), pms.get(p))
+                pm = pms.get(p)
+                row.reported[maps[p]] = (float(ref["values"][p]) * scales[p], None if pm is None else float(pm) * scales[p])
         out.append(row)
     if skipped:
         wanted = sorted({(k, v) for ref in skipped for k, v in (ref.get("setting") or {}).items()},
