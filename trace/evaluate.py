@@ -32,7 +32,7 @@ from trace_realign.pipeline import EVAL_FILE
 from trace_realign.records import load_eval_prompts
 from trace_realign.rundir import flat_config
 from trace_realign.steps import (
-    build_datamodule, build_evaluation, build_judges, evaluate_model, finish_loggers, pin_threads, seed_everything,
+    build_datamodule, build_evaluation, build_judges, evaluate_model, pin_threads, run_app, seed_everything,
     write_eval_rows, write_generations, write_metrics,
 )
 
@@ -289,16 +289,7 @@ def print_table(out: Path, labels: list[str], metrics: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://trace_realign.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except rundir.RunDirError:
-        raise
-    except BaseException as exc:
-        if launched_as_rank_zero():
-            rundir.record_failure(Path(cfg.paths.output_dir), exc)
-        raise
-    finally:
-        finish_loggers()
+    run_app(run, cfg)
 
 
 if __name__ == "__main__":

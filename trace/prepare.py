@@ -22,7 +22,7 @@ from trace_realign import rundir
 from trace_realign.data import launched_as_rank_zero
 from trace_realign.pipeline import TRIAGE_METRICS_FILE
 from trace_realign.oracle import build_oracles
-from trace_realign.steps import build_datamodule, print_summary, write_metrics
+from trace_realign.steps import build_datamodule, print_summary, run_app, write_metrics
 
 
 def prepare(cfg: DictConfig) -> dict:
@@ -44,14 +44,7 @@ def prepare(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="pkg://trace_realign.conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
-        prepare(cfg)
-    except rundir.RunDirError:
-        raise  # the folder is another run's: leave it exactly as it was
-    except BaseException as exc:
-        if launched_as_rank_zero():
-            rundir.record_failure(Path(cfg.paths.output_dir), exc)
-        raise
+    run_app(prepare, cfg)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -231,3 +231,21 @@ def finish_loggers() -> None:
             wandb.finish()
     except ImportError:
         pass
+
+
+def run_app(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> dict[str, Any]:
+    """An app's run, with what every app owes its folder: a failure recorded there (FAILED, no
+    metrics.json) unless the folder is another run's, and wandb finished either way."""
+    from trace_realign import rundir
+    from trace_realign.data import launched_as_rank_zero
+
+    try:
+        return run(cfg)
+    except rundir.RunDirError:
+        raise  # the folder is another run's: leave it exactly as it was
+    except BaseException as exc:
+        if launched_as_rank_zero():
+            rundir.record_failure(Path(cfg.paths.output_dir), exc)
+        raise
+    finally:
+        finish_loggers()

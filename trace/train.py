@@ -28,8 +28,8 @@ from trace_realign.oracle import NoisyOracle
 from trace_realign.prealign import prealigned_model
 from trace_realign.select import SelectByOracle
 from trace_realign.steps import (
-    build_datamodule, build_evaluation, build_judges, build_loggers, build_module, evaluate_model, finish_loggers,
-    pin_threads, print_summary, seed_everything, write_eval_rows, write_generations, write_metrics,
+    build_datamodule, build_evaluation, build_judges, build_loggers, build_module, evaluate_model,
+    pin_threads, print_summary, run_app, seed_everything, write_eval_rows, write_generations, write_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -169,16 +169,7 @@ def write_impact(path: Path, datamodule: TriagedDataModule, module: TraceModule)
 
 @hydra.main(version_base="1.3", config_path="pkg://trace_realign.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = run(cfg)
-    except rundir.RunDirError:
-        raise  # the folder is another run's: leave it exactly as it was
-    except BaseException as exc:
-        if launched_as_rank_zero():
-            rundir.record_failure(Path(cfg.paths.output_dir), exc)
-        raise
-    finally:
-        finish_loggers()
+    metrics = run_app(run, cfg)
     value = metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
     return float(value) if value is not None else None
 

@@ -86,6 +86,13 @@ def value_items(items: Sequence[dict[str, Any]]) -> list[int]:
     return [i for i, it in enumerate(items) if it.get("kind", "value") == "value"]
 
 
+def answered(inputs: EvalInputs, index: list[int]) -> tuple[list[int], list[dict[str, Any]], list[str], list[str]]:
+    """The items at `index`, their prompts and the model's greedy responses to them."""
+    items = [inputs.items[i] for i in index]
+    prompts = [it["prompt"] for it in items]
+    return index, items, prompts, inputs.greedy(prompts) if prompts else []
+
+
 class TPA(Evaluator):
     """tpa (pi_new) and tpa_old (pi_old) on the held-out value prompts; sampled as well when asked."""
 
@@ -95,13 +102,10 @@ class TPA(Evaluator):
         self.old_policy, self.sampled = old_policy, sampled
 
     def __call__(self, inputs: EvalInputs) -> EvalResult:
-        index = value_items(inputs.items)
+        index, items, prompts, responses = answered(inputs, value_items(inputs.items))
         result = EvalResult()
         if not index:
             return result
-        items = [inputs.items[i] for i in index]
-        prompts = [it["prompt"] for it in items]
-        responses = inputs.greedy(prompts)
         result.metrics["n"] = float(len(items))
         policies = [("tpa", inputs.new)] + ([("tpa_old", inputs.old)] if self.old_policy else [])
         for name, policy in policies:
@@ -142,13 +146,11 @@ class Utility(Evaluator):
     name = "utility"
 
     def __call__(self, inputs: EvalInputs) -> EvalResult:
-        index = [i for i, it in enumerate(inputs.items) if it.get("kind") == "utility"]
+        index, items, prompts, responses = answered(
+            inputs, [i for i, it in enumerate(inputs.items) if it.get("kind") == "utility"])
         result = EvalResult()
         if not index:
             return result
-        items = [inputs.items[i] for i in index]
-        prompts = [it["prompt"] for it in items]
-        responses = inputs.greedy(prompts)
         verdicts = inputs.judge_batch(list(zip(prompts, responses)), inputs.new, "utility")
         pct, half, _, _ = percent_with_ci([v for v in verdicts if v is not None])
         result.metrics.update({"utility": pct, "utility_ci95": half, "n_utility": float(len(items)),
