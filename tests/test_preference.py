@@ -327,3 +327,42 @@ def test_llm_judges_ask_each_judgment_once_and_record_failures_as_missing(server
     assert (m["preference/judgments"], m["preference/missing"], m["preference/machine_annotated"]) == (8, 0, 1)
     assert m["preference/alpha"] == pytest.approx(1.0)
     assert m[f"preference/{G}/best"] == pytest.approx(50.0) and m["preference/tie"] == pytest.approx(25.0)
+
+
+ANNOTATE_RUN = """
+import sys
+from trace_realign.eval.preference import LLMAnnotators, annotate_kit
+annotate_kit(sys.argv[2], LLMAnnotators(model="judge", k=1, base_url=sys.argv[1], concurrency=4, progress=False))
+"""
+
+
+def test_a_killed_llm_annotation_resumes_without_asking_any_judgment_twice(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import kill_after_lines
+
+    n = 120
+    items = [f"Question {i}?" for i in range(n)]
+    responses = {m: [f"COMPLY {i}" if (i % 3 == k) else f"answer {i}" for i in range(n)] for k, m in enumerate(MODELS)}
+    kit = tmp_path / "kit"
+    export_kit(items, responses, kit, policy=POLICY)
+    cache = kit / "cache" / "llm-1.jsonl"
+    server = FakeOpenAI(latency=0.02)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", ANNOTATE_RUN, server.url, str(kit)])
+        kill_after_lines(proc, cache, 30)  # SIGKILL in mid-annotation
+        done_before = len(cache.read_text().splitlines())
+        asked_before = len(server.requests)
+        assert 0 < done_before < n and not list((kit / "annotations").glob("*.csv"))  # nothing written yet
+        res = subprocess.run([sys.executable, "-c", ANNOTATE_RUN, server.url, str(kit)], capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+    finally:
+        server.close()
+    # the resumed run asked exactly what was not stored (calls in flight at the kill were never stored)
+    assert len(server.requests) - asked_before == n - done_before
+    judged = read_annotations(kit)
+    assert len(judged.judgments) == n and all(j.label is not None for j in judged.judgments)
+    # every judgment is the fake judge's: the one response saying COMPLY
+    assert {j.label for j in judged.judgments} == set(MODELS)
