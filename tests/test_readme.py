@@ -283,7 +283,11 @@ def check_outputs(command: str, how: How, work: Path, res: subprocess.CompletedP
         assert m["data/train_pairs"] > 0 and sum(m[f"triage/{c}"] for c in ("invert", "punish", "retain")) > 0
         config = (folder / "config.yaml").read_text()
         assert SECRET not in config
-        if command.startswith("trace-realign"):
+        if command.startswith("trace-realign") and "retrain/seconds" in m:
+            # the re-training upper bound takes no realignment step: its model is M_old's pipeline re-run
+            assert m["train/steps"] == 0 and m["retrain/stages_built"] + m["retrain/cached"] >= 1
+            assert (folder / "model" / "config.json").is_file()
+        elif command.startswith("trace-realign"):
             assert m["train/steps"] >= 1 and (folder / ("model" if "lora.enabled=false" in command else "adapter")).is_dir()
             if "eval.enabled=false" not in command:
                 assert "eval/after/tpa" in m and "eval/before/tpa" in m
