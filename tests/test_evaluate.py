@@ -114,3 +114,32 @@ def test_evaluating_before_training_does_not_change_what_training_does(tmp_path)
     losses = {k: v for k, v in with_eval.items() if k.startswith(("train/loss", "train/first", "impact/"))}
     assert losses and losses == {k: without[k] for k in losses}
     assert with_eval["eval/after/tpa"] == without["eval/after/tpa"]
+
+
+def test_export_merges_the_adapter_into_a_folder_transformers_loads_alone(trained, tmp_path, monkeypatch, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trace_realign.export import ExportError, export, main
+    from trace_realign.model import load_for_eval
+
+    out = tmp_path / "merged"
+    assert main([str(trained), "--out", str(out)]) == 0 and f"wrote {out}" in capsys.readouterr().out
+    assert not (out / "adapter_config.json").exists() and (out / "config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template  # the template generation used travels with the model
+    adapted = load_for_eval(str(trained / "adapter"), {})
+    ids = torch.tensor([tok("Is it safe to take zinc for my back pain?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)  # the adapter, folded in
+        base = json.loads((trained / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert not torch.allclose(merged(ids).logits, load_for_eval(base, {})(ids).logits, atol=1e-5)  # M_old moved
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "FAILED").write_text("boom")
+    with pytest.raises(ExportError, match="that run failed"):
+        export(failed)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    assert main([str(trained), "--push-to-hub", "org/x"]) == 2 and "needs credentials" in capsys.readouterr().err
