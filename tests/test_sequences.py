@@ -123,17 +123,33 @@ def test_no_chat_template_uses_raw_prompt(tok, plain_tok):
     assert [x for x in labels if x != IGNORE_INDEX] == [x for x in chat_labels if x != IGNORE_INDEX]
 
 
-def test_encode_pair_truncates_long_prompt_from_the_left(tok):
+def test_a_long_prompt_is_cut_in_its_content_never_in_the_chat_template(tok):
     full_prompt = encode_prompt(tok, PROMPT)
-    limits = SequenceLimits(max_length=200, max_prompt_length=5)
-    ids, labels, truncated = encode_pair(tok, PROMPT, RESPONSE, limits)
+    head = encode_prompt(tok, "")  # BOS, the user tag, the assistant tag: the template alone
+    limit = len(head) + 3
+    assert len(full_prompt) > limit
+    ids, labels, truncated = encode_pair(tok, PROMPT, RESPONSE, SequenceLimits(max_length=200, max_prompt_length=limit))
     assert truncated is True
     n_prompt = sum(1 for x in labels if x == IGNORE_INDEX)
-    assert n_prompt == 5
-    # The end of the prompt is kept (it holds the question and the assistant tag).
-    assert ids[:5] == full_prompt[-5:]
-    # The response is intact.
-    assert labels[5:] == response_ids(tok, RESPONSE) + [tok.eos_token_id]
+    assert 0 < n_prompt <= limit and ids[:n_prompt] != full_prompt[-n_prompt:]
+    # the template's frame is intact: it starts as the full prompt starts and ends with the generation prompt
+    assert ids[:2] == full_prompt[:2] and ids[n_prompt - 1] == full_prompt[-1]
+    # what is left of the content is the end of the user's text (it holds the question)
+    kept = tok.decode(ids[:n_prompt], skip_special_tokens=True)
+    assert kept and PROMPT.endswith(kept.strip())
+    # the response is intact
+    assert labels[n_prompt:] == response_ids(tok, RESPONSE) + [tok.eos_token_id]
+
+
+def test_a_limit_below_the_template_itself_is_an_error_naming_the_setting(tok):
+    with pytest.raises(ValueError, match="data.max_prompt_length=2 leaves no room"):
+        encode_pair(tok, PROMPT, RESPONSE, SequenceLimits(max_length=200, max_prompt_length=2))
+
+
+def test_a_bare_prompt_keeps_its_last_tokens(plain_tok):
+    full = encode_prompt(plain_tok, PROMPT)
+    ids, labels, truncated = encode_pair(plain_tok, PROMPT, RESPONSE, SequenceLimits(max_length=200, max_prompt_length=5))
+    assert truncated is True and ids[:5] == full[-5:]
 
 
 def test_encode_pair_truncates_long_response_from_the_right(tok):
@@ -286,7 +302,8 @@ def test_prompt_limit_must_leave_room_for_a_response():
     assert SequenceLimits(max_length=6, max_prompt_length=5).max_prompt_length == 5
 
 
-@pytest.mark.parametrize("max_length,max_prompt_length", [(6, 3), (8, 7), (12, 4)])
+# the tiny chat template itself takes 3 of the prompt tokens
+@pytest.mark.parametrize("max_length,max_prompt_length", [(6, 4), (8, 7), (12, 4)])
 def test_encode_pair_never_exceeds_max_length(tok, max_length, max_prompt_length):
     limits = SequenceLimits(max_length=max_length, max_prompt_length=max_prompt_length)
     ids, labels, truncated = encode_pair(tok, PROMPT, RESPONSE, limits)

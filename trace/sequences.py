@@ -1,7 +1,8 @@
 """Tokenising (prompt, response) pairs and per-sequence log-probabilities with the prompt masked.
 
 Prompt and response are tokenised separately and concatenated, so the boundary never merges tokens and
-the mask is exact; the prompt goes through the model's chat template when its tokenizer has one. Labels
+the mask is exact; the prompt goes through the model's chat template when its tokenizer has one, and a
+prompt too long is cut inside the user's content, never in the template. Labels
 are -100 on prompt and padding, as in TRL.
 """
 
@@ -43,15 +44,35 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"])
 
 
+def encode_prompt_within(tokenizer, prompt: str, limit: int) -> tuple[list[int], bool]:
+    """The prompt's ids in at most `limit` tokens, and whether it was cut.
+
+    Through a chat template, the user's content is cut and never the template: the BOS, the role header
+    and the generation prompt stay, so training sees the frame generation sees. The end of the content is
+    kept (it holds the question). A bare prompt keeps its last `limit` tokens.
+    """
+    ids = encode_prompt(tokenizer, prompt)
+    if len(ids) <= limit:
+        return ids, False
+    if not getattr(tokenizer, "chat_template", None):
+        return ids[-limit:], True
+    content = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    keep = max(limit - (len(ids) - len(content)), 0)  # the template's own tokens, as first estimate
+    while keep > 0:
+        cut = encode_prompt(tokenizer, tokenizer.decode(content[-keep:], skip_special_tokens=True))
+        if len(cut) <= limit:  # re-tokenising the cut text may merge differently: shrink until it fits
+            return cut, True
+        keep -= 1
+    raise ValueError(f"data.max_prompt_length={limit} leaves no room for the prompt's content: the chat template "
+                     f"alone takes {len(encode_prompt(tokenizer, ''))} tokens; raise data.max_prompt_length")
+
+
 def encode_pair(tokenizer, prompt: str, response: str, limits: SequenceLimits) -> tuple[list[int], list[int], bool]:
     """input_ids and labels for one (prompt, response); the flag says whether anything was truncated."""
-    p_ids = encode_prompt(tokenizer, prompt)
+    p_ids, truncated = encode_prompt_within(tokenizer, prompt, limits.max_prompt_length)
     r_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         r_ids.append(tokenizer.eos_token_id)
-    truncated = False
-    if len(p_ids) > limits.max_prompt_length:
-        p_ids, truncated = p_ids[-limits.max_prompt_length :], True  # keep the end: it holds the question
     room = limits.max_length - len(p_ids)
     if len(r_ids) > room:
         r_ids, truncated = r_ids[:room], True
