@@ -67,12 +67,10 @@ def resolve_target(label: str, spec: str) -> Target:
         return Target(label, "base", json.loads(adapter.read_text())["base_model_name_or_path"], run)
     path = Path(spec).expanduser()
     if (path / rundir.RUN_FILE).is_file() or (path / "metrics.json").is_file():
-        if (path / rundir.FAILED_FILE).is_file():
-            raise ValueError(f"models.{label}={spec}: that run failed ({path / rundir.FAILED_FILE}); it has no model")
-        for sub in ("adapter", "model"):
-            if (path / sub / "config.json").is_file() or (path / sub / "adapter_config.json").is_file():
-                return Target(label, "run", str(path / sub), path)
-        raise ValueError(f"models.{label}={spec}: the run folder holds neither adapter/ nor model/ (unfinished?)")
+        try:
+            return Target(label, "run", str(rundir.model_folder(path)), path)
+        except ValueError as exc:
+            raise ValueError(f"models.{label}={spec}: {exc}") from exc
     if path.is_dir():
         return Target(label, "folder", str(path))
     if spec.startswith(("/", ".", "~")):

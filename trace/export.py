@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from trace_realign.model import load_for_eval, load_tokenizer
+from trace_realign.rundir import model_folder
 
 
 class ExportError(ValueError):
@@ -28,11 +29,10 @@ class ExportError(ValueError):
 
 def run_model(run: Path) -> tuple[Path, dict[str, Any]]:
     """(the run's adapter/ or model/ folder, the run's model settings)."""
-    if (run / "FAILED").is_file():
-        raise ExportError(f"{run}: that run failed (FAILED); it has no model to export")
-    folder = next((run / sub for sub in ("adapter", "model") if (run / sub).is_dir()), None)
-    if folder is None:
-        raise ExportError(f"{run}: holds neither adapter/ nor model/ (not a finished trace-realign run?)")
+    try:
+        folder = model_folder(run)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
     config = run / "config.yaml"
     model_cfg = OmegaConf.to_container(OmegaConf.load(config).model, resolve=True) if config.is_file() else {}
     return folder, model_cfg

@@ -107,3 +107,14 @@ def record_failure(out: Path, exc: BaseException) -> None:
         (out / FAILED_FILE).write_text(f"{type(exc).__name__}: {exc}\n\n{text}")
     except OSError:
         pass  # the original error matters more than this note
+
+
+def model_folder(run: Path) -> Path:
+    """The model a finished run saved: adapter/ (LoRA) or model/ (full weights). A failed or unfinished run
+    has none, and says which."""
+    if (run / FAILED_FILE).is_file():
+        raise ValueError(f"{run}: that run failed ({run / FAILED_FILE}); it has no model")
+    for sub in ("adapter", "model"):
+        if (run / sub / "config.json").is_file() or (run / sub / "adapter_config.json").is_file():
+            return run / sub
+    raise ValueError(f"{run}: the run folder holds neither adapter/ nor model/ (unfinished?)")
