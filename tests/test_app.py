@@ -52,7 +52,8 @@ EXPECTED_CHOICE = {
     ("oracle", "labels"): "LabelOracle", ("oracle", "openai"): "OpenAIOracle", ("oracle", "programmatic"): "WorldJudge",
     ("logger", "csv"): ["csv"], ("logger", "wandb"): ["wandb"], ("logger", "none"): [],
     ("trainer", "default"): ("auto", "auto"), ("trainer", "cpu"): ("cpu", "auto"), ("trainer", "gpu"): ("gpu", "auto"),
-    ("trainer", "ddp"): ("gpu", "ddp"), ("trainer", "fsdp"): ("gpu", "trace_realign.strategies.fsdp"),
+    ("trainer", "ddp"): ("gpu", "ddp"), ("trainer", "fsdp"): ("gpu", "trace_realign.strategies.fsdp2"),
+    ("trainer", "fsdp1"): ("gpu", "trace_realign.strategies.fsdp"),
     ("model", "tiny"): "llama", ("model", "llama-3.1-8b"): "meta-llama/Llama-3.1-8B",
     ("model", "qwen2.5-7b"): "Qwen/Qwen2.5-7B-Instruct", ("model", "gemma-2-9b"): "google/gemma-2-9b-it",
     ("eval", "default"): (["tpa", "utility", "capability", "asr"], []),
@@ -199,10 +200,43 @@ def test_a_models_recipe_sets_lr_beta_and_alpha_kl_unless_overridden(tmp_path):
     assert compose_cfg(["optimizer.lr=0.5", "loss.beta=0.2"], tmp_path).loss.beta == 0.2
 
 
-def test_fsdp_strategy_instantiates(tmp_path):
-    cfg = compose_cfg(["trainer=fsdp"], tmp_path)
-    strategy = instantiate(cfg.trainer.strategy)
-    assert type(strategy).__name__ == "FSDPStrategy"
+def test_fsdp_strategies_instantiate(tmp_path):
+    from trace_realign.strategies import ShardedDataParallel, is_sharded
+
+    fsdp1 = instantiate(compose_cfg(["trainer=fsdp1"], tmp_path).trainer.strategy)
+    fsdp2 = instantiate(compose_cfg(["trainer=fsdp"], tmp_path).trainer.strategy)
+    assert type(fsdp1).__name__ == "FSDPStrategy" and isinstance(fsdp2, ShardedDataParallel)
+    assert is_sharded(fsdp1) and is_sharded(fsdp2)
+
+
+@pytest.mark.parametrize("overrides,refusal", [
+    (["trainer=fsdp1", "trainer.accelerator=cpu"], "FSDP1 needs GPUs"),
+    (["trainer=fsdp1", "trainer.accelerator=cpu", "method=no_impact", "select.enabled=false"], "FSDP1 needs GPUs"),
+    (["trainer=fsdp1"], "impact scores call the policy outside the training step"),
+    (["trainer=fsdp1", "method=no_impact", "select.enabled=true"], "select.enabled=false"),
+    (["trainer=fsdp", "impact.method=loop"], "use impact.method=batched"),
+    (["trainer=fsdp", "model.lora.enabled=false"], "set model.lora.enabled=true"),
+])
+def test_a_trainer_that_cannot_carry_the_run_is_refused_before_any_work(overrides, refusal, make_cfg, monkeypatch):
+    """Refused at start-up, naming the fix: nothing is triaged, loaded or written first."""
+    import trace_realign.train as train
+
+    monkeypatch.setattr(train, "build_judges", lambda *a: pytest.fail("the oracle was built before the refusal"))
+    cfg = make_cfg(*overrides)
+    with pytest.raises(ValueError, match=refusal):
+        run(cfg)
+    assert not Path(cfg.paths.output_dir).exists()
+
+
+def test_trainers_that_can_carry_the_run_pass_the_start_up_check(tmp_path):
+    from trace_realign.strategies import check_distributed
+
+    for overrides in (["trainer=fsdp"], ["trainer=ddp"], ["trainer=fsdp1", "method=no_impact", "select.enabled=false"],
+                      ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"], ["trainer=fsdp", "method=dpo_gold_retrain"]):
+        cfg = compose_cfg(overrides, tmp_path)
+        if "trainer=fsdp1" in overrides:
+            cfg.trainer.accelerator = "gpu"
+        check_distributed(cfg)
 
 
 def _check_metrics(out: Path) -> dict:
@@ -499,22 +533,42 @@ def _impact(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
-    """Impact scores are sharded over ranks and summed: the weights must equal a single process's, and
-    only rank 0 writes outputs."""
+def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process(tmp_path):
+    """DDP and FSDP2 (gloo, two processes) against one process on the same seed: the impact weights (scored
+    on each rank's share of the samples, then summed) and rank 0's first-step losses (rank 0 draws the same
+    first batch at theta_ref) agree; selection runs with rank 0 alone judging; only rank 0 writes; and the
+    two strategies, which see the same data on each rank and average the same gradients, save the same
+    adapter, which loads back. Tolerances: 1e-5 relative (FSDP2's gathered layers sum in another order)."""
+    from safetensors.torch import load_file
+
+    from trace_realign.model import load_for_eval
+
     exe = str(Path(sys.executable).parent / "trace-realign")
-    common = [*FAST, "eval.enabled=false", "trainer.accelerator=cpu", "trainer.precision=32-true"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    for out, extra in ((one, []), (two, ["trainer=ddp", "trainer.devices=2"])):
-        res = subprocess.run([exe, *common, *extra, f"hydra.run.dir={out}"], cwd=tmp_path,
+    common = [*FAST, "eval.enabled=false", "trainer.accelerator=cpu", "trainer.precision=32-true",
+              "select.enabled=true", "select.every_n_steps=1", "select.prompts=4", "impact.batch_size=4"]
+    runs = {"one": [], "ddp": ["trainer=ddp", "trainer.devices=2"], "fsdp": ["trainer=fsdp", "trainer.devices=2"]}
+    for name, extra in runs.items():
+        res = subprocess.run([exe, *common, *extra, f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
-    w1, w2 = _impact(one), _impact(two)
-    assert [r["prompt"] for r in w1] == [r["prompt"] for r in w2]
-    assert [r["weight"] for r in w2] == pytest.approx([r["weight"] for r in w1], rel=1e-5, abs=1e-9)
-    m2 = json.loads((two / "metrics.json").read_text())
-    assert m2["train/world_size"] == 2
-    assert m2["train/batch_size_effective"] == 2 * json.loads((one / "metrics.json").read_text())["train/batch_size_effective"]
+        assert res.returncode == 0, f"{name}: {res.stderr[-3000:]}"
+    metrics = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in runs}
+    weights = {name: _impact(tmp_path / name) for name in runs}
+    for name in ("ddp", "fsdp"):
+        assert [r["prompt"] for r in weights[name]] == [r["prompt"] for r in weights["one"]]
+        assert [r["weight"] for r in weights[name]] == pytest.approx([r["weight"] for r in weights["one"]], rel=1e-5, abs=1e-9)
+        m = metrics[name]
+        assert (m["train/world_size"], m["train/batch_size_effective"]) == (2, 2 * metrics["one"]["train/batch_size_effective"])
+        firsts = [k for k in metrics["one"] if k.startswith("train/first_loss")]
+        assert {k: m[k] for k in firsts} == pytest.approx({k: metrics["one"][k] for k in firsts}, rel=1e-5, abs=1e-7)
+        assert m["select/checks"] == 3 and m["select/best_step"] == metrics["ddp"]["select/best_step"]
+    ddp, fsdp = (load_file(str(tmp_path / n / "adapter" / "adapter_model.safetensors")) for n in ("ddp", "fsdp"))
+    assert ddp.keys() == fsdp.keys()
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=1e-4, atol=1e-6)
+    for name in ("ddp", "fsdp"):
+        model = load_for_eval(str(tmp_path / name / "adapter"), OmegaConf.to_container(compose_cfg([]).model, resolve=True))
+        loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+        assert len(loaded) == len(ddp)
     assert not list(tmp_path.glob("outputs")), "no stray output folders from other ranks"
 
 

@@ -33,6 +33,7 @@ from trace_realign.objective import (
 from trace_realign.losses import relational_loss
 from trace_realign.records import INVERT, PUNISH, RETAIN
 from trace_realign.sequences import sequence_logps
+from trace_realign.strategies import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,60 @@ class TraceModule(L.LightningModule):
         self.first_losses: dict[str, float] = {}
         self.reference_cache = ReferenceCache()
         self.impact_seconds = 0.0
+        # Under a sharded strategy: the trainable parameters to evaluate and save, whole, on rank 0 (on_train_end).
+        self.final_state: dict[str, torch.Tensor] | None = None
+        self._parallelized = False
 
     # -- model --
     def configure_model(self) -> None:
+        """Load the policy (the apps call this before fitting, to evaluate M_old), then, once the trainer's
+        processes exist, let a sharding strategy shard it (FSDP2: trainer=fsdp)."""
         if self.policy is None:
             self.policy, self.reference = load_policy(self.model_path, self.model_cfg)
             self.policy.train()  # from_pretrained returns eval mode; dropout is already off either way
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if hasattr(strategy, "parallelize") and not self._parallelized:
+            strategy.parallelize(self.policy)
+            self._parallelized = True
+
+    @property
+    def sharded(self) -> bool:
+        """Whether each rank holds only a shard of the parameters."""
+        return self._trainer is not None and is_sharded(self._trainer.strategy)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters, whole and on CPU, named as in the unsharded policy. Under a sharded
+        strategy this gathers the shards: every rank must call it, and rank 0 receives the tensors."""
+        assert self.policy is not None
+        if not self.sharded:
+            return {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        state = get_model_state_dict(self.policy, options=options)
+        names = {n for n, p in self.policy.named_parameters() if p.requires_grad}
+        return {n: v for n, v in state.items() if n in names}  # (tied frozen weights come along otherwise)
+
+    def on_train_end(self) -> None:
+        # Gather while the ranks still run together; the apps evaluate and save on rank 0 after fitting.
+        # (An oracle-chosen step's parameters, if any, were set by SelectByOracle just before.)
+        if not self.sharded:
+            return
+        chosen = self.trainer.strategy.broadcast(self.final_state is not None)
+        if not chosen:
+            self.final_state = self.trainable_state()
+
+    def final_policy(self) -> torch.nn.Module:
+        """The trained policy, whole, on this rank's device (rank 0): the module's own, or under a sharded
+        strategy a fresh copy of M_old with the gathered trainable parameters."""
+        assert self.policy is not None
+        if not self.sharded:
+            return self.policy
+        if self.final_state is None:
+            raise RuntimeError("the trained parameters were not gathered (on_train_end did not run on rank 0)")
+        policy, _ = load_policy(self.model_path, self.model_cfg)
+        load_trainable(policy, self.final_state)
+        return policy.to(self.device).eval()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # The weights buffer is sized by the data: take its shape from the checkpoint.
@@ -194,7 +243,8 @@ class TraceModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Line 22: stop once ||grad L_TRACE|| <= epsilon."""
-        grads = [p.grad.detach().float().norm() for p in trainable_parameters(self.policy) if p.grad is not None]
+        # (a sharded gradient is a DTensor: its norm is reduced over ranks, so every rank decides alike)
+        grads = [_whole(p.grad.detach().float().norm()) for p in trainable_parameters(self.policy) if p.grad is not None]
         norm = torch.stack(grads).norm() if grads else torch.zeros((), device=self.device)
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         if self.stop_grad_norm > 0 and float(norm) <= self.stop_grad_norm:
@@ -207,3 +257,20 @@ class TraceModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "step"}}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def load_trainable(policy: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy gathered trainable parameters into a whole policy; a name it lacks, or one missing, is an error."""
+    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise RuntimeError(f"the gathered trainable parameters do not match the policy: missing {missing[:5]}, "
+                           f"unexpected {extra[:5]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))

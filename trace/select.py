@@ -6,6 +6,10 @@ T_max nor the gradient-norm threshold can see it. This callback generates on a f
 training prompts every few steps, has the oracle judge them against pi_new (TRACE already pays for the
 oracle), and restores the best-scoring trainable parameters at the end. Held-out evaluation prompts are
 never used, so the selection does not see the test set.
+
+With several processes, rank 0 alone asks the oracle (a call is paid once). Under DDP it generates alone
+with its whole policy; under a sharded strategy (FSDP2) every rank generates the same prompts in step, each
+gathering the layers it runs, and the best parameters are gathered whole to rank 0.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from trace_realign.eval import generate
 from trace_realign.oracle import Oracle, Policy
+from trace_realign.strategies import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +46,16 @@ class SelectByOracle(L.Callback):
         self.history: list[tuple[int, float]] = []
         self.best_score, self.best_step = float("-inf"), -1
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.last_checked = -1
         self.seconds = 0.0
 
-    def score(self, model: torch.nn.Module) -> float:
-        responses = generate(model, self.tokenizer, self.prompts, self.max_new_tokens, self.batch_size, progress=False)
+    def score(self, model: torch.nn.Module, judge: bool = True, synced: bool = False) -> float:
+        """The oracle's compliance rate (%) of the model's generations; `judge=False` generates only (a rank
+        other than 0 under a sharded strategy, keeping step with rank 0's generation)."""
+        responses = generate(model, self.tokenizer, self.prompts, self.max_new_tokens, self.batch_size,
+                             progress=False, synced=synced)
+        if not judge:
+            return float("nan")
         verdicts = self.oracle.judge_batch(list(zip(self.prompts, responses)), self.policy)
         if verdicts and all(v is None for v in verdicts):
             # Every candidate would score 0 and theta_ref would be kept without a word: refuse instead.
@@ -56,15 +67,24 @@ class SelectByOracle(L.Callback):
         return 100.0 * sum(decided) / max(len(decided), 1)
 
     def _consider(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        sharded = is_sharded(trainer.strategy)
+        if not (trainer.is_global_zero or sharded):
+            return  # DDP: rank 0 judges its own whole policy alone
         step, start = trainer.global_step, time.time()
-        score = self.score(module.policy)
+        self.last_checked = step
+        score = self.score(module.policy, judge=trainer.is_global_zero, synced=sharded and trainer.world_size > 1)
         self.seconds += time.time() - start
-        self.history.append((step, score))
-        for logger in trainer.loggers:  # the selection curve beside the losses (trace-tables --plots)
-            logger.log_metrics({"select/tpa": score}, step=step)
-        if score > self.best_score:  # ties keep the earlier, less trained parameters
-            self.best_score, self.best_step = score, step
-            self.best_state = {n: p.detach().cpu().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+        better = trainer.is_global_zero and score > self.best_score  # ties keep the earlier, less trained parameters
+        if trainer.is_global_zero:
+            self.history.append((step, score))
+            for logger in trainer.loggers:  # the selection curve beside the losses (trace-tables --plots)
+                logger.log_metrics({"select/tpa": score}, step=step)
+        if sharded:
+            better = trainer.strategy.broadcast(better)  # every rank takes part in gathering the shards
+        if better:
+            state = module.trainable_state()
+            if trainer.is_global_zero:
+                self.best_score, self.best_step, self.best_state = score, step, state
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._consider(trainer, module)  # step 0: theta_ref itself is a candidate
@@ -74,13 +94,18 @@ class SelectByOracle(L.Callback):
             self._consider(trainer, module)
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if not self.history or self.history[-1][0] != trainer.global_step:
+        if self.last_checked != trainer.global_step:  # the same on every rank, so collectives stay paired
             self._consider(trainer, module)
+        if not trainer.is_global_zero:
+            return
         if self.best_state is not None:
-            params = dict(module.policy.named_parameters())
-            with torch.no_grad():
-                for name, value in self.best_state.items():
-                    params[name].copy_(value.to(params[name].device))
+            if is_sharded(trainer.strategy):
+                module.final_state = self.best_state  # the module's whole copy for evaluation and saving
+            else:
+                params = dict(module.policy.named_parameters())
+                with torch.no_grad():
+                    for name, value in self.best_state.items():
+                        params[name].copy_(value.to(params[name].device))
         log.info("select: kept step %d (selection TPA %.1f) of %s", self.best_step, self.best_score, self.history)
 
     def metrics(self) -> dict[str, float]:

@@ -27,6 +27,7 @@ from trace_realign.module import TraceModule
 from trace_realign.oracle import NoisyOracle
 from trace_realign.prealign import prealigned_model
 from trace_realign.select import SelectByOracle
+from trace_realign.strategies import check_distributed
 from trace_realign.steps import (
     build_datamodule, build_evaluation, build_judges, build_loggers, build_module, evaluate_model,
     pin_threads, print_summary, run_app, seed_everything, write_eval_rows, write_generations, write_metrics,
@@ -41,6 +42,7 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     start = time.time()
     out = Path(cfg.paths.output_dir)
     quiet = bool(cfg.get("quiet", False))
+    check_distributed(cfg)  # a trainer that cannot carry this run stops here, before any oracle call
     if launched_as_rank_zero():
         rundir.claim(out, cfg)  # a folder holding another configuration's run stops us here
     pin_threads(cfg.get("threads"))
@@ -93,8 +95,10 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         items = items[: cfg.eval.max_prompts]
     evaluation = build_evaluation(cfg, judge, source.new, source.old, items, out, progress=not quiet)
     rows: dict[str, dict[int, dict[str, Any]]] = {}
+    device = trainer.strategy.root_device  # evaluation runs where training will (a GPU at full scale)
     if cfg.eval.enabled and cfg.eval.before and trainer.is_global_zero:
         t0 = time.time()
+        module.policy.to(device)
         before, rows["before"], other = evaluate_model(evaluation, module.policy, tokenizer, "before")
         write_eval_rows(out, "before", other)
         metrics.update(before)
@@ -108,12 +112,14 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         gold_path, built = prealigned_model(cfg, base_path, run, source, labels="new",
                                             gold_punish=str(cfg.data.dpo_gold_punish))
         metrics.update(built)
-        final = load_for_eval(gold_path, OmegaConf.to_container(cfg.model, resolve=True))
+        final = load_for_eval(gold_path, OmegaConf.to_container(cfg.model, resolve=True)).to(device)
         steps = 0
     else:
         with framework_quiet(quiet):
             trainer.fit(module, datamodule=datamodule)
         steps = trainer.global_step
+        if trainer.is_global_zero:
+            final = module.final_policy()  # under FSDP, a whole copy with the gathered parameters
         for cb in callbacks:
             metrics.update(cb.metrics())
         timings["time/impact_seconds"] = module.impact_seconds

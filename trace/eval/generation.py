@@ -47,6 +47,7 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    synced: bool = False,
 ) -> list[str] | list[list[str]]:
     """Greedy continuations of each prompt (samples=0), or `samples` sampled continuations of each
     (a list per prompt). Prompts are generated in order of length so a batch holds little padding; the
@@ -54,6 +55,9 @@ def generate(
 
     Sampling draws from torch's generators seeded by `seed`, inside a fork of their state: the caller's
     random stream (training's, say) is exactly where it was, and the same seed gives the same samples.
+
+    `synced`: every rank of a sharded model runs this with the same prompts, and each batch goes on until
+    every rank's is done (each forward gathers the layers' shards from all ranks).
     """
     was_training = model.training
     model.eval()
@@ -85,6 +89,7 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced,
                 **sampling,
             )
             texts = [t.strip() for t in tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)]
