@@ -32,7 +32,7 @@ from trace_realign.pipeline import EVAL_FILE
 from trace_realign.records import load_eval_prompts
 from trace_realign.rundir import flat_config
 from trace_realign.steps import (
-    build_datamodule, build_evaluation, build_judges, evaluate_model, pin_threads, run_app, seed_everything,
+    build_datamodule, build_evaluation, build_judges, eval_device, evaluate_model, pin_threads, run_app, seed_everything,
     write_eval_rows, write_generations, write_metrics,
 )
 
@@ -200,6 +200,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         t0 = time.time()
         with framework_quiet(quiet):
             model, tokenizer, path = load_target(cfg, target, source)
+        model.to(eval_device(cfg))
         log.info("evaluating %s (%s: %s)", target.label, target.kind, path)
         seed_everything(cfg.seed)  # each model sees the same random stream whatever came before it
         numbers, rows[target.label], other = evaluate_model(evaluation, model, tokenizer, target.label)

@@ -174,6 +174,16 @@ def build_evaluation(cfg: DictConfig, judge: Any, new: Any, old: Any, items: lis
                 out=out, progress=progress)
 
 
+def eval_device(cfg: DictConfig) -> torch.device:
+    """Where trace-eval runs the models: the trainer's accelerator (a GPU when it names or finds one)."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={accelerator} but no GPU is visible here; set trainer.accelerator=cpu")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def evaluate_model(evaluation: dict[str, Any], model: torch.nn.Module, tokenizer: Any, when: str
                    ) -> tuple[dict[str, float], dict[int, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
     """Every configured evaluator on one model: metrics under eval/<when>/, rows per held-out item, and
