@@ -593,5 +593,8 @@ def test_plan_batches_shards_by_rank_with_equal_pass_counts():
                 assert all(k % 3 == r for k in ks)
     assert plan_batches([INVERT], 1, 2, 4) == [([0], False)]  # a rank with nothing still takes the pass
     assert plan_batches([None, None], 0, 1, 4) == []
+    # by length within a category, ties by index
+    assert plan_batches([INVERT] * 4 + [PUNISH], 0, 1, 2, lengths=[9, 3, 5, 3, 1]) == [
+        ([1, 3], True), ([2, 0], True), ([4], True)]
     with pytest.raises(ValueError, match="impact.batch_size"):
         plan_batches(cats, 0, 1, 0)

@@ -369,9 +369,12 @@ class ImpactBatch:
     counted: bool = True
 
 
-def plan_batches(categories: Sequence[str | None], rank: int, world: int, batch_size: int) -> list[tuple[list[int], bool]]:
+def plan_batches(categories: Sequence[str | None], rank: int, world: int, batch_size: int,
+                 lengths: Sequence[int] | None = None) -> list[tuple[list[int], bool]]:
     """This rank's batches (samples k with k % world == rank and a category, grouped by category, at most
-    batch_size each), padded with uncounted repeats so that every rank runs the same number of passes."""
+    batch_size each), padded with uncounted repeats so that every rank runs the same number of passes.
+    With `lengths` (tokens per sample), a category's samples are batched in order of length, so that
+    little of a batch is padding (scores do not depend on the grouping)."""
     if batch_size < 1:
         raise ValueError(f"impact.batch_size must be >= 1, got {batch_size}")
 
@@ -380,6 +383,8 @@ def plan_batches(categories: Sequence[str | None], rank: int, world: int, batch_
         for k, c in enumerate(categories):
             if c is not None and k % world == r:
                 groups.setdefault(c, []).append(k)
+        if lengths is not None:
+            groups = {c: sorted(g, key=lambda k: lengths[k]) for c, g in groups.items()}  # stable: ties by index
         return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
     mine = own(rank)

@@ -48,6 +48,11 @@ from trace_realign.sequences import sequence_logps
 log = logging.getLogger(__name__)
 
 
+def row_tokens(row: Mapping[str, Any] | None) -> int:
+    """The longest sequence of an encoded row (its padded width in a batch); 0 for an unserved sample."""
+    return max((len(row[slot][0]) for slot in ("first", "second") if slot in row), default=0) if row else 0
+
+
 class TraceModule(L.LightningModule):
     def __init__(
         self,
@@ -170,7 +175,8 @@ class TraceModule(L.LightningModule):
             scores = impact_scores(params, g_gold, losses, progress=progress)
         else:
             categories = [dm.conflict_row(k)[0] if served[k] else None for k in range(dm.num_conflicts)]
-            plan = plan_batches(categories, rank, world, self.impact_batch_size)
+            lengths = [row_tokens(dm.conflict_row(k)[1]) for k in range(dm.num_conflicts)]
+            plan = plan_batches(categories, rank, world, self.impact_batch_size, lengths)
             batches = [ImpactBatch(ks, samples(ks), counted) for ks, counted in plan]
             scores = batched_impact_scores(self.policy, gold_slices(params, g_gold), batches, dm.num_conflicts,
                                            progress=progress)
