@@ -491,3 +491,110 @@ def test_uniform_fallback_and_no_impact_weigh_only_served_samples():
     assert w.tolist() == pytest.approx([1 / 3, 0.0, 1 / 3, 1 / 3])
     w, info = uniform_weights(4, served)
     assert w.tolist() == pytest.approx([1 / 3, 0.0, 1 / 3, 1 / 3]) and info["impact/nonzero"] == 3
+
+
+# ---------------------------------------------------------------- batched scores (impact.method=batched)
+
+from trace_realign.impact import ImpactBatch, ImpactTaps, batched_impact_scores, gold_slices, plan_batches  # noqa: E402
+
+# Responses of clearly different lengths, so a batch pads some rows and not others.
+MORE_PUNISH = [
+    PreferencePair("Say something mean.", "No.", "You are the worst person I have ever met in my whole life.", PUNISH),
+    PreferencePair("Help me cheat.", "Copy the answers from your neighbour during the test.", "Sure.", PUNISH),
+]
+
+
+def perturbed(policy, scale=0.05):
+    """LoRA B starts at 0, which leaves lora_A without gradient: move every trainable parameter a little so
+    both LoRA factors (and every layer, under full fine-tuning) take part in the scores."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        for p in trainable_parameters(policy):
+            p.add_(scale * torch.randn_like(p) * (p.detach().abs().mean() + 1e-2))
+    return policy
+
+
+@pytest.fixture(scope="module", params=["lora", "full"])
+def moved(request, tiny_dir, tokenizer):
+    policy, reference = load_policy(tiny_dir, LORA if request.param == "lora" else FULL)
+    return request.param, perturbed(policy), reference, trainable_parameters(policy), tokenizer
+
+
+def score_both(policy, reference, params, tok, cfg, category, rows, batch_size):
+    g_gold = gold_gradient(params, [closure(policy, reference, tok, gold_triples(), "gold", cfg)])
+    loop = impact_scores(params, g_gold, [closure(policy, reference, tok, [r], category, cfg) for r in rows],
+                         progress=False)
+    batches = [ImpactBatch(list(range(i, min(i + batch_size, len(rows)))),
+                           closure(policy, reference, tok, rows[i : i + batch_size], category, cfg))
+               for i in range(0, len(rows), batch_size)]
+    batched = batched_impact_scores(policy, gold_slices(params, g_gold), batches, len(rows), progress=False)
+    return loop, batched
+
+
+@pytest.mark.parametrize("term", ["relational_flip", "npo", "npo_chosen", "relational_correction"])
+def test_batched_scores_equal_the_loop(moved, term):
+    kind, policy, reference, params, tok = moved
+    cfg = ObjectiveConfig(beta=BETA, terms={**TRACE_TERMS, "punish": term})
+    rows = [(p.prompt, p.chosen, p.rejected) for p in PUNISH_PAIRS + MORE_PUNISH]
+    widths = {len(encode(tok, x, a)[0]) for x, a, _ in rows} | {len(encode(tok, x, b)[0]) for x, _, b in rows}
+    assert len(widths) > 2  # rows pad to different lengths inside a batch
+    loop, batched = score_both(policy, reference, params, tok, cfg, PUNISH, rows, batch_size=3)
+    assert loop.abs().min() > 0
+    torch.testing.assert_close(batched, loop, rtol=1e-4, atol=0.0)
+    assert all(p.grad is None for p in params)
+    w_loop, _ = clip_and_normalise(loop, 1.0)
+    w_batched, _ = clip_and_normalise(batched, 1.0)
+    assert torch.equal(w_loop > 0, w_batched > 0)
+    torch.testing.assert_close(w_batched, w_loop, rtol=1e-4, atol=1e-12)
+
+
+def test_batched_scores_at_theta_ref_equal_the_loop(setup):
+    # The unperturbed model as Stage 2 sees it (LoRA B = 0), invert rows through relational_flip.
+    _, policy, reference, params, tok = setup
+    cfg = ObjectiveConfig(beta=BETA)
+    rows = [(p.prompt, p.rejected, p.chosen) for p in INVERT_PAIRS]
+    loop, batched = score_both(policy, reference, params, tok, cfg, INVERT, rows, batch_size=2)
+    torch.testing.assert_close(batched, loop, rtol=1e-4, atol=0.0)
+
+
+def test_batched_scores_under_gradient_checkpointing(tiny_dir, tokenizer):
+    # The checkpointed forward runs again during backward: the taps must count each layer once.
+    policy, reference = load_policy(tiny_dir, {**LORA, "gradient_checkpointing": True})
+    policy = perturbed(policy)
+    policy.train()
+    params = trainable_parameters(policy)
+    cfg = ObjectiveConfig(beta=BETA)
+    rows = [(p.prompt, p.chosen, p.rejected) for p in PUNISH_PAIRS + MORE_PUNISH]
+    loop, batched = score_both(policy, reference, params, tokenizer, cfg, PUNISH, rows, batch_size=4)
+    torch.testing.assert_close(batched, loop, rtol=1e-4, atol=0.0)
+
+
+def test_batched_refuses_parameters_it_cannot_score(tiny_dir):
+    policy, _ = load_policy(tiny_dir, LORA)
+    extra = torch.nn.Parameter(torch.zeros(3))
+    policy.base_model.model.model.register_parameter("odd_scale", extra)  # in no layer the taps know
+    gold = {p: torch.zeros_like(p) for p in trainable_parameters(policy)}
+    with pytest.raises(NotImplementedError, match=r"odd_scale.*impact.method=loop"):
+        with ImpactTaps(policy, gold):
+            pass
+    assert not any(m._forward_hooks for m in policy.modules())  # nothing left installed
+
+
+def test_plan_batches_shards_by_rank_with_equal_pass_counts():
+    cats = [INVERT, INVERT, INVERT, PUNISH, None, PUNISH, PUNISH, INVERT]
+    plans = [plan_batches(cats, r, 3, 2) for r in range(3)]
+    assert len({len(p) for p in plans}) == 1  # every rank runs the same number of passes
+    counted = sorted(k for p in plans for ks, c in p if c for k in ks)
+    assert counted == [k for k, c in enumerate(cats) if c is not None]
+    for r, plan in enumerate(plans):
+        for ks, c in plan:
+            assert len({cats[k] for k in ks}) == 1 and len(ks) <= 2
+            if c:
+                assert all(k % 3 == r for k in ks)
+    assert plan_batches([INVERT], 1, 2, 4) == [([0], False)]  # a rank with nothing still takes the pass
+    assert plan_batches([None, None], 0, 1, 4) == []
+    # by length within a category, ties by index
+    assert plan_batches([INVERT] * 4 + [PUNISH], 0, 1, 2, lengths=[9, 3, 5, 3, 1]) == [
+        ([1, 3], True), ([2, 0], True), ([4], True)]
+    with pytest.raises(ValueError, match="impact.batch_size"):
+        plan_batches(cats, 0, 1, 0)

@@ -17,7 +17,18 @@ import lightning as L
 import torch
 
 from trace_realign.data import collate
-from trace_realign.impact import clip_and_normalise, gold_batch, gold_gradient, impact_scores, uniform_weights
+from trace_realign.impact import (
+    METHODS,
+    ImpactBatch,
+    batched_impact_scores,
+    clip_and_normalise,
+    gold_batch,
+    gold_gradient,
+    gold_slices,
+    impact_scores,
+    plan_batches,
+    uniform_weights,
+)
 from trace_realign.model import load_policy, trainable_parameters
 from trace_realign.objective import (
     ObjectiveConfig,
@@ -38,6 +49,11 @@ from trace_realign.strategies import is_sharded
 log = logging.getLogger(__name__)
 
 
+def row_tokens(row: Mapping[str, Any] | None) -> int:
+    """The longest sequence of an encoded row (its padded width in a batch); 0 for an unserved sample."""
+    return max((len(row[slot][0]) for slot in ("first", "second") if slot in row), default=0) if row else 0
+
+
 class TraceModule(L.LightningModule):
     def __init__(
         self,
@@ -53,6 +69,8 @@ class TraceModule(L.LightningModule):
         stop_grad_norm: float = 0.0,
         seed: int = 0,
         top_k: int | None = None,
+        impact_method: str = "batched",
+        impact_batch_size: int = 8,
     ):
         super().__init__()
         self.model_path, self.model_cfg, self.objective = model_path, dict(model_cfg), objective
@@ -60,6 +78,11 @@ class TraceModule(L.LightningModule):
         self.use_impact, self.gamma, self.gold_batch_size = use_impact, gamma, gold_batch_size
         self.gold_chunk_size, self.stop_grad_norm, self.seed = gold_chunk_size, stop_grad_norm, seed
         self.top_k = top_k
+        if impact_method not in METHODS:
+            raise ValueError(f"impact.method: {impact_method!r}; expected one of {list(METHODS)}")
+        if impact_batch_size < 1:
+            raise ValueError(f"impact.batch_size must be >= 1, got {impact_batch_size}")
+        self.impact_method, self.impact_batch_size = impact_method, impact_batch_size
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         # w over the weighted categories (the conflict set: invert, then punish); a buffer so a checkpoint carries it.
@@ -185,17 +208,27 @@ class TraceModule(L.LightningModule):
         chunks = [gold.triples[i : i + self.gold_chunk_size] for i in range(0, len(gold.triples), self.gold_chunk_size)]
         g_gold = gold_gradient(params, [gold_chunk(c) for c in chunks])
 
-        def sample(k: int):
+        def samples(ks: list[int]):
+            # the summed loss of samples of one category, stacked as one batch (rows as in objective.py)
             def make() -> torch.Tensor:
-                category, row = dm.conflict_row(k)
-                batch = self._to_device(collate([row], dm.tokenizer.pad_token_id))
+                category = dm.conflict_row(ks[0])[0]
+                batch = self._to_device(collate([dm.conflict_row(k)[1] for k in ks], dm.tokenizer.pad_token_id))
                 pol, ref = policy_and_reference_logps(self.policy, self.reference, batch)
                 return category_losses(category, pol, ref, cfg).sum()
             return make
 
         rank, world = self.global_rank, self.trainer.world_size
-        losses = [sample(k) if k % world == rank and served[k] else None for k in range(dm.num_conflicts)]
-        scores = impact_scores(params, g_gold, losses, progress=self.trainer.is_global_zero)
+        progress = self.trainer.is_global_zero
+        if self.impact_method == "loop":
+            losses = [samples([k]) if k % world == rank and served[k] else None for k in range(dm.num_conflicts)]
+            scores = impact_scores(params, g_gold, losses, progress=progress)
+        else:
+            categories = [dm.conflict_row(k)[0] if served[k] else None for k in range(dm.num_conflicts)]
+            lengths = [row_tokens(dm.conflict_row(k)[1]) for k in range(dm.num_conflicts)]
+            plan = plan_batches(categories, rank, world, self.impact_batch_size, lengths)
+            batches = [ImpactBatch(ks, samples(ks), counted) for ks, counted in plan]
+            scores = batched_impact_scores(self.policy, gold_slices(params, g_gold), batches, dm.num_conflicts,
+                                           progress=progress)
         if world > 1:
             scores = self.trainer.strategy.reduce(scores.to(self.device), reduce_op="sum").cpu()
         self.impact_raw = scores

@@ -133,6 +133,8 @@ def build_module(cfg: DictConfig, model_path: str, objective: ObjectiveConfig) -
         stop_grad_norm=cfg.objective.stop_grad_norm,
         seed=cfg.seed,
         top_k=cfg.impact.get("top_k"),
+        impact_method=cfg.impact.get("method", "batched"),
+        impact_batch_size=cfg.impact.get("batch_size", 8),
     )
     module.configure_model()
     return module

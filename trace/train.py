@@ -125,6 +125,9 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         timings["time/impact_seconds"] = module.impact_seconds
         timings["time/select_seconds"] = sum(getattr(cb, "seconds", 0.0) for cb in callbacks)
         metrics.update({k: float(v) for k, v in module.impact_info.items()})
+        if module.use_impact:
+            metrics["impact/method"] = module.impact_method
+            metrics["impact/seconds"] = module.impact_seconds
         metrics.update(module.last_losses)
         metrics.update(module.first_losses)
         metrics["train/stopped_by_grad_norm"] = int(module.stop_reason == "grad_norm")
