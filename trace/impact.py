@@ -268,10 +268,9 @@ class ImpactTaps:
         self.rows = scores if self.rows is None else self.rows + scores
 
     def _slices(self, module: nn.Module) -> dict[str, torch.Tensor | None]:
-        out: dict[str, torch.Tensor | None] = {}
-        for name, p in module.named_parameters(recurse=False):
-            out[name] = self.gold[p] if p.requires_grad else None
-        return out
+        # Read by module, as found on entry: under FSDP2 a layer's parameters are swapped for their gathered
+        # (unsharded) tensors during its forward, so they are not the objects `gold` is keyed by.
+        return self._by_module[module]
 
     def __enter__(self) -> "ImpactTaps":
         names = {p: n for n, p in self.model.named_parameters()}
@@ -280,10 +279,13 @@ class ImpactTaps:
         if missing:
             raise ValueError(f"impact: no slice of g_J for trainable parameters {missing[:5]}")
         covered: set[torch.Tensor] = set()
+        self._by_module: dict[nn.Module, dict[str, torch.Tensor | None]] = {}
         for module in self.model.modules():
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if not own:
                 continue
+            self._by_module[module] = {n: self.gold[p] if p.requires_grad else None
+                                       for n, p in module.named_parameters(recurse=False)}
             if isinstance(module, nn.Linear) and set(own) <= {"weight", "bias"}:
                 hook = self._linear_hook
             elif isinstance(module, nn.Embedding) and set(own) == {"weight"} and not module.scale_grad_by_freq \
@@ -403,21 +405,32 @@ def batched_impact_scores(
     n: int,
     progress: bool = True,
     check_rtol: float = 1e-3,
+    sharded: bool = False,
 ) -> torch.Tensor:
     """w_k = <g_J, g_k> for every sample of `batches` (others score 0), one backward pass per batch.
 
     Each pass also takes the batch's summed gradient and checks that sum_k w_k = <g_J, sum_k g_k>, so a
-    parameter used outside the tapped layers' forward cannot be silently left out."""
+    parameter used outside the tapped layers' forward cannot be silently left out. `sharded` (FSDP): the
+    parameters are shards, so each pass is an ordinary backward (whose reduced gradients are discarded) and
+    the check, which needs whole gradients, is left to the unsharded runs of the same code."""
     params = [p for p in model.parameters() if p.requires_grad]
     scores = torch.zeros(n, dtype=torch.float64)
     with ImpactTaps(model, gold) as taps:
         for batch in tqdm(batches, desc="impact", unit="batch", disable=not progress, leave=False):
             taps.reset()
             loss = batch.loss()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            if sharded:
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+            else:
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
             if taps.rows is None:
                 raise RuntimeError("impact.method=batched: no tapped layer took part in the loss; set impact.method=loop")
             per_sample = taps.rows.view(-1, len(batch.samples)).sum(0).cpu()
+            if sharded:
+                if batch.counted:
+                    scores[batch.samples] = per_sample
+                continue
             whole = sum((torch.sum(g.double() * gold[p].double()) for g, p in zip(grads, params) if g is not None),
                         torch.zeros((), dtype=torch.float64, device=taps.rows.device)).cpu()
             scale = max(float(per_sample.abs().sum()), float(whole.abs()), 1e-30)

@@ -179,11 +179,6 @@ class TraceModule(L.LightningModule):
         """Lines 9-20, sharded over ranks: each rank scores every world-th sample, then the scores are summed.
         Each weighted sample's gradient is that of its own term (U2A's NPO, TRACE's relational or NPO)."""
         assert self.policy is not None
-        if type(self.trainer.strategy).__name__.startswith("FSDP"):
-            # Per-sample gradients need whole gradients on each rank; FSDP shards them across ranks.
-            raise NotImplementedError(
-                "impact weights are not computed under FSDP yet: use trainer=ddp, or method=no_impact"
-            )
         rng = random.Random(self.seed)
         gold = gold_batch(dm.splits[INVERT], dm.splits[PUNISH], dm.splits[RETAIN], self.gold_batch_size, rng)
         served = [dm.conflict_row(k)[1] is not None for k in range(dm.num_conflicts)]
@@ -206,7 +201,12 @@ class TraceModule(L.LightningModule):
             return make
 
         chunks = [gold.triples[i : i + self.gold_chunk_size] for i in range(0, len(gold.triples), self.gold_chunk_size)]
-        g_gold = gold_gradient(params, [gold_chunk(c) for c in chunks])
+        if self.sharded:
+            slices = sharded_gold_gradient(self.policy, params, [gold_chunk(c) for c in chunks])
+            g_gold = torch.cat([slices[p].reshape(-1) for p in params])
+        else:
+            g_gold = gold_gradient(params, [gold_chunk(c) for c in chunks])
+            slices = gold_slices(params, g_gold)
 
         def samples(ks: list[int]):
             # the summed loss of samples of one category, stacked as one batch (rows as in objective.py)
@@ -227,8 +227,8 @@ class TraceModule(L.LightningModule):
             lengths = [row_tokens(dm.conflict_row(k)[1]) for k in range(dm.num_conflicts)]
             plan = plan_batches(categories, rank, world, self.impact_batch_size, lengths)
             batches = [ImpactBatch(ks, samples(ks), counted) for ks, counted in plan]
-            scores = batched_impact_scores(self.policy, gold_slices(params, g_gold), batches, dm.num_conflicts,
-                                           progress=progress)
+            scores = batched_impact_scores(self.policy, slices, batches, dm.num_conflicts, progress=progress,
+                                           sharded=self.sharded)
         if world > 1:
             scores = self.trainer.strategy.reduce(scores.to(self.device), reduce_op="sum").cpu()
         self.impact_raw = scores
@@ -307,3 +307,16 @@ def load_trainable(policy: torch.nn.Module, state: Mapping[str, torch.Tensor]) -
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def sharded_gold_gradient(model: torch.nn.Module, params: list[torch.Tensor],
+                          chunk_losses: list[Callable[[], torch.Tensor]]) -> dict[torch.Tensor, torch.Tensor]:
+    """g_J under FSDP, whole on every rank, one tensor per (sharded) parameter. Every rank backpropagates
+    the whole gold batch, so the gradients FSDP averages over ranks are g_J itself; each is then gathered."""
+    model.zero_grad(set_to_none=True)
+    for make_loss in chunk_losses:
+        make_loss().backward()
+    out = {p: (_whole(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device)).detach().clone()
+           for p in params}
+    model.zero_grad(set_to_none=True)
+    return out
