@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from conftest import compose_cfg
 
-HUB_MODELS = ["llama-3.1-8b", "qwen2.5-7b", "gemma-2-9b"]
+HUB_MODELS = ["llama-3.1-8b", "qwen2.5-7b", "gemma-2-9b", "smollm2-135m"]
 
 
 @pytest.mark.parametrize("model", HUB_MODELS)
