@@ -56,6 +56,7 @@ EXPECTED_CHOICE = {
     ("trainer", "fsdp1"): ("gpu", "trace_realign.strategies.fsdp"),
     ("model", "tiny"): "llama", ("model", "llama-3.1-8b"): "meta-llama/Llama-3.1-8B",
     ("model", "qwen2.5-7b"): "Qwen/Qwen2.5-7B-Instruct", ("model", "gemma-2-9b"): "google/gemma-2-9b-it",
+    ("model", "smollm2-135m"): "HuggingFaceTB/SmolLM2-135M-Instruct",
     ("eval", "default"): (["tpa", "utility", "capability", "asr"], []),
     ("eval", "paper"): (["tpa", "utility", "capability", "asr"], ["gpqa_main_zeroshot", "mmlu", "hellaswag", "gsm8k"]),
 }

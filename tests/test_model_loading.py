@@ -41,3 +41,14 @@ def test_unloadable_models_are_named_with_the_fix(tmp_path):
         missing = out[f"{names[1]}:{what}"]
         assert "no such local directory" in missing and "model.name_or_path=/path/to/model" in missing
         assert f"holds no {what} that transformers can load" in out[f"{names[2]}:{what}"]
+
+
+def test_gguf_file_is_read_where_it_is_and_ordinary_weights_elsewhere(tmp_path):
+    from trace_realign.model import gguf_file_at
+
+    cfg = {"gguf_file": "model.Q4_1.gguf"}
+    assert gguf_file_at("some-org/some-model", cfg) == "model.Q4_1.gguf"  # a hub repository holds it
+    assert gguf_file_at(str(tmp_path), cfg) is None  # a folder without it: a run's adapter/ or model/
+    (tmp_path / "model.Q4_1.gguf").write_bytes(b"")
+    assert gguf_file_at(str(tmp_path), cfg) == "model.Q4_1.gguf"
+    assert gguf_file_at(str(tmp_path), {"gguf_file": None}) is None

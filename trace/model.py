@@ -171,16 +171,47 @@ def loading(what: str, path: str, model_cfg: Mapping[str, Any]) -> Iterator[None
     try:
         yield
     except errors as exc:
-        raise ModelNotFoundError(not_found_message(what, str(path), model_cfg.get("revision"), exc)) from exc
+        message = not_found_message(what, str(path), model_cfg.get("revision"), exc)
+        if model_cfg.get("gguf_file"):
+            message += (f" model.gguf_file={model_cfg['gguf_file']!r} names a .gguf file inside that folder or hub "
+                        "repository (null: ordinary transformers weights).")
+        raise ModelNotFoundError(message) from exc
+
+
+def gguf_file_at(path: str, model_cfg: Mapping[str, Any]) -> str | None:
+    """model.gguf_file when `path` holds it: a hub id, or a local folder with that file.
+
+    A folder without it is one this project wrote (a run's adapter/ or model/, an export): ordinary
+    transformers weights, loaded as such.
+    """
+    name = model_cfg.get("gguf_file")
+    if not name:
+        return None
+    local = Path(str(path)).expanduser()
+    if local.is_dir() and not (local / str(name)).is_file():
+        return None
+    return str(name)
+
+
+def _source_kwargs(path: str, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What from_pretrained needs to find the files: revision, remote code and, for a GGUF checkpoint, its
+    file name inside model.name_or_path (model.gguf_file)."""
+    kwargs: dict[str, Any] = {
+        "revision": model_cfg.get("revision"),
+        "trust_remote_code": bool(model_cfg.get("trust_remote_code", False)),
+    }
+    gguf = gguf_file_at(path, model_cfg)
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    return kwargs
 
 
 def load_tokenizer(path: str, model_cfg: Mapping[str, Any]):
+    """The tokenizer at `path` (hub id or folder; with model.gguf_file, the one inside that GGUF file)."""
     from transformers import AutoTokenizer
 
     with loading("tokenizer", path, model_cfg):
-        tok = AutoTokenizer.from_pretrained(
-            path, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
-        )
+        tok = AutoTokenizer.from_pretrained(path, **_source_kwargs(path, model_cfg))
     if tok.pad_token_id is None:
         # Padding is masked everywhere; reusing EOS as PAD is the usual choice for decoder-only models.
         tok.pad_token = tok.eos_token
@@ -202,18 +233,31 @@ def load_causal_lm(path: str, model_cfg: Mapping[str, Any]) -> nn.Module:
     dtype_name = str(model_cfg.get("dtype", "float32"))
     if dtype_name not in DTYPES:
         raise ValueError(f"model.dtype: unknown dtype {dtype_name!r}; expected one of {list(DTYPES)}")
-    kwargs: dict[str, Any] = {
-        "dtype": DTYPES[dtype_name],
-        "revision": model_cfg.get("revision"),
-        "trust_remote_code": bool(model_cfg.get("trust_remote_code", False)),
-    }
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype_name], **_source_kwargs(path, model_cfg)}
     if model_cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = model_cfg["attn_implementation"]
     with loading("model", path, model_cfg):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "gguf_file" in kwargs:
+        _as_dense_model(model, kwargs["gguf_file"])
     if model_cfg.get("disable_dropout", True):
         _disable_dropout(model)
     return model
+
+
+def _as_dense_model(model: nn.Module, gguf_file: str) -> None:
+    """A GGUF checkpoint unpacked into ordinary float weights, made an ordinary model.
+
+    transformers dequantizes GGUF weights at load time but may leave its GGUF quantizer attached, which
+    marks the model untrainable and refuses save_pretrained; the weights themselves are plain tensors.
+    """
+    if any(not p.is_floating_point() for p in model.parameters()):
+        raise ValueError(f"model.gguf_file={gguf_file!r}: transformers kept the weights packed in GGUF blocks, "
+                         "which cannot be trained; uninstall the `kernels` package so they load unpacked, or "
+                         "give a transformers model folder with model.name_or_path and model.gguf_file=null")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
 
 
 def load_for_eval(path: str, model_cfg: Mapping[str, Any]) -> nn.Module:

@@ -2,18 +2,26 @@
 
 Prompt and response are tokenised separately and concatenated, so the boundary never merges tokens and
 the mask is exact; the prompt goes through the model's chat template when its tokenizer has one, and a
-prompt too long is cut inside the user's content, never in the template. Labels
-are -100 on prompt and padding, as in TRL.
+prompt too long is cut inside the user's content, never in the template. A response ends with the
+template's own turn-end token (EOS without a template). Labels are -100 on prompt and padding, as in TRL.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
+# Rendered as the assistant's content to find what the template writes after it; plain letters, so no
+# template escapes or splits it.
+TURN_MARKER = "TRACEturnMARKER"
+_TURN_ENDS: "weakref.WeakKeyDictionary[Any, tuple[Any, int | None]]" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -67,12 +75,65 @@ def encode_prompt_within(tokenizer, prompt: str, limit: int) -> tuple[list[int],
                      f"alone takes {len(encode_prompt(tokenizer, ''))} tokens; raise data.max_prompt_length")
 
 
+def turn_end_token_id(tokenizer: Any) -> int | None:
+    """The token that ends an assistant turn in the tokenizer's chat template, else its EOS.
+
+    Chat templates close the assistant's turn with a token of their own (`<|eot_id|>` Llama-3,
+    `<end_of_turn>` Gemma, `<|im_end|>` ChatML) that need not be EOS: a model trained or stopped on EOS
+    alone would never learn, or never notice, the end of its turn. The template is rendered for a user
+    turn and an assistant turn holding a marker; the first special token after the marker (whitespace
+    before it skipped; what follows it, such as a newline, ignored) is the turn end. No template, or a
+    template that writes no special token there, gives EOS.
+    """
+    template, eos = getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id
+    cached = _TURN_ENDS.get(tokenizer)
+    if cached is not None and cached[0] == (template, eos):
+        return cached[1]
+    found = _template_turn_end(tokenizer) if template else None
+    turn_end = eos if found is None else found
+    _TURN_ENDS[tokenizer] = ((template, eos), turn_end)
+    return turn_end
+
+
+def _template_turn_end(tokenizer: Any) -> int | None:
+    """The first special token the chat template writes after the assistant's content, or None."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": TURN_MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as exc:  # a template that refuses this conversation: EOS is the only guess left
+        log.warning("the chat template could not render a user and an assistant turn (%s); responses end "
+                    "with EOS", exc)
+        return None
+    if text.count(TURN_MARKER) != 1:
+        return None
+    after = text.split(TURN_MARKER, 1)[1]
+    special = set(tokenizer.all_special_ids) | {
+        i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    for token_id in tokenizer(after, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return int(token_id)
+        if tokenizer.decode([token_id]).strip():
+            return None  # text before any special token: the template closes the turn without one
+    return None
+
+
+def stop_token_ids(tokenizer: Any) -> int | list[int] | None:
+    """What generation stops on: the turn end and EOS (one id when they are the same token)."""
+    ids = list(dict.fromkeys(i for i in (turn_end_token_id(tokenizer), tokenizer.eos_token_id) if i is not None))
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else ids
+
+
 def encode_pair(tokenizer, prompt: str, response: str, limits: SequenceLimits) -> tuple[list[int], list[int], bool]:
-    """input_ids and labels for one (prompt, response); the flag says whether anything was truncated."""
+    """input_ids and labels for one (prompt, response); the flag says whether anything was truncated.
+
+    The response ends with the template's turn end (turn_end_token_id), as the model must write it."""
     p_ids, truncated = encode_prompt_within(tokenizer, prompt, limits.max_prompt_length)
     r_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        r_ids.append(tokenizer.eos_token_id)
+    turn_end = turn_end_token_id(tokenizer)
+    if turn_end is not None:
+        r_ids.append(turn_end)
     room = limits.max_length - len(p_ids)
     if len(r_ids) > room:
         r_ids, truncated = r_ids[:room], True

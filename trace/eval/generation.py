@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from trace_realign.sequences import encode_prompt
+from trace_realign.sequences import encode_prompt, stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def generate(
                 attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_token_ids(tokenizer),  # the template's turn end and EOS
                 synced_gpus=synced,
                 **sampling,
             )
