@@ -134,10 +134,12 @@ def run_overrides(args: argparse.Namespace, model_path: str) -> list[str]:
     """What every configuration's run shares: the model folder, device, sizes, the window's length."""
     trainer = "trainer=gpu" if args.device == "cuda" else "trainer=cpu"
     weights = [] if args.impact else ["method.weights=uniform"]
-    return [*COMMON, trainer, *weights, f"model.name_or_path={model_path}", "model.build=null", "model.prealign=null",
-            f"data.max_length={args.max_length}", f"data.max_prompt_length={min(args.max_length // 2, 64)}",
-            f"trainer.max_steps={args.warmup + args.steps}",
-            f"paths.cache_dir={cache_dir()}", *args.overrides]
+    # the user's overrides first: the model is then the folder built above (its build and prealign settings,
+    # which the user's may name, are dropped after them)
+    return [*args.overrides, *COMMON, trainer, *weights, f"model.name_or_path={model_path}", "model.build=null",
+            "model.prealign=null", f"data.max_length={args.max_length}",
+            f"data.max_prompt_length={min(args.max_length // 2, 64)}", f"trainer.max_steps={args.warmup + args.steps}",
+            f"paths.cache_dir={cache_dir()}"]
 
 
 def cache_dir() -> str:
@@ -207,16 +209,21 @@ class StepClock(L.Callback):
         self.bar = None
 
     def on_fit_start(self, trainer, module) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.warmup + self.steps, desc=self.config.name, unit="step", file=sys.stderr, leave=False)
+
+    def before_first_step(self, trainer, module) -> None:
+        """After every on_fit_start (impact weights, with --impact, read the reference), before any step."""
         if self.config.cache == "warm":
             fill_reference_cache(module, trainer.datamodule)
         if self.config.drop_reference:
             module.reference = None  # nothing reads it now: the cache holds every log pi_ref the steps need
             free_memory(self.cuda)
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=self.warmup + self.steps, desc=self.config.name, unit="step", file=sys.stderr, leave=False)
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.before_first_step(trainer, module)
         if self.config.cache == "cold":
             module.reference_cache.rows.clear()  # every step pays the reference forward, as in a first epoch
         if batch_idx == self.warmup:
@@ -255,9 +262,9 @@ def fill_reference_cache(module, dm) -> None:
     from trace_realign.objective import SEQUENCE_TERMS
 
     for category, term in module.objective.terms.items():
-        rows, size = dm.rows.get(category) or [], dm.batch_size[category]
         if term not in SEQUENCE_TERMS:
             continue
+        rows, size = dm.rows.get(category) or [], dm.batch_size[category]
         for i in range(0, len(rows), size):
             with torch.no_grad():
                 batch = module._to_device(collate(rows[i : i + size], dm.tokenizer.pad_token_id))
