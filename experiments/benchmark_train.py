@@ -203,6 +203,7 @@ class StepClock(L.Callback):
     window's peak memory; it also fills or empties the reference cache as the configuration asks."""
 
     def __init__(self, config: Config, warmup: int, steps: int, result: Result):
+        super().__init__()
         self.config, self.warmup, self.steps, self.result = config, warmup, steps, result
         self.cuda = result.device == "cuda"
         self.t0 = 0.0
