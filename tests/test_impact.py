@@ -598,3 +598,26 @@ def test_plan_batches_shards_by_rank_with_equal_pass_counts():
         ([1, 3], True), ([2, 0], True), ([4], True)]
     with pytest.raises(ValueError, match="impact.batch_size"):
         plan_batches(cats, 0, 1, 0)
+
+
+def test_a_fresh_lora_policy_is_its_reference_bit_for_bit(tiny_dir, tokenizer):
+    """What lets the batched method skip the reference's forward at theta_ref: with every B factor zero the
+    adapted policy's log-probs equal the disabled adapters' exactly; once B moves, or under DoRA-like extra
+    parameters, it is no longer the reference."""
+    from trace_realign.model import policy_is_reference
+
+    policy, reference = load_policy(tiny_dir, {"lora": {"enabled": True, "r": 4, "alpha": 8}})
+    assert reference is None and policy_is_reference(policy, None)
+    batch = stacked_batch(tokenizer, [(p.prompt, p.chosen, p.rejected) for p in INVERT_PAIRS[:3]])
+    with torch.no_grad():
+        pol, ref = policy_and_reference_logps(policy, None, batch)
+    assert torch.equal(pol, ref)
+    b = next(p for n, p in policy.named_parameters() if ".lora_B." in n)
+    with torch.no_grad():
+        b[0, 0] = 1e-3
+    assert not policy_is_reference(policy, None)
+    full, copy = load_policy(tiny_dir, {"lora": {"enabled": False}})
+    assert policy_is_reference(full, copy)
+    with torch.no_grad():
+        next(full.parameters())[0, 0] += 1.0
+    assert not policy_is_reference(full, copy)

@@ -317,5 +317,19 @@ def reference_of(policy: nn.Module, reference: nn.Module | None) -> Iterator[nn.
         yield policy
 
 
+def policy_is_reference(policy: nn.Module, reference: nn.Module | None) -> bool:
+    """Whether the policy still computes pi_ref bit for bit: plain LoRA adapters whose B factors are all zero
+    (their initialisation: each adds exactly 0), or a full copy whose parameters equal the reference's.
+    Under FSDP every rank must call it (a sharded factor is gathered to be read)."""
+    if reference is None:
+        named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+        if not named or not all(".lora_A." in n or ".lora_B." in n for n, _ in named):
+            return False  # e.g. DoRA's magnitudes: the adapted output is not the base's exactly
+        whole = [p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in named if ".lora_B." in n]
+        return all(not bool(p.detach().any()) for p in whole)
+    ref = dict(reference.named_parameters())
+    return all(n in ref and torch.equal(p.detach(), ref[n].detach()) for n, p in policy.named_parameters())
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]

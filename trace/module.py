@@ -29,7 +29,7 @@ from trace_realign.impact import (
     plan_batches,
     uniform_weights,
 )
-from trace_realign.model import load_policy, trainable_parameters
+from trace_realign.model import load_policy, policy_is_reference, trainable_parameters
 from trace_realign.objective import (
     ObjectiveConfig,
     ReferenceCache,
@@ -208,12 +208,21 @@ class TraceModule(L.LightningModule):
             g_gold = gold_gradient(params, [gold_chunk(c) for c in chunks])
             slices = gold_slices(params, g_gold)
 
+        # At theta_ref the policy usually computes pi_ref itself (LoRA's B factors are still zero): its log-probs,
+        # detached, are pi_ref's bit for bit, and the batched method skips the reference's forward pass. The loop,
+        # the reference implementation, always runs it.
+        tied = self.impact_method == "batched" and policy_is_reference(self.policy, self.reference)
+
         def samples(ks: list[int]):
             # the summed loss of samples of one category, stacked as one batch (rows as in objective.py)
             def make() -> torch.Tensor:
                 category = dm.conflict_row(ks[0])[0]
                 batch = self._to_device(collate([dm.conflict_row(k)[1] for k in ks], dm.tokenizer.pad_token_id))
-                pol, ref = policy_and_reference_logps(self.policy, self.reference, batch)
+                if tied:
+                    pol = sequence_logps(forward_logits(self.policy, batch), batch["labels"])
+                    ref = pol.detach()
+                else:
+                    pol, ref = policy_and_reference_logps(self.policy, self.reference, batch)
                 return category_losses(category, pol, ref, cfg).sum()
             return make
 
@@ -233,7 +242,7 @@ class TraceModule(L.LightningModule):
             scores = self.trainer.strategy.reduce(scores.to(self.device), reduce_op="sum").cpu()
         self.impact_raw = scores
         w, info = clip_and_normalise(scores, self.gamma, torch.tensor(served), self.top_k)
-        info.update({"impact/gold_retain": gold.n_retain, "impact/gold_invert": gold.n_invert,
+        info.update({"impact/reference_shared": int(tied), "impact/gold_retain": gold.n_retain, "impact/gold_invert": gold.n_invert,
                      "impact/gold_punish": gold.n_punish, "impact/grad_norm_gold": float(g_gold.norm())})
         self.policy.zero_grad(set_to_none=True)
         return w, info
