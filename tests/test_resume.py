@@ -21,7 +21,7 @@ from conftest import FAST
 from trace_realign.data import StepStream
 from trace_realign.module import TraceModule
 from trace_realign.objective import ObjectiveConfig
-from trace_realign.resume import checkpoint_path
+from trace_realign.resume import checkpoint_path, resume_point
 
 
 def rows(n: int, start: int) -> list[dict]:
@@ -47,6 +47,15 @@ def test_a_resumed_stream_serves_the_tail_of_the_uninterrupted_one(workers, star
     tail = take(StepStream(data, sizes, pad_id=0, seed=1, start=start), 12 - start, workers)
     assert same(whole[start:], tail)
     assert not same(whole[: 12 - start], tail)  # and it is not simply the stream from its beginning
+
+
+def test_only_an_unfinished_run_resumes_and_a_finished_one_drops_its_checkpoints(tmp_path):
+    assert resume_point(tmp_path, finished=False) is None  # nothing saved: a fresh start
+    ckpt = checkpoint_path(tmp_path)
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"state")
+    assert resume_point(tmp_path, finished=False) == ckpt
+    assert resume_point(tmp_path, finished=True) is None and not ckpt.parent.exists()
 
 
 def lora_module(path: Path, seed: int) -> TraceModule:
