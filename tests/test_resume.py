@@ -21,7 +21,7 @@ from conftest import FAST
 from trace_realign.data import StepStream
 from trace_realign.module import TraceModule
 from trace_realign.objective import ObjectiveConfig
-from trace_realign.resume import checkpoint_path, resume_point
+from trace_realign.resume import StepCheckpoint, checkpoint_path, resume_point
 
 
 def rows(n: int, start: int) -> list[dict]:
@@ -56,6 +56,38 @@ def test_only_an_unfinished_run_resumes_and_a_finished_one_drops_its_checkpoints
     ckpt.write_bytes(b"state")
     assert resume_point(tmp_path, finished=False) == ckpt
     assert resume_point(tmp_path, finished=True) is None and not ckpt.parent.exists()
+
+
+class FakeTrainer:
+    """What StepCheckpoint reads of a trainer; save_checkpoint notes the step it saved."""
+
+    def __init__(self, max_steps: int):
+        self.global_step, self.max_steps, self.should_stop, self.is_global_zero = 0, max_steps, False, True
+        self.saved: list[int] = []
+
+    def save_checkpoint(self, path: Path, weights_only: bool = False) -> None:
+        Path(path).write_text(str(self.global_step))
+        self.saved.append(self.global_step)
+
+
+def test_checkpoints_fall_on_step_boundaries_and_never_once_training_is_over(tmp_path):
+    trainer = FakeTrainer(max_steps=9)
+    cb = StepCheckpoint(tmp_path / "last.ckpt", every_n_steps=3)
+    cb.on_train_start(trainer, None)
+    for step in (0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8, 8, 9):  # after each micro-batch, 2 per step
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, None)
+    # once per step, at its last micro-batch; never at max_steps (Lightning would skip the end hooks)
+    assert trainer.saved == [3, 6] and cb.path.read_text() == "6"
+    assert [f.name for f in tmp_path.iterdir()] == ["last.ckpt"]  # written beside it, then renamed
+
+    resumed, trainer.saved = StepCheckpoint(tmp_path / "last.ckpt", every_n_steps=3), []
+    trainer.global_step = 6
+    resumed.on_train_start(trainer, None)
+    resumed.on_train_batch_end(trainer, None)  # step 7's first micro-batch: the step resumed from is saved already
+    trainer.global_step, trainer.max_steps, trainer.should_stop = 9, 12, True
+    StepCheckpoint(tmp_path / "last.ckpt", every_n_steps=3).on_train_batch_end(trainer, None)  # a stop requested
+    assert trainer.saved == []
 
 
 def lora_module(path: Path, seed: int) -> TraceModule:

@@ -68,6 +68,11 @@ class StepCheckpoint(L.Callback):
         self.path, self.every = Path(path), every_n_steps
         self.last_saved = -1
 
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # A resumed run starts at a saved step: saving it again from within the next accumulation would
+        # record a loop position between micro-batches.
+        self.last_saved = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if step == 0 or step % self.every or step == self.last_saved:
