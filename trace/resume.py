@@ -55,11 +55,12 @@ def checkpoint_every(cfg: Any) -> int:
 class StepCheckpoint(L.Callback):
     """Saves the whole training state every `every_n_steps` optimizer steps to `path`.
 
-    Lightning's ModelCheckpoint writes in place, so a kill while it writes leaves a truncated file that
-    the re-run cannot load; this writes beside it and renames. Place it after the other callbacks: their
-    on_train_batch_end of the step (the selection's check) belongs in the checkpoint. No checkpoint is
-    written once training is over (max_steps reached, or a stop requested): Lightning would not run the
-    end-of-training hooks (the selection's restore) when resuming from it, so the step before serves.
+    Unlike Lightning's ModelCheckpoint, it writes no checkpoint once training is over (max_steps reached,
+    or a stop requested): resuming from one, Lightning skips the end-of-training hooks (the selection's
+    restore of its best parameters), so a run killed after training resumes from the checkpoint before.
+    It writes beside `path` and renames (one filesystem: a kill never leaves half a file there). Place
+    it after the other callbacks: their on_train_batch_end of the step (the selection's check) belongs
+    in the checkpoint.
     """
 
     def __init__(self, path: Path, every_n_steps: int):
