@@ -86,28 +86,43 @@ class StepStream(IterableDataset):
 
     Within a category the samples are drawn without replacement until it is exhausted, then reshuffled
     (epochs per category), so every pair is seen equally often whatever the category sizes.
+
+    `start` batches of this rank's stream were consumed before (a resumed run): the stream continues
+    with batch `start`, its draws replayed without collating. Each DataLoader worker has its own
+    generator and the loader takes their batches in turn, so resumed worker w plays the part of the
+    worker that would have produced batch start + w.
     """
 
-    def __init__(self, rows: Mapping[str, list[dict[str, Any]]], batch_size: Mapping[str, int], pad_id: int, seed: int):
-        self.rows, self.batch_size, self.pad_id, self.seed = rows, batch_size, pad_id, seed
+    def __init__(self, rows: Mapping[str, list[dict[str, Any]]], batch_size: Mapping[str, int], pad_id: int, seed: int,
+                 start: int = 0):
+        self.rows, self.batch_size, self.pad_id, self.seed, self.start = rows, batch_size, pad_id, seed, start
 
     def __iter__(self) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
         rank, _ = _rank_and_world()
         info = torch.utils.data.get_worker_info()
-        rng = random.Random(f"{self.seed}:{rank}:{info.id if info else 0}")
-        orders = {c: [] for c in self.rows}
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, skip = (self.start + worker) % workers, (self.start + worker) // workers
+        rng = random.Random(f"{self.seed}:{rank}:{worker}")
+        orders: dict[str, list[int]] = {c: [] for c in self.rows}
+        for _ in range(skip):
+            self._draw(rng, orders)
         while True:
-            step = {}
-            for cat, rows in self.rows.items():
-                if not rows:
-                    continue
-                picked = []
-                while len(picked) < min(self.batch_size[cat], len(rows)):
-                    if not orders[cat]:
-                        orders[cat] = rng.sample(range(len(rows)), len(rows))
-                    picked.append(rows[orders[cat].pop()])
-                step[cat] = collate(picked, self.pad_id)
-            yield step
+            yield {cat: collate([self.rows[cat][i] for i in picked], self.pad_id)
+                   for cat, picked in self._draw(rng, orders).items()}
+
+    def _draw(self, rng: random.Random, orders: dict[str, list[int]]) -> dict[str, list[int]]:
+        """One step's row numbers per category (the generator's draws are the stream's whole state)."""
+        step = {}
+        for cat, rows in self.rows.items():
+            if not rows:
+                continue
+            picked = []
+            while len(picked) < min(self.batch_size[cat], len(rows)):
+                if not orders[cat]:
+                    orders[cat] = rng.sample(range(len(rows)), len(rows))
+                picked.append(orders[cat].pop())
+            step[cat] = picked
+        return step
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -161,6 +176,7 @@ class TriagedDataModule(L.LightningDataModule):
         self.splits: dict[str, list[PreferencePair]] = {}
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.stats: dict[str, float] = {}
+        self.start = 0  # batches this rank's stream served before a checkpoint it resumes from
         self._prepared = False
 
     # -- the data stages, once, on rank 0 (pipeline.py) --
@@ -272,5 +288,21 @@ class TriagedDataModule(L.LightningDataModule):
         return sum(len(self.splits[c]) for c in self.weighted)
 
     def train_dataloader(self) -> DataLoader:
-        stream = StepStream(self.rows, self.batch_size, self.tokenizer.pad_token_id, self.seed)
+        stream = StepStream(self.rows, self.batch_size, self.tokenizer.pad_token_id, self.seed, start=self.start)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+
+    # -- a checkpoint's position in the stream (resume.py) --
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: every optimizer step consumed accumulate_grad_batches batches of each
+        rank's stream (checkpoints are written at step boundaries), and the rows it draws from."""
+        trainer = self.trainer
+        return {"batches": trainer.global_step * trainer.accumulate_grad_batches,
+                "rows": {c: len(r) for c, r in self.rows.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rows = {c: len(r) for c, r in self.rows.items()}
+        if state["rows"] != rows:
+            where = getattr(self.trainer, "ckpt_path", None) or "the checkpoint"
+            raise ValueError(f"{where} was written for a stream over {state['rows']} rows, this run serves {rows}: "
+                             f"it is another run's state; delete {where} to start afresh")
+        self.start = int(state["batches"])

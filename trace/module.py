@@ -43,6 +43,7 @@ from trace_realign.objective import (
 )
 from trace_realign.losses import relational_loss
 from trace_realign.records import INVERT, PUNISH, RETAIN
+from trace_realign.resume import rng_states, set_rng_states
 from trace_realign.sequences import sequence_logps
 from trace_realign.strategies import is_sharded
 
@@ -97,6 +98,12 @@ class TraceModule(L.LightningModule):
         # Under a sharded strategy: the trainable parameters to evaluate and save, whole, on rank 0 (on_train_end).
         self.final_state: dict[str, torch.Tensor] | None = None
         self._parallelized = False
+        # Resuming: the step the checkpoint was written at, and the generators' states to restore once
+        # the training loop has started (Lightning draws a DataLoader seed from torch's before that).
+        self.resumed, self.resumed_from_step = False, 0
+        self._rng_to_restore: dict[str, Any] | None = None
+        # A checkpoint holds the trainable parameters only (checkpoint_keys); on_load_checkpoint checks it.
+        self.strict_loading = False
 
     # -- model --
     def configure_model(self) -> None:
@@ -155,10 +162,61 @@ class TraceModule(L.LightningModule):
             self.weights = torch.empty_like(state_dict["weights"])
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    # -- checkpoints (resume.py): the trainable state only, never the frozen base or reference --
+    def checkpoint_keys(self) -> set[str]:
+        """State-dict keys a checkpoint holds: the trainable parameters (LoRA adapters, or the whole policy
+        under full fine-tuning) and the module's own buffers (the impact weights)."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return trainable | {n for n, _ in self.named_buffers(recurse=False)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keys = self.checkpoint_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        # what metrics.json and data/impact.jsonl read, and the reference log-probs already served
+        # (recomputed in another batch they could differ in the last bits)
+        checkpoint["trace"] = {
+            "impact_info": {k: float(v) for k, v in self.impact_info.items()},
+            "impact_raw": self.impact_raw.clone(), "impact_seconds": self.impact_seconds,
+            "first_losses": dict(self.first_losses), "last_losses": dict(self.last_losses),
+            "stop_reason": self.stop_reason,
+            "reference_cache": {"rows": dict(self.reference_cache.rows), "hits": self.reference_cache.hits,
+                                "misses": self.reference_cache.misses},
+            "rng": rng_states(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        where = (self._trainer.ckpt_path if self._trainer is not None else None) or "the checkpoint"
+        have, want = set(checkpoint["state_dict"]), self.checkpoint_keys()
+        if have != want or "trace" not in checkpoint:
+            extra, lacking = sorted(have - want), sorted(want - have)
+            raise ValueError(f"{where} does not hold this run's trainable state ({len(extra)} unexpected keys, e.g. "
+                             f"{extra[:3]}; {len(lacking)} missing, e.g. {lacking[:3]}): delete it to start afresh")
+        state = checkpoint["trace"]
+        self.impact_info, self.impact_raw = dict(state["impact_info"]), state["impact_raw"]
+        self.impact_seconds, self.stop_reason = float(state["impact_seconds"]), state["stop_reason"]
+        self.first_losses, self.last_losses = dict(state["first_losses"]), dict(state["last_losses"])
+        cache = state["reference_cache"]
+        self.reference_cache.rows = dict(cache["rows"])
+        self.reference_cache.hits, self.reference_cache.misses = int(cache["hits"]), int(cache["misses"])
+        self._rng_to_restore = state["rng"]
+        self.resumed, self.resumed_from_step = True, int(checkpoint["global_step"])
+        log.info("resuming from %s at step %d", where, self.resumed_from_step)
+
+    def on_train_start(self) -> None:
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
     # -- stage 2: impact weights at theta_ref --
     def on_fit_start(self) -> None:
-        if self.weights.numel():
-            return  # resumed: the weights were computed at theta_ref and came with the checkpoint
+        if self.resumed:
+            # the weights were computed at theta_ref and came with the checkpoint; they must fit this data
+            n = self.trainer.datamodule.num_conflicts
+            if self.weights.numel() != n:
+                raise ValueError(f"{self.trainer.ckpt_path} holds {self.weights.numel()} impact weights, this run's "
+                                 f"data has {n} weighted pairs: delete the checkpoint to start afresh")
+            self.weights = self.weights.to(self.device)
+            return
         start = time.time()
         dm = self.trainer.datamodule
         n = dm.num_conflicts

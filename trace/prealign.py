@@ -117,6 +117,7 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
         s.data[key] = value  # a stage trains on all its data: realignment's splits, sizes and noise are not its
     s.eval.enabled = False
     s.select = {"enabled": False}  # M_old follows pi_old: nothing may select it by pi_new
+    s.checkpoint = {"every_n_steps": None}  # a stage trains in a temporary folder that no re-run finds
     s.pop("judge", None)
     # Stage data come labelled (StageData.triaged) and a stage neither evaluates nor selects: no oracle is
     # asked anything, so none is built. The run's own could not serve: one bound to the dataset's

@@ -20,9 +20,9 @@ RUN_FILE = "run.json"
 FAILED_FILE = "FAILED"
 # Settings that change where or how visibly a run works, never what it computes.
 VOLATILE = ("paths.", "trainer.enable_progress_bar", "oracle.progress", "judge.progress", "logger.", "tags",
-            "quiet", "task_name", "report.")
+            "quiet", "task_name", "report.", "checkpoint.")
 # What a finished or half-finished run leaves behind.
-OUTPUTS = ("metrics.json", "generations.jsonl", "data", "adapter", "model", "config.yaml")
+OUTPUTS = ("metrics.json", "generations.jsonl", "data", "adapter", "model", "config.yaml", "checkpoints")
 
 
 class RunDirError(RuntimeError):

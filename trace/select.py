@@ -87,7 +87,8 @@ class SelectByOracle(L.Callback):
                 self.best_score, self.best_step, self.best_state = score, step, state
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self._consider(trainer, module)  # step 0: theta_ref itself is a candidate
+        if not self.history:  # (a resumed run has judged theta_ref already: its history came with the checkpoint)
+            self._consider(trainer, module)  # step 0: theta_ref itself is a candidate
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step % self.every == 0:
@@ -107,6 +108,21 @@ class SelectByOracle(L.Callback):
                     for name, value in self.best_state.items():
                         params[name].copy_(value.to(params[name].device))
         log.info("select: kept step %d (selection TPA %.1f) of %s", self.best_step, self.best_score, self.history)
+
+    # -- in a checkpoint (resume.py): what was judged so far and the best parameters --
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [list(h) for h in self.history], "best_score": self.best_score, "best_step": self.best_step,
+                "best_state": self.best_state, "seconds": self.seconds, "every": self.every,
+                "prompts": len(self.prompts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["every"], state["prompts"]) != (self.every, len(self.prompts)):
+            raise ValueError(f"the checkpoint's selection checked every {state['every']} steps on {state['prompts']} "
+                             f"prompts, this run every {self.every} on {len(self.prompts)}: it is another run's state; "
+                             "delete the checkpoint to start afresh")
+        self.history = [(int(step), float(score)) for step, score in state["history"]]
+        self.best_score, self.best_step = float(state["best_score"]), int(state["best_step"])
+        self.best_state, self.seconds = state["best_state"], float(state["seconds"])
 
     def metrics(self) -> dict[str, float]:
         return {"select/best_step": float(self.best_step), "select/best_tpa": self.best_score,

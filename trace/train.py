@@ -19,7 +19,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from trace_realign import rundir
+from trace_realign import resume, rundir
 from trace_realign.data import TriagedDataModule, launched_as_rank_zero
 from trace_realign.logs import framework_quiet
 from trace_realign.model import load_for_eval, load_tokenizer, resolve_model_path
@@ -43,8 +43,11 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     quiet = bool(cfg.get("quiet", False))
     check_distributed(cfg)  # a trainer that cannot carry this run stops here, before any oracle call
+    # a run that wrote metrics.json finished: its re-run starts afresh; one that did not resumes (resume.py)
+    finished = (out / "metrics.json").is_file()
     if launched_as_rank_zero():
         rundir.claim(out, cfg)  # a folder holding another configuration's run stops us here
+    ckpt = resume.resume_point(out, finished and launched_as_rank_zero())
     pin_threads(cfg.get("threads"))
     seed_everything(cfg.seed)
 
@@ -82,6 +85,9 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
             every_n_steps=int(select.every_n_steps), max_new_tokens=cfg.eval.max_new_tokens,
             batch_size=cfg.eval.batch_size,
         ))
+    every = resume.checkpoint_every(cfg)
+    if every and not method.retrain:
+        callbacks.append(resume.StepCheckpoint(resume.checkpoint_path(out), every))  # last: after selection's check
     with framework_quiet(quiet):
         trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
@@ -115,13 +121,16 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         final = load_for_eval(gold_path, OmegaConf.to_container(cfg.model, resolve=True)).to(device)
         steps = 0
     else:
+        if ckpt is not None:
+            log.info("resuming the unfinished run in %s from %s", out, ckpt)
         with framework_quiet(quiet):
-            trainer.fit(module, datamodule=datamodule)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         steps = trainer.global_step
         if trainer.is_global_zero:
             final = module.final_policy()  # under FSDP, a whole copy with the gathered parameters
         for cb in callbacks:
-            metrics.update(cb.metrics())
+            if hasattr(cb, "metrics"):
+                metrics.update(cb.metrics())
         timings["time/impact_seconds"] = module.impact_seconds
         timings["time/select_seconds"] = sum(getattr(cb, "seconds", 0.0) for cb in callbacks)
         metrics.update({k: float(v) for k, v in module.impact_info.items()})
@@ -133,7 +142,8 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         metrics["train/stopped_by_grad_norm"] = int(module.stop_reason == "grad_norm")
     if isinstance(oracle, NoisyOracle):
         metrics["oracle/noise"], metrics["oracle/noise_flipped"] = oracle.p, oracle.flipped
-    metrics.update({"train/steps": steps, "train/seconds": time.time() - t_fit})
+    metrics.update({"train/steps": steps, "train/seconds": time.time() - t_fit,
+                    "train/resumed_from_step": module.resumed_from_step})
 
     if trainer.is_global_zero:
         if cfg.eval.enabled:
@@ -158,6 +168,7 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         metrics["time/total_seconds"] = time.time() - start
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         write_metrics(out / "metrics.json", metrics)
+        resume.discard(out)  # finished: the saved adapter or model is the result, the checkpoints are spent
         for lg in loggers:
             lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=steps)
         if not quiet:
