@@ -124,9 +124,15 @@ def test_a_lora_checkpoint_holds_only_the_trainable_state_and_loads_back(tmp_pat
     assert loaded.resumed_from_step == 4 and loaded.first_losses == {"train/first_loss": 0.7}
 
     # weights for other data are an error naming the file, never used
-    loaded._trainer = SimpleNamespace(datamodule=SimpleNamespace(num_conflicts=3), ckpt_path="run/last.ckpt")
+    loaded._trainer = SimpleNamespace(datamodule=SimpleNamespace(num_conflicts=3), ckpt_path="run/last.ckpt",
+                                      world_size=1, global_rank=0)
     with pytest.raises(ValueError, match="run/last.ckpt holds 2 impact weights.*3 weighted pairs"):
-        loaded.on_fit_start()
+        loaded.on_load_checkpoint(checkpoint)
+    # and one written by a run of another number of processes (each drew its own batches)
+    loaded._trainer = SimpleNamespace(datamodule=SimpleNamespace(num_conflicts=2), ckpt_path="run/last.ckpt",
+                                      world_size=2, global_rank=1)
+    with pytest.raises(ValueError, match="written by a run of 1 processes, this one has 2"):
+        loaded.on_load_checkpoint(checkpoint)
     # a checkpoint holding more (or less) than this run trains is refused
     frozen = next(n for n in saved.state_dict() if n not in trainable and n != "weights")
     with pytest.raises(ValueError, match="does not hold this run's trainable state"):
@@ -139,9 +145,15 @@ IGNORED = ("seconds", "train/resumed_from_step", "prealign/cached", "prealign/st
 STEPS, EVERY = 8, 3
 
 
-def command(out: Path) -> list[str]:
+# FSDP2 over two gloo processes: each rank's reference log-probs and generators come back to it, and the
+# sharded parameters and optimizer state are restored whole.
+STRATEGIES = {"one_process": [], "fsdp2": ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+                                           "trainer.precision=32-true"]}
+
+
+def command(out: Path, strategy: str = "one_process") -> list[str]:
     exe = Path(sys.executable).parent / "trace-realign"
-    return [str(exe), *FAST, "select.enabled=true", "select.every_n_steps=2", "select.prompts=8",
+    return [str(exe), *FAST, *STRATEGIES[strategy], "select.enabled=true", "select.every_n_steps=2", "select.prompts=8",
             f"trainer.max_steps={STEPS}", f"checkpoint.every_n_steps={EVERY}", "eval.max_new_tokens=8",
             # evaluation after training only, without lm-eval and attacks: it reads the result, and costs
             # each of the three processes seconds (the "before" one is deterministic and simply re-runs)
@@ -157,24 +169,27 @@ def results(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    env = {**os.environ, "TRACE_CACHE_DIR": str(tmp_path / "cache")}
-    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, timeout=600, env=env)
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, strategy, cache_dir):
+    env = {**os.environ, "TRACE_CACHE_DIR": str(cache_dir)}
+    whole = subprocess.run(command(tmp_path / "whole", strategy), capture_output=True, text=True, timeout=600, env=env)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert not (tmp_path / "whole" / "checkpoints").exists()  # a finished run keeps no checkpoints
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    # a new session: the kill takes every process of the run (a launched rank dies with its launcher)
+    proc = subprocess.Popen(command(out, strategy), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
     ckpt, deadline = checkpoint_path(out), time.time() + 300
     while not ckpt.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert ckpt.is_file() and not (out / "metrics.json").exists(), "the run was not killed in mid-training"
     step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
     assert 0 < step < STEPS and step % EVERY == 0
 
-    again = subprocess.run(command(out), capture_output=True, text=True, timeout=600, env=env)
+    again = subprocess.run(command(out, strategy), capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"at step {step}" in again.stdout + again.stderr
     assert json.loads((out / "metrics.json").read_text())["train/resumed_from_step"] == step

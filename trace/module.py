@@ -179,14 +179,24 @@ class TraceModule(L.LightningModule):
             "impact_raw": self.impact_raw.clone(), "impact_seconds": self.impact_seconds,
             "first_losses": dict(self.first_losses), "last_losses": dict(self.last_losses),
             "stop_reason": self.stop_reason,
-            "reference_cache": {"rows": dict(self.reference_cache.rows), "hits": self.reference_cache.hits,
-                                "misses": self.reference_cache.misses},
-            "rng": rng_states(),
+            # each rank's own: the reference log-probs it served and its generators (rank 0 writes them all)
+            "ranks": self._per_rank({"reference_cache": {"rows": dict(self.reference_cache.rows),
+                                                         "hits": self.reference_cache.hits,
+                                                         "misses": self.reference_cache.misses},
+                                     "rng": rng_states()}),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         where = (self._trainer.ckpt_path if self._trainer is not None else None) or "the checkpoint"
-        have, want = set(checkpoint["state_dict"]), self.checkpoint_keys()
+        if "state_dict" in checkpoint:
+            saved = checkpoint["state_dict"]
+        else:  # a sharded strategy has loaded the parameters itself, and passes the rest: read the file's keys
+            saved = torch.load(where, map_location="cpu", mmap=True, weights_only=True)["state_dict"]
+        have, want = set(saved), self.checkpoint_keys()
+        n = self.trainer.datamodule.num_conflicts if self._trainer is not None and self.trainer.datamodule else None
+        if n is not None and "weights" in saved and saved["weights"].numel() != n:
+            raise ValueError(f"{where} holds {saved['weights'].numel()} impact weights, this run's data has {n} "
+                             "weighted pairs: delete the checkpoint to start afresh")
         if have != want or "trace" not in checkpoint:
             extra, lacking = sorted(have - want), sorted(want - have)
             raise ValueError(f"{where} does not hold this run's trainable state ({len(extra)} unexpected keys, e.g. "
@@ -195,12 +205,31 @@ class TraceModule(L.LightningModule):
         self.impact_info, self.impact_raw = dict(state["impact_info"]), state["impact_raw"]
         self.impact_seconds, self.stop_reason = float(state["impact_seconds"]), state["stop_reason"]
         self.first_losses, self.last_losses = dict(state["first_losses"]), dict(state["last_losses"])
-        cache = state["reference_cache"]
+        world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
+        if len(state["ranks"]) != world:
+            raise ValueError(f"{where} was written by a run of {len(state['ranks'])} processes, this one has {world} "
+                             "(each draws its own batches): resume with as many, or delete it to start afresh")
+        mine = state["ranks"][rank]
+        cache = mine["reference_cache"]
         self.reference_cache.rows = dict(cache["rows"])
         self.reference_cache.hits, self.reference_cache.misses = int(cache["hits"]), int(cache["misses"])
-        self._rng_to_restore = state["rng"]
+        self._rng_to_restore = mine["rng"]
         self.resumed, self.resumed_from_step = True, int(checkpoint["global_step"])
         log.info("resuming from %s at step %d", where, self.resumed_from_step)
+
+    def _per_rank(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's `state`, in rank order (a collective: every rank dumps a checkpoint)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return [state]
+        states: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(states, state)
+        return states
+
+    def _all_ranks(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank (a collective)."""
+        t = torch.tensor(int(flag), device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t)
 
     def on_train_start(self) -> None:
         if self._rng_to_restore is not None:
@@ -210,12 +239,14 @@ class TraceModule(L.LightningModule):
     # -- stage 2: impact weights at theta_ref --
     def on_fit_start(self) -> None:
         if self.resumed:
-            # the weights were computed at theta_ref and came with the checkpoint; they must fit this data
-            n = self.trainer.datamodule.num_conflicts
-            if self.weights.numel() != n:
-                raise ValueError(f"{self.trainer.ckpt_path} holds {self.weights.numel()} impact weights, this run's "
-                                 f"data has {n} weighted pairs: delete the checkpoint to start afresh")
+            # the weights were computed at theta_ref and came with the checkpoint (sized to this data: checked
+            # on loading)
             self.weights = self.weights.to(self.device)
+            return
+        if self.trainer.ckpt_path and self.trainer.strategy.restore_checkpoint_after_setup:
+            # A sharded strategy restores the checkpoint after this hook: the weights come with it, into a
+            # buffer of this data's size; theta_ref's scores are not recomputed.
+            self.weights = torch.zeros(self.trainer.datamodule.num_conflicts, device=self.device)
             return
         start = time.time()
         dm = self.trainer.datamodule
@@ -325,7 +356,9 @@ class TraceModule(L.LightningModule):
             if term == "nll":
                 per_sample = nll(self.policy, part)
             else:
-                ref = self.reference_cache(self.policy, self.reference, category, part)
+                # under FSDP every rank runs the reference's forward or none does (its layers gather in step)
+                agree = self._all_ranks if self.sharded and self.trainer.world_size > 1 else None
+                ref = self.reference_cache(self.policy, self.reference, category, part, agree)
                 pol = sequence_logps(forward_logits(self.policy, part), part["labels"])
                 per_sample = sequence_losses(term, pol, ref, cfg)
             if category in cfg.weighted:  # the conflict set (or the method's weighted set) carries the weights

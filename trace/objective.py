@@ -16,7 +16,7 @@ the order TERM_RESPONSES gives. Single-response terms hold one row per sample.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -148,11 +148,15 @@ class ReferenceCache:
         self.hits = self.misses = 0
 
     def __call__(self, policy: nn.Module, reference: nn.Module | None, category: str,
-                 batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                 batch: dict[str, torch.Tensor], agree: Callable[[bool], bool] | None = None) -> torch.Tensor:
+        """`agree`: whether every process hits too (processes that run the reference's forward together)."""
         index = batch["index"].tolist()
         per_row = len(batch["labels"]) // len(index)  # rows stack [first; second] for pair terms
         keys = [(category, i) for i in index]
-        if all(k in self.rows for k in keys):
+        hit = all(k in self.rows for k in keys)
+        if agree is not None:
+            hit = agree(hit)
+        if hit:
             self.hits += 1
             cached = [[self.rows[k][j] for k in keys] for j in range(per_row)]
             return torch.tensor([v for part in cached for v in part], dtype=torch.float32, device=batch["labels"].device)

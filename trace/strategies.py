@@ -72,6 +72,14 @@ class ShardedDataParallel(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # A checkpoint holds the module's trainable state only (TraceModule.on_save_checkpoint): gathering the
+        # frozen base too would move a whole model to rank 0 at every checkpoint.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_model_state_dict(self.model, options=options)
+
     def parallelize(self, model: torch.nn.Module) -> None:
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
