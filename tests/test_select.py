@@ -12,12 +12,18 @@ from trace_realign.select import SelectByOracle
 class Trainer:
     global_step = 0
     loggers: list = []
+    strategy = None  # one process: neither DDP nor FSDP
+    is_global_zero = True
+    world_size = 1
 
 
 class Module:
     def __init__(self):
         self.policy = torch.nn.Linear(2, 1)
         self.policy.bias.requires_grad_(False)  # frozen parameters are neither saved nor restored
+
+    def trainable_state(self):
+        return {n: p.detach().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
 
 
 class ScoreByWeight(SelectByOracle):
@@ -28,7 +34,7 @@ class ScoreByWeight(SelectByOracle):
         self.schedule = schedule
         self.trainer = None
 
-    def score(self, model):
+    def score(self, model, judge=True, synced=False):
         return self.schedule[self.trainer.global_step]
 
 
