@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from trace_realign.data import collate
 from trace_realign.impact import (
@@ -131,7 +132,11 @@ class TraceModule(L.LightningModule):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        state = get_model_state_dict(self.policy, options=options)
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):  # FSDP2: the policy is its own root
+            state = get_model_state_dict(self.policy, options=options)
+        else:  # FSDP1: the root wraps this module; its names end in those of the policy's
+            state = {k.split("policy.", 1)[1]: v for k, v in
+                     get_model_state_dict(self.trainer.strategy.model, options=options).items() if "policy." in k}
         names = {n for n, p in self.policy.named_parameters() if p.requires_grad}
         return {n: v for n, v in state.items() if n in names}  # (tied frozen weights come along otherwise)
 
