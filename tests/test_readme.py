@@ -87,8 +87,8 @@ COMMANDS: dict[str, How] = {
         "app", (*FAST_HUB, *HUB_LOCAL, *CPU_DDP),
         why="a tiny local Llama for the hub model (no downloads here); DDP as two CPU processes"),
     "trace-realign model=qwen2.5-7b trainer=fsdp": How(
-        "app", (*FAST_HUB, *HUB_LOCAL, *CPU_DDP),
-        why="a tiny local Llama for the hub model (no downloads here); FSDP2 as two CPU processes over gloo"),
+        "elsewhere", why="FSDP2 as two CPU processes over gloo: test_app.py's "
+                         "test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process runs it against one process"),
     "trace-realign dataset=jsonl dataset.train_path=pairs.jsonl dataset.test_path=test.jsonl oracle=openai": How(
         "app", (*FAST_ANY_DATA, *OPENAI)),
     # README: your own data
@@ -305,7 +305,7 @@ def check_outputs(command: str, how: How, work: Path, res: subprocess.CompletedP
         assert {r.method for r in runs} == (swept or {"trace"})
     if "logger=wandb" in command:
         assert list(work.rglob("offline-run-*")), "without credentials wandb runs offline"
-    if "trainer=ddp" in command or "trainer=fsdp" in command:
+    if "trainer=ddp" in command:
         assert metrics[0]["train/world_size"] == 2
     if "oracle=openai" in command:  # asked, or answered from the verdict cache an earlier run filled
         assert all(m["oracle/calls"] + m["oracle/cached"] > 0 or m["data/cache_hits"] for m in metrics)
