@@ -63,14 +63,18 @@ def test_smollm2_trains_saves_and_stops_at_its_turn_end(smollm2_folder, tmp_path
                              for c, p, y, n in PAIRS))
     cfg = compose_cfg([
         "model=smollm2-135m", f"model.name_or_path={smollm2_folder}", "dataset=jsonl",
-        # uniform weights: impact scores take a backward pass per pair, minutes at this size on two cores
-        f"dataset.train_path={pairs}", "dataset.triaged=true", "trainer.max_steps=2", "method=no_impact",
+        f"dataset.train_path={pairs}", "dataset.triaged=true", "trainer.max_steps=2",
         "data.batch_size.invert=1", "data.batch_size.punish=1",
         "data.batch_size.retain=1", "select.enabled=false", "eval.enabled=false", "logger=none",
         "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
     ], tmp_path / "run")
     metrics = run(cfg)
     assert metrics["train/steps"] == 2 and metrics["train/first_loss"] > 0
+    # impact scores by the batched hooks on a real model's LoRA projections, the reference shared at theta_ref
+    assert metrics["impact/method"] == "batched" and metrics["impact/reference_shared"] == 1
+    impact = [json.loads(line) for line in (Path(cfg.paths.output_dir) / "data" / "impact.jsonl").read_text().splitlines()]
+    assert len(impact) == 4 and all(r["score"] is not None for r in impact)
+    assert sum(r["weight"] for r in impact) == pytest.approx(1.0)
     adapter = Path(cfg.paths.output_dir) / "adapter"
 
     # the tokenizer the run used and saved: SmolLM2's ChatML template, its turns ending with <|im_end|>
