@@ -427,18 +427,20 @@ def batched_impact_scores(
             if taps.rows is None:
                 raise RuntimeError("impact.method=batched: no tapped layer took part in the loss; set impact.method=loop")
             per_sample = taps.rows.view(-1, len(batch.samples)).sum(0).cpu()
-            if sharded:
-                if batch.counted:
-                    scores[batch.samples] = per_sample
-                continue
-            whole = sum((torch.sum(g.double() * gold[p].double()) for g, p in zip(grads, params) if g is not None),
-                        torch.zeros((), dtype=torch.float64, device=taps.rows.device)).cpu()
-            scale = max(float(per_sample.abs().sum()), float(whole.abs()), 1e-30)
-            if abs(float(per_sample.sum() - whole)) > check_rtol * scale:
-                raise RuntimeError(
-                    f"impact.method=batched: the batch's scores sum to {float(per_sample.sum()):.6g} but <g_J, g_batch> "
-                    f"is {float(whole):.6g}; some trainable parameter is used outside the tapped layers. "
-                    "Set impact.method=loop")
+            if not sharded:
+                _check_batch_sum(per_sample, grads, params, gold, check_rtol)
             if batch.counted:
                 scores[batch.samples] = per_sample
     return scores
+
+
+def _check_batch_sum(per_sample: torch.Tensor, grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor],
+                     gold: Mapping[torch.Tensor, torch.Tensor], rtol: float) -> None:
+    """sum_k w_k must equal <g_J, g_batch>: a trainable parameter used outside the tapped layers would not."""
+    terms = [torch.sum(g.double() * gold[p].double()) for g, p in zip(grads, params) if g is not None]
+    whole = float(torch.stack(terms).sum()) if terms else 0.0
+    scale = max(float(per_sample.abs().sum()), abs(whole), 1e-30)
+    if abs(float(per_sample.sum()) - whole) > rtol * scale:
+        raise RuntimeError(
+            f"impact.method=batched: the batch's scores sum to {float(per_sample.sum()):.6g} but <g_J, g_batch> "
+            f"is {whole:.6g}; some trainable parameter is used outside the tapped layers. Set impact.method=loop")

@@ -317,6 +317,24 @@ def reference_of(policy: nn.Module, reference: nn.Module | None) -> Iterator[nn.
         yield policy
 
 
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) value gathered whole, a collective every rank must join; any other tensor as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def load_trainable(policy: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy whole trainable parameters (a selection's best, or ones gathered from shards) into a policy; a
+    name it lacks, or one missing, is an error."""
+    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise RuntimeError(f"the trainable parameters to load do not match the policy: missing {missing[:5]}, "
+                           f"unexpected {extra[:5]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
 def policy_is_reference(policy: nn.Module, reference: nn.Module | None) -> bool:
     """Whether the policy still computes pi_ref bit for bit: plain LoRA adapters whose B factors are all zero
     (their initialisation: each adds exactly 0), or a full copy whose parameters equal the reference's.
@@ -325,8 +343,7 @@ def policy_is_reference(policy: nn.Module, reference: nn.Module | None) -> bool:
         named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
         if not named or not all(".lora_A." in n or ".lora_B." in n for n, _ in named):
             return False  # e.g. DoRA's magnitudes: the adapted output is not the base's exactly
-        whole = [p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in named if ".lora_B." in n]
-        return all(not bool(p.detach().any()) for p in whole)
+        return all(not bool(whole_tensor(p).detach().any()) for n, p in named if ".lora_B." in n)
     ref = dict(reference.named_parameters())
     return all(n in ref and torch.equal(p.detach(), ref[n].detach()) for n, p in policy.named_parameters())
 

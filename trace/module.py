@@ -30,7 +30,7 @@ from trace_realign.impact import (
     plan_batches,
     uniform_weights,
 )
-from trace_realign.model import load_policy, policy_is_reference, trainable_parameters
+from trace_realign.model import load_policy, load_trainable, policy_is_reference, trainable_parameters, whole_tensor
 from trace_realign.objective import (
     ObjectiveConfig,
     ReferenceCache,
@@ -382,7 +382,7 @@ class TraceModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Line 22: stop once ||grad L_TRACE|| <= epsilon."""
         # (a sharded gradient is a DTensor: its norm is reduced over ranks, so every rank decides alike)
-        grads = [_whole(p.grad.detach().float().norm()) for p in trainable_parameters(self.policy) if p.grad is not None]
+        grads = [whole_tensor(p.grad.detach().float().norm()) for p in trainable_parameters(self.policy) if p.grad is not None]
         norm = torch.stack(grads).norm() if grads else torch.zeros((), device=self.device)
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         if self.stop_grad_norm > 0 and float(norm) <= self.stop_grad_norm:
@@ -397,23 +397,6 @@ class TraceModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "step"}}
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value (a collective), or the tensor itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def load_trainable(policy: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy gathered trainable parameters into a whole policy; a name it lacks, or one missing, is an error."""
-    params = {n: p for n, p in policy.named_parameters() if p.requires_grad}
-    if set(params) != set(state):
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        raise RuntimeError(f"the gathered trainable parameters do not match the policy: missing {missing[:5]}, "
-                           f"unexpected {extra[:5]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-
-
 def sharded_gold_gradient(model: torch.nn.Module, params: list[torch.Tensor],
                           chunk_losses: list[Callable[[], torch.Tensor]]) -> dict[torch.Tensor, torch.Tensor]:
     """g_J under FSDP, whole on every rank, one tensor per (sharded) parameter. Every rank backpropagates
@@ -421,7 +404,7 @@ def sharded_gold_gradient(model: torch.nn.Module, params: list[torch.Tensor],
     model.zero_grad(set_to_none=True)
     for make_loss in chunk_losses:
         make_loss().backward()
-    out = {p: (_whole(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device)).detach().clone()
+    out = {p: (whole_tensor(p.grad) if p.grad is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device)).detach().clone()
            for p in params}
     model.zero_grad(set_to_none=True)
     return out

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 
 from trace_realign.eval import generate
+from trace_realign.model import load_trainable
 from trace_realign.oracle import Oracle, Policy
 from trace_realign.strategies import is_sharded
 
@@ -103,10 +104,7 @@ class SelectByOracle(L.Callback):
             if is_sharded(trainer.strategy):
                 module.final_state = self.best_state  # the module's whole copy for evaluation and saving
             else:
-                params = dict(module.policy.named_parameters())
-                with torch.no_grad():
-                    for name, value in self.best_state.items():
-                        params[name].copy_(value.to(params[name].device))
+                load_trainable(module.policy, self.best_state)
         log.info("select: kept step %d (selection TPA %.1f) of %s", self.best_step, self.best_score, self.history)
 
     # -- in a checkpoint (resume.py): what was judged so far and the best parameters --

@@ -32,7 +32,7 @@ def _import(dotted: str) -> type | None:
         return None
 
 
-def layer_classes(dotted: Sequence[str]) -> set[type]:
+def import_layer_classes(dotted: Sequence[str]) -> set[type]:
     classes = {c for c in (_import(d) for d in dotted) if c is not None}
     if not classes:
         raise ValueError(f"trainer.strategy.layer_classes: none of {list(dotted)} could be imported")
@@ -44,7 +44,7 @@ def fsdp(layer_classes: Sequence[str], sharding_strategy: str = "FULL_SHARD", **
     trainable parameters can share a flat parameter."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    classes = _layer_classes(layer_classes)
+    classes = import_layer_classes(layer_classes)
     return FSDPStrategy(
         auto_wrap_policy=classes,
         activation_checkpointing_policy=classes if kwargs.pop("activation_checkpointing", False) else None,
@@ -53,8 +53,6 @@ def fsdp(layer_classes: Sequence[str], sharding_strategy: str = "FULL_SHARD", **
         **kwargs,
     )
 
-
-_layer_classes = layer_classes
 
 
 class ShardedDataParallel(ModelParallelStrategy):
@@ -83,7 +81,7 @@ class ShardedDataParallel(ModelParallelStrategy):
     def parallelize(self, model: torch.nn.Module) -> None:
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-        classes = tuple(_layer_classes(self.layer_class_names))
+        classes = tuple(import_layer_classes(self.layer_class_names))
         mesh = self.device_mesh["data_parallel"]
         layers = [m for m in model.modules() if isinstance(m, classes)]
         if not layers:
