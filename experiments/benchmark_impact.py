@@ -148,7 +148,7 @@ def compare(loop: dict[str, Any], batched: dict[str, Any], pairs: int, gamma: fl
 
 def markdown(r: dict[str, Any], command: str) -> str:
     loop_note = f" (extrapolated from {r['loop_pairs']} pairs)" if r["loop_extrapolated"] else ""
-    rows = [("conflict pairs", r["pairs"]), ("parameters / trainable", f"{r['parameters']:,} / {r['trainable']:,}"),
+    rows = [("conflict pairs", r["pairs"]), ("batch size", r["batch_size"]), ("device", r.get("gpu", r["device"])), ("parameters / trainable", f"{r['parameters']:,} / {r['trainable']:,}"),
             ("gold gradient (s)", f"{r['gold_seconds']:.2f}"),
             ("loop (s)" + loop_note, f"{r['loop_seconds']:.2f}"), ("batched (s)", f"{r['batched_seconds']:.2f}"),
             ("speed-up", f"{r['speedup']:.1f}x"), ("max per-sample relative error", f"{r['max_rel_error']:.2e}"),
@@ -166,39 +166,48 @@ def main() -> None:
     ap.add_argument("--loop-pairs", type=int, default=None, help="score only this many with the loop (extrapolated)")
     ap.add_argument("--config", default="tiny", help=f"model: one of {list(PRESETS)}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch-size", type=int, default=8, help="impact.batch_size")
-    ap.add_argument("--out", type=Path, default=None, help="folder for impact_<config>.json and .md")
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[8],
+                    help="impact.batch_size; several sizes are each compared with one loop run")
+    ap.add_argument("--out", type=Path, default=None, help="folder for impact_<config>[_b<size>].json and .md")
     ap.add_argument("--method", choices=["loop", "batched"], help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="config overrides (after --), e.g. model.build.num_hidden_layers=8")
     args = ap.parse_args()
     if args.config not in PRESETS:
         raise SystemExit(f"--config {args.config!r}: expected one of {list(PRESETS)}")
-    args.overrides = [*PRESETS[args.config], f"impact.batch_size={args.batch_size}", *args.overrides]
+    if min(args.batch_size) < 1:
+        raise SystemExit(f"--batch-size {args.batch_size}: every size must be >= 1")
+    user = list(args.overrides)
     if args.method:
+        args.overrides = [*PRESETS[args.config], f"impact.batch_size={args.batch_size[0]}", *user]
         child(args)
         return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("loop", "batched"):
-            out = Path(tmp) / f"{method}.pt"
+        # the loop does not batch: one run serves every batch size
+        for method, size in [("loop", args.batch_size[0]), *(("batched", b) for b in args.batch_size)]:
+            out = Path(tmp) / f"{method}_{size}.pt"
             cmd = [sys.executable, __file__, "--method", method, "--result", str(out), "--pairs", str(args.pairs),
-                   "--device", args.device, "--batch-size", str(args.batch_size), "--config", args.config]
+                   "--device", args.device, "--batch-size", str(size), "--config", args.config]
             if args.loop_pairs:
                 cmd += ["--loop-pairs", str(args.loop_pairs)]
-            print(f"{method}: scoring ...", flush=True)
-            subprocess.run([*cmd, "--", *args.overrides[len(PRESETS[args.config]) + 1:]], check=True)
-            results[method] = torch.load(out)
-    report = {**compare(results["loop"], results["batched"], args.pairs), "config": args.config, "device": args.device,
-              "batch_size": args.batch_size, "torch_threads": torch.get_num_threads()}
-    command = "python experiments/benchmark_impact.py " + " ".join(sys.argv[1:])
-    text = markdown(report, command.strip())
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"impact_{args.config}.json").write_text(json.dumps({**report, "command": command}, indent=2) + "\n")
-        (args.out / f"impact_{args.config}.md").write_text(text)
-
+            print(f"{method}{f' (batch {size})' if method == 'batched' else ''}: scoring ...", flush=True)
+            subprocess.run([*cmd, "--", *user], check=True)
+            results[(method, size)] = torch.load(out)
+    command = ("python experiments/benchmark_impact.py " + " ".join(sys.argv[1:])).strip()
+    loop = results[("loop", args.batch_size[0])]
+    for size in args.batch_size:
+        report = {**compare(loop, results[("batched", size)], args.pairs), "config": args.config,
+                  "device": args.device, "batch_size": size, "torch_threads": torch.get_num_threads()}
+        if args.device.startswith("cuda"):
+            report["gpu"] = torch.cuda.get_device_name(0)
+        text = markdown(report, command)
+        print(text)
+        if args.out:
+            name = f"impact_{args.config}" + (f"_b{size}" if len(args.batch_size) > 1 else "")
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{name}.json").write_text(json.dumps({**report, "command": command}, indent=2) + "\n")
+            (args.out / f"{name}.md").write_text(text)
 
 if __name__ == "__main__":
     main()

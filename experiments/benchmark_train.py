@@ -4,6 +4,7 @@
     python experiments/benchmark_train.py --device cuda --hidden-size 1024 --layers 8 --batch-size 8
     python experiments/benchmark_train.py --steps 5 --warmup 1 -- model.lora.r=8   # Hydra overrides after --
     python experiments/benchmark_train.py -- threads=1     # a busy CPU: one thread times far more steadily
+    python experiments/benchmark_train.py --device cuda --trainer fsdp1 --only trace_lora dpo_lora -- trainer.devices=1
 
 Every configuration is the real training path: the configs composed with compose() as `trace-realign`
 composes them, the embedded benchmark's DataModule (triage, its StepStream) and TraceModule.training_step
@@ -132,7 +133,7 @@ def configurations(args: argparse.Namespace) -> list[Config]:
 
 def run_overrides(args: argparse.Namespace, model_path: str) -> list[str]:
     """What every configuration's run shares: the model folder, device, sizes, the window's length."""
-    trainer = "trainer=gpu" if args.device == "cuda" else "trainer=cpu"
+    trainer = trainer_override(args)
     weights = [] if args.impact else ["method.weights=uniform"]
     # the user's overrides first: the model is then the folder built above (its build and prealign settings,
     # which the user's may name, are dropped after them)
@@ -140,6 +141,10 @@ def run_overrides(args: argparse.Namespace, model_path: str) -> list[str]:
             "model.prealign=null", f"data.max_length={args.max_length}",
             f"data.max_prompt_length={min(args.max_length // 2, 64)}", f"trainer.max_steps={args.warmup + args.steps}",
             f"paths.cache_dir={cache_dir()}"]
+
+
+def trainer_override(args: argparse.Namespace) -> str:
+    return f"trainer={args.trainer or ('gpu' if args.device == 'cuda' else 'cpu')}"
 
 
 def cache_dir() -> str:
@@ -418,8 +423,13 @@ def verdicts(results: dict[str, Result]) -> list[dict[str, Any]]:
 
 def report(results: dict[str, Result], configs: list[Config], args: argparse.Namespace, model: dict[str, Any]) -> str:
     device = args.device
-    memory = "CUDA max allocated" if device == "cuda" else "peak RSS"
-    lines = [f"Training step benchmark on {device} ({model['description']}; {args.warmup} warm-up + {args.steps} "
+    if device == "cuda":
+        import torch
+
+        device = f"{torch.cuda.get_device_name(0)}"
+    memory = "CUDA max allocated" if args.device == "cuda" else "peak RSS"
+    trainer = args.trainer or ("gpu" if args.device == "cuda" else "cpu")
+    lines = [f"Training step benchmark on {device}, trainer={trainer} ({model['description']}; {args.warmup} warm-up + {args.steps} "
              f"measured steps; reference cache {args.reference_cache}; max_length {args.max_length}; "
              f"B = {args.batch_size}, DPO matched by {args.dpo_match})", "",
              f"| config | measures | policy rows/step | ref. forwards | step ms median [IQR] | {memory} window MiB "
@@ -465,6 +475,9 @@ def contrasts(results: dict[str, Result]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--trainer", choices=sorted(p.stem for p in (CONF / "trainer").glob("*.yaml")),
+                        help="the trainer config (default: gpu on cuda, cpu on cpu); e.g. fsdp or fsdp1 with "
+                             "-- trainer.devices=1 to time one sharded GPU")
     parser.add_argument("--steps", type=int, default=20, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="steps run before the measured ones")
     parser.add_argument("--batch-size", type=int, default=8, help="B: TRACE's pairs per category per step")
@@ -503,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         if not torch.cuda.is_available():
             sys.exit("--device cuda: no CUDA device here")
     print("M_old of the embedded default (built once, then cached) ...", flush=True)
-    path = build_m_old(args.overrides)
+    path = build_m_old([*args.overrides, trainer_override(args)])  # built where the runs train (its cache key)
     model = {"path": path, "description": f"M_old of the embedded default ({path})"}
     if args.hidden_size:
         path = build_larger_llama(path, args.hidden_size, args.layers, args.heads, args.intermediate_size)

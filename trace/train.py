@@ -16,6 +16,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -111,6 +112,9 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         timings["time/eval_before_seconds"] = time.time() - t0
 
     t_fit = time.time()
+    on_cuda = device.type == "cuda"
+    if on_cuda:  # this rank's peak over the fit (impact scores, selection and steps), not the evaluation before
+        torch.cuda.reset_peak_memory_stats(device)
     final = module.policy
     if method.retrain:
         # The full re-training upper bound: no realignment of M_old; the pipeline that built it, re-run
@@ -144,6 +148,8 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         metrics["oracle/noise"], metrics["oracle/noise_flipped"] = oracle.p, oracle.flipped
     metrics.update({"train/steps": steps, "train/seconds": time.time() - t_fit,
                     "train/resumed_from_step": module.resumed_from_step})
+    if on_cuda:
+        metrics["train/peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
 
     if trainer.is_global_zero:
         if cfg.eval.enabled:
