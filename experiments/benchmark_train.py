@@ -91,7 +91,7 @@ class Result:
     device: str
     times_s: list[float] = field(default_factory=list)
     rows_per_step: list[int] = field(default_factory=list)
-    reference_forwards: int = 0  # ReferenceCache misses in the window (steps' sequence-term reference passes)
+    reference_forwards: int = 0  # ReferenceCache misses in the window (category batches whose log pi_ref was computed)
     cache_hits: int = 0
     peak_bytes: int = 0  # the measured window's peak (CUDA allocated or CPU RSS)
     start_bytes: int = 0  # allocated / RSS at the first measured step
@@ -432,7 +432,7 @@ def report(results: dict[str, Result], configs: list[Config], args: argparse.Nam
     lines = [f"Training step benchmark on {device}, trainer={trainer} ({model['description']}; {args.warmup} warm-up + {args.steps} "
              f"measured steps; reference cache {args.reference_cache}; max_length {args.max_length}; "
              f"B = {args.batch_size}, DPO matched by {args.dpo_match})", "",
-             f"| config | measures | policy rows/step | ref. forwards | step ms median [IQR] | {memory} window MiB "
+             f"| config | measures | policy rows/step | ref. batches | step ms median [IQR] | {memory} window MiB "
              f"| at window start MiB | window - start MiB | lifetime peak MiB | trainable / total params |",
              "|" + "---|" * 10]
     for c in configs:
@@ -447,9 +447,10 @@ def report(results: dict[str, Result], configs: list[Config], args: argparse.Nam
     for v in verdicts(results):
         lines.append(f"| {v['check']} | {v['ratio']:.3f} | {v['limit']} | {'PASS' if v['pass'] else 'FAIL'} | {v['numbers']} |")
     lines += ["", *contrasts(results)]
-    lines += ["", "policy rows/step: rows of the step's batches (a pair is two rows); ref. forwards: reference passes "
-              "of the sequence terms over the measured steps (the KL term's reference pass is not cached and not "
-              "counted). Memory is absolute; 'window - start' is for information only."]
+    lines += ["", "policy rows/step: rows of the step's batches (a pair is two rows); ref. batches: category batches "
+              "of the sequence terms whose log pi_ref was computed over the measured steps (a step computes all of "
+              "them, and the KL term's rows, which are never cached, in one reference forward). Memory is absolute; "
+              "'window - start' is for information only."]
     if args.overrides:
         lines.append(f"Overrides: {' '.join(args.overrides)}")
     return "\n".join(lines)

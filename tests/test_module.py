@@ -160,3 +160,85 @@ def test_oracle_punish_prefers_the_correction_row():
     (a, b), = pair_logratios(m, PUNISH_ROWS)
     n = len(WEIGHTS)
     assert m.last_losses["train/loss_punish"] == pytest.approx(n * WEIGHTS[4] * -log_sigmoid(0.5 * (a - b)), rel=1e-5)
+
+
+class Counting(Bigram):
+    """A Bigram counting its forward passes and the rows they carried."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.calls: list[int] = []
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        self.calls.append(len(input_ids))
+        return super().forward(input_ids, attention_mask, use_cache)
+
+
+def test_a_step_runs_one_policy_forward_and_at_most_one_reference_forward_over_every_category():
+    m = module(ObjectiveConfig(beta=0.5, alpha_kl=0.2))
+    m.policy, m.reference = Counting(0), Counting(1)
+    m.reference.requires_grad_(False)
+    parts = {INVERT: batch(INVERT_ROWS), PUNISH: batch(PUNISH_ROWS), RETAIN: batch(RETAIN_ROWS)}
+    first = m.training_step(parts, 0)
+    rows = 2 * len(INVERT_ROWS) + 2 * len(PUNISH_ROWS) + len(RETAIN_ROWS)
+    assert m.policy.calls == [rows] and m.reference.calls == [rows]
+    # cached log pi_ref: the reference runs on the KL's rows alone
+    again = m.training_step(parts, 1)
+    assert m.policy.calls == [rows, rows] and m.reference.calls == [rows, len(RETAIN_ROWS)]
+    assert float(again.detach()) == pytest.approx(float(first.detach()), rel=1e-12)  # the cached values are the computed ones
+    # no KL term and everything cached: no reference forward at all
+    m.training_step({INVERT: parts[INVERT], PUNISH: parts[PUNISH]}, 2)
+    assert m.reference.calls == [rows, len(RETAIN_ROWS)] and m.policy.calls[-1] == rows - len(RETAIN_ROWS)
+
+
+def test_fused_logits_of_right_padded_batches_are_each_batchs_own():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trace_realign.objective import forward_logits, fused_logits
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
+    rows = [[seq([5, 6, 7], [8, 9]), seq([5], [10, 11, 12, 13, 14])], [seq([3, 4], [1])],
+            [seq([9, 9, 9, 9], [2, 2, 2]), seq([1], [3])]]
+    parts = [collate([{"index": i, "first": r} for i, r in enumerate(b)], 0) for b in rows]
+    widths = {p["input_ids"].shape[1] for p in parts}
+    assert len(widths) == 3  # each batch its own width: the fused batch pads two of them further
+    with torch.no_grad():
+        fused = fused_logits(model, parts)
+        for part, logits in zip(parts, fused):
+            alone = forward_logits(model, part)
+            assert logits.shape == alone.shape
+            keep = part["attention_mask"].bool()  # positions after a row's end are padding in both
+            assert torch.allclose(logits[keep], alone[keep], atol=1e-5)
+
+
+def test_trainable_state_and_checkpoint_keys_use_the_unwrapped_names():
+    """FSDP1 (and activation checkpointing) wrap the decoder layers in place, so the policy's own parameter
+    names gain wrapper segments; what is saved, gathered and loaded back is named as in the bare model."""
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from trace_realign.model import load_trainable
+
+    def lora_llama():
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=2))
+        return get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+    m = module(ObjectiveConfig())
+    m.policy = lora_llama()
+    apply_activation_checkpointing(m.policy, check_fn=lambda mod: isinstance(mod, LlamaDecoderLayer))
+    assert any("_checkpoint_wrapped_module." in n for n, _ in m.policy.named_parameters())
+    state = m.trainable_state()
+    bare = lora_llama()
+    assert set(state) == {n for n, p in bare.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in bare.parameters():
+            p.zero_()
+    load_trainable(bare, state)
+    assert torch.equal(dict(bare.named_parameters())[next(iter(state))], next(iter(state.values())))
+    assert {k for k in m.checkpoint_keys() if k != "weights"} == {f"policy.{n}" for n in state}

@@ -36,17 +36,15 @@ from trace_realign.objective import (
     ReferenceCache,
     category_losses,
     forward_logits,
-    nll,
-    sequence_losses,
     policy_and_reference_logps,
     reduce,
-    retain_kl,
+    step_terms,
 )
 from trace_realign.losses import relational_loss
 from trace_realign.records import INVERT, PUNISH, RETAIN
 from trace_realign.resume import rng_states, set_rng_states
 from trace_realign.sequences import sequence_logps
-from trace_realign.strategies import is_sharded
+from trace_realign.strategies import is_sharded, unwrapped_name
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +126,7 @@ class TraceModule(L.LightningModule):
         strategy this gathers the shards: every rank must call it, and rank 0 receives the tensors."""
         assert self.policy is not None
         if not self.sharded:
-            return {n: p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
+            return {unwrapped_name(n): p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
@@ -137,7 +135,7 @@ class TraceModule(L.LightningModule):
         else:  # FSDP1: the root wraps this module; its names end in those of the policy's
             state = {k.split("policy.", 1)[1]: v for k, v in
                      get_model_state_dict(self.trainer.strategy.model, options=options).items() if "policy." in k}
-        names = {n for n, p in self.policy.named_parameters() if p.requires_grad}
+        names = {unwrapped_name(n) for n, p in self.policy.named_parameters() if p.requires_grad}
         return {n: v for n, v in state.items() if n in names}  # (tied frozen weights come along otherwise)
 
     def on_train_end(self) -> None:
@@ -171,7 +169,7 @@ class TraceModule(L.LightningModule):
     def checkpoint_keys(self) -> set[str]:
         """State-dict keys a checkpoint holds: the trainable parameters (LoRA adapters, or the whole policy
         under full fine-tuning) and the module's own buffers (the impact weights)."""
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trainable = {unwrapped_name(n) for n, p in self.named_parameters() if p.requires_grad}
         return trainable | {n for n, _ in self.named_buffers(recurse=False)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -352,32 +350,37 @@ class TraceModule(L.LightningModule):
         scale = float(self.weights.numel()) if cfg.reduction == "mean" else 1.0
         zero = torch.zeros((), device=self.device)
         terms = {INVERT: zero, PUNISH: zero, RETAIN: zero, "kl": zero}
-        for category, part in batch.items():
-            term = cfg.terms[category]
-            if term == "kl":
-                with torch.set_grad_enabled(cfg.alpha_kl > 0):  # logged even when it does not train (no_kl)
-                    terms["kl"] = reduce(retain_kl(self.policy, self.reference, part), cfg.reduction)
+        # under FSDP every rank runs the reference's forward or none does (its layers gather in step)
+        agree = self._all_ranks if self.sharded and self.trainer.world_size > 1 else None
+        values = step_terms(self.policy, self.reference, batch, cfg, self.reference_cache, agree)
+        for category, per_sample in values.items():
+            if cfg.terms[category] == "kl":
+                terms["kl"] = reduce(per_sample, cfg.reduction)
                 continue
-            if term == "nll":
-                per_sample = nll(self.policy, part)
-            else:
-                # under FSDP every rank runs the reference's forward or none does (its layers gather in step)
-                agree = self._all_ranks if self.sharded and self.trainer.world_size > 1 else None
-                ref = self.reference_cache(self.policy, self.reference, category, part, agree)
-                pol = sequence_logps(forward_logits(self.policy, part), part["labels"])
-                per_sample = sequence_losses(term, pol, ref, cfg)
             if category in cfg.weighted:  # the conflict set (or the method's weighted set) carries the weights
-                per_sample = self.weights[part["index"]] * scale * per_sample
+                per_sample = self.weights[batch[category]["index"]] * scale * per_sample
             terms[category] = reduce(per_sample, cfg.reduction)
         loss = terms[INVERT] + terms[PUNISH] + terms[RETAIN] + cfg.alpha_kl * terms["kl"]
         values = {"train/loss": loss, "train/loss_invert": terms[INVERT], "train/loss_punish": terms[PUNISH],
                   "train/loss_retain": terms[RETAIN], "train/loss_kl": terms["kl"]}
         self.log_dict(values, prog_bar=False, on_step=True, on_epoch=False)
         self.log("loss", loss, prog_bar=True, logger=False)
-        self.last_losses = {k: float(v.detach()) for k, v in values.items()}
+        # one device-to-host copy, not one per value (each would wait for the GPU)
+        self.last_losses = dict(zip(values, torch.stack([v.detach().float() for v in values.values()]).tolist()))
         if not self.first_losses:
             self.first_losses = {k.replace("train/", "train/first_"): v for k, v in self.last_losses.items()}
         return loss
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        # FSDP1's flat parameters are clipped by the wrapper's own clip_grad_norm_ (Lightning refuses norm
+        # clipping under FSDPPrecision); it reduces the norm over every rank's shard
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Line 22: stop once ||grad L_TRACE|| <= epsilon."""

@@ -16,15 +16,16 @@ the order TERM_RESPONSES gives. Single-response terms hold one row per sample.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from trace_realign.losses import RELATIONAL_LOSSES, kl_anchor, npo_loss, npo_single, relational_loss
 from trace_realign.model import reference_of
 from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN
-from trace_realign.sequences import sequence_logps, shift_for_loss
+from trace_realign.sequences import IGNORE_INDEX, sequence_logps, shift_for_loss
 
 REDUCTIONS = ("mean", "sum")
 # Which fields of a record feed each term, in row order.
@@ -123,6 +124,33 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
 
 
+def fuse_rows(parts: Sequence[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int, int]]]:
+    """The rows of several right-padded batches as one batch, padded to the widest, with each batch's
+    (first row, end row, width) in it."""
+    width = max(p["input_ids"].shape[1] for p in parts)
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+    fused = {k: torch.cat([F.pad(p[k], (0, width - p[k].shape[1]), value=v) for p in parts]) for k, v in fill.items()}
+    spans, start = [], 0
+    for p in parts:
+        n = p["input_ids"].shape[0]
+        spans.append((start, start + n, p["input_ids"].shape[1]))
+        start += n
+    return fused, spans
+
+
+def fused_logits(model: nn.Module, parts: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Each batch's logits from one forward pass over the rows of all of them. One call instead of one per
+    batch: on a GPU a small step is bound by calls, not arithmetic, and under FSDP each forward gathers
+    every layer again. Right padding keeps this exact: causal attention never reads the padding after a
+    row's own tokens, so a row's logits up to its width are its own batch's (up to the last bits of the
+    arithmetic)."""
+    if len(parts) == 1:
+        return [forward_logits(model, parts[0])]
+    fused, spans = fuse_rows(parts)
+    logits = forward_logits(model, fused)
+    return [logits[a:b, :w] for a, b, w in spans]
+
+
 def reference_logps(policy: nn.Module, reference: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """log pi_ref(y|x), one per row, without gradient."""
     with torch.no_grad(), reference_of(policy, reference) as ref:
@@ -147,42 +175,100 @@ class ReferenceCache:
         self.rows: dict[tuple[str, int], tuple[float, ...]] = {}
         self.hits = self.misses = 0
 
-    def __call__(self, policy: nn.Module, reference: nn.Module | None, category: str,
-                 batch: dict[str, torch.Tensor], agree: Callable[[bool], bool] | None = None) -> torch.Tensor:
-        """`agree`: whether every process hits too (processes that run the reference's forward together)."""
-        index = batch["index"].tolist()
-        per_row = len(batch["labels"]) // len(index)  # rows stack [first; second] for pair terms
-        keys = [(category, i) for i in index]
+    def lookup(self, category: str, batch: dict[str, torch.Tensor],
+               agree: Callable[[bool], bool] | None = None) -> torch.Tensor | None:
+        """The batch's cached log-probs, or None (a miss: compute them and `store` them).
+        `agree`: whether every process hits too (processes that run the reference's forward together)."""
+        keys = [(category, i) for i in batch["index"].tolist()]
+        per_row = len(batch["labels"]) // len(keys)  # rows stack [first; second] for pair terms
         hit = all(k in self.rows for k in keys)
         if agree is not None:
             hit = agree(hit)
-        if hit:
-            self.hits += 1
-            cached = [[self.rows[k][j] for k in keys] for j in range(per_row)]
-            return torch.tensor([v for part in cached for v in part], dtype=torch.float32, device=batch["labels"].device)
-        self.misses += 1
-        logps = reference_logps(policy, reference, batch)
+        if not hit:
+            self.misses += 1
+            return None
+        self.hits += 1
+        cached = [[self.rows[k][j] for k in keys] for j in range(per_row)]
+        return torch.tensor([v for part in cached for v in part], dtype=torch.float32, device=batch["labels"].device)
+
+    def store(self, category: str, batch: dict[str, torch.Tensor], logps: torch.Tensor) -> None:
+        keys = [(category, i) for i in batch["index"].tolist()]
+        per_row = len(batch["labels"]) // len(keys)
         values = logps.detach().cpu().tolist()
         for n, k in enumerate(keys):
             self.rows[k] = tuple(values[j * len(keys) + n] for j in range(per_row))
+
+    def __call__(self, policy: nn.Module, reference: nn.Module | None, category: str,
+                 batch: dict[str, torch.Tensor], agree: Callable[[bool], bool] | None = None) -> torch.Tensor:
+        logps = self.lookup(category, batch, agree)
+        if logps is None:
+            logps = reference_logps(policy, reference, batch)
+            self.store(category, batch, logps)
         return logps
+
+
+def kl_from_logits(ref_logits: torch.Tensor, policy_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(pi_ref || pi_theta) per sequence, summed over its response tokens, from both models' logits."""
+    ref_logits, _, mask = shift_for_loss(ref_logits, labels)
+    return kl_anchor(ref_logits, policy_logits[:, :-1, :], mask.to(policy_logits.dtype))
 
 
 def retain_kl(policy: nn.Module, reference: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """KL(pi_ref || pi_theta) per retained sequence, summed over its response tokens (line 27)."""
     with torch.no_grad(), reference_of(policy, reference) as ref:
         ref_logits = forward_logits(ref, batch)
-    pol_logits = forward_logits(policy, batch)
-    ref_logits, _, mask = shift_for_loss(ref_logits, batch["labels"])
-    pol_logits = pol_logits[:, :-1, :]
-    return kl_anchor(ref_logits, pol_logits, mask.to(pol_logits.dtype))
+    return kl_from_logits(ref_logits, forward_logits(policy, batch), batch["labels"])
+
+
+def nll_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per response token, one value per sequence."""
+    n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+    return -sequence_logps(logits, labels) / n_tokens
 
 
 def nll(policy: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean negative log-likelihood per response token, one value per sequence (supervised fine-tuning)."""
-    logps = sequence_logps(forward_logits(policy, batch), batch["labels"])
-    n_tokens = (batch["labels"][:, 1:] != -100).sum(-1).clamp(min=1)
-    return -logps / n_tokens
+    return nll_from_logits(forward_logits(policy, batch), batch["labels"])
+
+
+def step_terms(
+    policy: nn.Module, reference: nn.Module | None, parts: Mapping[str, dict[str, torch.Tensor]],
+    cfg: ObjectiveConfig, cache: ReferenceCache, agree: Callable[[bool], bool] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every category's per-sample term values for one training step, from one reference forward (the rows
+    whose log pi_ref the cache lacks, and the KL's rows) and one policy forward over all rows.
+
+    A KL term that does not train (alpha_kl = 0, the no_kl ablation) is still computed, for the log, but
+    apart and without gradient, so its rows cost the policy's backward nothing."""
+    terms = {c: cfg.terms[c] for c in parts}
+    train_kl = cfg.alpha_kl > 0
+    fused = [c for c in parts if terms[c] != "kl" or train_kl]
+    ref = {c: cache.lookup(c, parts[c], agree) for c in parts if terms[c] in SEQUENCE_TERMS}
+    need = [c for c in fused if terms[c] == "kl" or (c in ref and ref[c] is None)]
+    ref_logits: dict[str, torch.Tensor] = {}
+    if need:
+        with torch.no_grad(), reference_of(policy, reference) as model:
+            for c, logits in zip(need, fused_logits(model, [parts[c] for c in need])):
+                if terms[c] == "kl":
+                    # a view would keep every row's logits alive through the policy's forward
+                    ref_logits[c] = logits.clone() if len(need) > 1 else logits
+                else:
+                    ref[c] = sequence_logps(logits, parts[c]["labels"])
+                    cache.store(c, parts[c], ref[c])
+    out: dict[str, torch.Tensor] = {}
+    for c, logits in zip(fused, fused_logits(policy, [parts[c] for c in fused]) if fused else []):
+        labels = parts[c]["labels"]
+        if terms[c] == "kl":
+            out[c] = kl_from_logits(ref_logits.pop(c), logits, labels)
+        elif terms[c] == "nll":
+            out[c] = nll_from_logits(logits, labels)
+        else:
+            out[c] = sequence_losses(terms[c], sequence_logps(logits, labels), ref[c], cfg)
+    for c in parts:
+        if c not in out:  # the KL that does not train
+            with torch.no_grad():
+                out[c] = retain_kl(policy, reference, parts[c])
+    return {c: out[c] for c in parts}
 
 
 def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:

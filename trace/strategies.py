@@ -97,6 +97,18 @@ def fsdp2(layer_classes: Sequence[str], **kwargs: Any) -> ShardedDataParallel:
     return ShardedDataParallel(layer_classes, **kwargs)
 
 
+# FSDP1 and activation checkpointing wrap modules in place: the parameters' names gain these segments,
+# which state dicts (and the unwrapped model) do not have
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name in the model before any wrapper was put around its modules."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
 def is_sharded(strategy: Any) -> bool:
     """Whether each rank holds only a shard of the parameters (FSDP1 or FSDP2)."""
     return isinstance(strategy, ModelParallelStrategy) or type(strategy).__name__.startswith("FSDP")
