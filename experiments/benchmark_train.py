@@ -448,9 +448,9 @@ def report(results: dict[str, Result], configs: list[Config], args: argparse.Nam
         lines.append(f"| {v['check']} | {v['ratio']:.3f} | {v['limit']} | {'PASS' if v['pass'] else 'FAIL'} | {v['numbers']} |")
     lines += ["", *contrasts(results)]
     lines += ["", "policy rows/step: rows of the step's batches (a pair is two rows); ref. batches: category batches "
-              "of the sequence terms whose log pi_ref was computed over the measured steps (a step computes all of "
-              "them, and the KL term's rows, which are never cached, in one reference forward). Memory is absolute; "
-              "'window - start' is for information only."]
+              "of the sequence terms whose log pi_ref was computed over the measured steps (with fused forwards a step "
+              "computes all of them, and the KL term's rows, which are never cached, in one reference forward). "
+              "Memory is absolute; 'window - start' is for information only."]
     if args.overrides:
         lines.append(f"Overrides: {' '.join(args.overrides)}")
     return "\n".join(lines)
@@ -506,6 +506,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write_report(results: dict[str, Result], configs: list[Config], args: argparse.Namespace,
+                 model: dict[str, Any]) -> str:
+    """<out>.md and <out>.json for the configurations measured so far; returns the markdown."""
+    text = report(results, configs, args, model)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(text + "\n")
+    payload = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
+               "model": model, "configs": [asdict(c) for c in configs],
+               "results": {k: {**asdict(r), "median_s": r.median, "iqr_s": r.iqr} for k, r in results.items()},
+               "checks": verdicts(results)}
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
@@ -530,15 +544,9 @@ def main(argv: list[str] | None = None) -> None:
     for i, config in enumerate(configs, 1):
         print(f"[{i}/{len(configs)}] {config.name} ({config.measures}) ...", flush=True)
         results[config.name] = run_in_process(config, common, args, work)
-    text = report(results, configs, args, model)
+        # written after every configuration: a run stopped part-way keeps the ones it finished
+        text = write_report(results, [c for c in configs if c.name in results], args, model)
     print("\n" + text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text + "\n")
-    payload = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
-               "model": model, "configs": [asdict(c) for c in configs],
-               "results": {k: {**asdict(r), "median_s": r.median, "iqr_s": r.iqr} for k, r in results.items()},
-               "checks": verdicts(results)}
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwritten to {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
 
 

@@ -174,8 +174,8 @@ class Counting(Bigram):
         return super().forward(input_ids, attention_mask, use_cache)
 
 
-def test_a_step_runs_one_policy_forward_and_at_most_one_reference_forward_over_every_category():
-    m = module(ObjectiveConfig(beta=0.5, alpha_kl=0.2))
+def test_a_fused_step_runs_one_policy_forward_and_at_most_one_reference_forward_over_every_category():
+    m = module(ObjectiveConfig(beta=0.5, alpha_kl=0.2, fused_forward=True))
     m.policy, m.reference = Counting(0), Counting(1)
     m.reference.requires_grad_(False)
     parts = {INVERT: batch(INVERT_ROWS), PUNISH: batch(PUNISH_ROWS), RETAIN: batch(RETAIN_ROWS)}
@@ -242,3 +242,20 @@ def test_trainable_state_and_checkpoint_keys_use_the_unwrapped_names():
     load_trainable(bare, state)
     assert torch.equal(dict(bare.named_parameters())[next(iter(state))], next(iter(state.values())))
     assert {k for k in m.checkpoint_keys() if k != "weights"} == {f"policy.{n}" for n in state}
+
+
+def test_unfused_forward_runs_one_pass_per_category_with_the_same_losses():
+    parts = {INVERT: batch(INVERT_ROWS), PUNISH: batch(PUNISH_ROWS), RETAIN: batch(RETAIN_ROWS)}
+    losses = {}
+    for fused in (True, False, "auto"):  # auto: on a CPU, one pass per category
+        m = module(ObjectiveConfig(beta=0.5, alpha_kl=0.2, fused_forward=fused))
+        m.policy, m.reference = Counting(0), Counting(1)
+        m.reference.requires_grad_(False)
+        m.training_step(parts, 0)
+        losses[fused] = m.last_losses
+        per_category = [2 * len(INVERT_ROWS), 2 * len(PUNISH_ROWS), len(RETAIN_ROWS)]
+        assert m.policy.calls == ([sum(per_category)] if fused is True else per_category)
+        assert m.reference.calls == ([sum(per_category)] if fused is True else per_category)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-12) and losses["auto"] == losses[False]
+    with pytest.raises(ValueError, match="objective.fused_forward"):
+        ObjectiveConfig(fused_forward="sometimes")

@@ -16,7 +16,7 @@ the order TERM_RESPONSES gives. Single-response terms hold one row per sample.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,12 @@ class ObjectiveConfig:
     reduction="sum" is Algorithm 1 as written: L = sum_i w_i l_i + ... with w summing to 1 over the
     conflict set. reduction="mean" uses w * |D_conflict| (mean 1) and batch means, so uniform weights give
     plain batch-mean losses and alpha_KL keeps its meaning whatever the data size.
+
+    fused_forward: True, a training step runs one policy forward over the rows of every category (and one
+    reference forward): fewer calls, where calls bound a step (small steps on a GPU; under FSDP each
+    forward gathers every layer). False, one of each per category: a lower peak (each call's working
+    memory covers one category's rows); on a CPU, which arithmetic bounds, fusing saves no time. "auto":
+    fused on an accelerator, per category on a CPU.
     """
 
     beta: float = 0.1
@@ -63,6 +69,7 @@ class ObjectiveConfig:
     terms: Mapping[str, str | None] = field(default_factory=lambda: dict(TRACE_TERMS))
     weighted: tuple[str, ...] = CONFLICT
     label_smoothing: float = 0.0
+    fused_forward: bool | str = "auto"
 
     def __post_init__(self) -> None:
         extra = set(self.terms) - set(CATEGORIES)
@@ -90,6 +97,8 @@ class ObjectiveConfig:
             raise ValueError(f"loss.beta must be positive, got {self.beta}")
         if self.alpha_kl < 0:
             raise ValueError(f"objective.alpha_kl must be >= 0, got {self.alpha_kl}")
+        if self.fused_forward not in (True, False, "auto"):
+            raise ValueError(f"objective.fused_forward: {self.fused_forward!r}; expected true, false or auto")
 
     @property
     def needs_corrections(self) -> bool:
@@ -138,17 +147,18 @@ def fuse_rows(parts: Sequence[dict[str, torch.Tensor]]) -> tuple[dict[str, torch
     return fused, spans
 
 
-def fused_logits(model: nn.Module, parts: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-    """Each batch's logits from one forward pass over the rows of all of them. One call instead of one per
-    batch: on a GPU a small step is bound by calls, not arithmetic, and under FSDP each forward gathers
-    every layer again. Right padding keeps this exact: causal attention never reads the padding after a
-    row's own tokens, so a row's logits up to its width are its own batch's (up to the last bits of the
-    arithmetic)."""
-    if len(parts) == 1:
-        return [forward_logits(model, parts[0])]
-    fused, spans = fuse_rows(parts)
-    logits = forward_logits(model, fused)
-    return [logits[a:b, :w] for a, b, w in spans]
+def fused_logits(model: nn.Module, parts: Sequence[dict[str, torch.Tensor]], fused: bool = True) -> Iterator[torch.Tensor]:
+    """Each batch's logits from one forward pass over the rows of all of them (fused=False: one pass per
+    batch). One call instead of one per batch: on a GPU a small step is bound by calls, not arithmetic,
+    and under FSDP each forward gathers every layer again. Right padding keeps this exact: causal
+    attention never reads the padding after a row's own tokens, so a row's logits up to its width are its
+    own batch's (up to the last bits of the arithmetic). One pass per batch runs lazily, each when its
+    logits are asked for, so the caller can be done with one batch's before the next is computed."""
+    if len(parts) == 1 or not fused:
+        return (forward_logits(model, p) for p in parts)
+    rows, spans = fuse_rows(parts)
+    logits = forward_logits(model, rows)
+    return iter([logits[a:b, :w] for a, b, w in spans])
 
 
 def reference_logps(policy: nn.Module, reference: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -236,27 +246,31 @@ def step_terms(
     cfg: ObjectiveConfig, cache: ReferenceCache, agree: Callable[[bool], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every category's per-sample term values for one training step, from one reference forward (the rows
-    whose log pi_ref the cache lacks, and the KL's rows) and one policy forward over all rows.
+    whose log pi_ref the cache lacks, and the KL's rows) and one policy forward over all rows (one of each
+    per category when cfg.fused_forward says so).
 
     A KL term that does not train (alpha_kl = 0, the no_kl ablation) is still computed, for the log, but
     apart and without gradient, so its rows cost the policy's backward nothing."""
     terms = {c: cfg.terms[c] for c in parts}
+    fuse = cfg.fused_forward
+    if fuse == "auto":
+        fuse = next(iter(parts.values()))["input_ids"].device.type != "cpu"
     train_kl = cfg.alpha_kl > 0
-    fused = [c for c in parts if terms[c] != "kl" or train_kl]
+    trained = [c for c in parts if terms[c] != "kl" or train_kl]  # in the policy's forward with gradient
     ref = {c: cache.lookup(c, parts[c], agree) for c in parts if terms[c] in SEQUENCE_TERMS}
-    need = [c for c in fused if terms[c] == "kl" or (c in ref and ref[c] is None)]
+    need = [c for c in trained if terms[c] == "kl" or (c in ref and ref[c] is None)]
     ref_logits: dict[str, torch.Tensor] = {}
     if need:
         with torch.no_grad(), reference_of(policy, reference) as model:
-            for c, logits in zip(need, fused_logits(model, [parts[c] for c in need])):
+            for c, logits in zip(need, fused_logits(model, [parts[c] for c in need], fuse)):
                 if terms[c] == "kl":
                     # a view would keep every row's logits alive through the policy's forward
-                    ref_logits[c] = logits.clone() if len(need) > 1 else logits
+                    ref_logits[c] = logits.clone() if len(need) > 1 and fuse else logits
                 else:
                     ref[c] = sequence_logps(logits, parts[c]["labels"])
                     cache.store(c, parts[c], ref[c])
     out: dict[str, torch.Tensor] = {}
-    for c, logits in zip(fused, fused_logits(policy, [parts[c] for c in fused]) if fused else []):
+    for c, logits in zip(trained, fused_logits(policy, [parts[c] for c in trained], fuse) if trained else []):
         labels = parts[c]["labels"]
         if terms[c] == "kl":
             out[c] = kl_from_logits(ref_logits.pop(c), logits, labels)

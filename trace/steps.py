@@ -53,6 +53,7 @@ def build_datamodule(
         reduction=cfg.objective.reduction,
         terms=OmegaConf.to_container(method.terms, resolve=True),
         weighted=tuple(method.weighted),
+        fused_forward=cfg.objective.get("fused_forward", "auto"),
     )
     datamodule = TriagedDataModule(
         source=source,
