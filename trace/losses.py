@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trace_realign.sequences import at_least_float32
+
 RELATIONAL_LOSSES = ("sigmoid", "ipo", "robust")
 
 
@@ -70,7 +72,7 @@ def kl_anchor(ref_logits: torch.Tensor, policy_logits: torch.Tensor, mask: torch
     ref_logits, policy_logits: [batch, time, vocab], aligned with `mask` [batch, time] (1 on the
     response tokens being predicted). Returns one value per sequence.
     """
-    ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
-    pol_logp = F.log_softmax(policy_logits.float(), dim=-1)
+    ref_logp = F.log_softmax(at_least_float32(ref_logits), dim=-1)
+    pol_logp = F.log_softmax(at_least_float32(policy_logits), dim=-1)
     per_token = (ref_logp.exp() * (ref_logp - pol_logp)).sum(-1)
     return (per_token * mask).sum(-1)

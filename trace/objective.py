@@ -184,6 +184,7 @@ class ReferenceCache:
     def __init__(self) -> None:
         self.rows: dict[tuple[str, int], tuple[float, ...]] = {}
         self.hits = self.misses = 0
+        self.dtype = torch.float32  # that of the log-probs stored (float64 under model.dtype=float64)
 
     def lookup(self, category: str, batch: dict[str, torch.Tensor],
                agree: Callable[[bool], bool] | None = None) -> torch.Tensor | None:
@@ -199,12 +200,12 @@ class ReferenceCache:
             return None
         self.hits += 1
         cached = [[self.rows[k][j] for k in keys] for j in range(per_row)]
-        return torch.tensor([v for part in cached for v in part], dtype=torch.float32, device=batch["labels"].device)
+        return torch.tensor([v for part in cached for v in part], dtype=self.dtype, device=batch["labels"].device)
 
     def store(self, category: str, batch: dict[str, torch.Tensor], logps: torch.Tensor) -> None:
         keys = [(category, i) for i in batch["index"].tolist()]
         per_row = len(batch["labels"]) // len(keys)
-        values = logps.detach().cpu().tolist()
+        values, self.dtype = logps.detach().cpu().tolist(), logps.dtype
         for n, k in enumerate(keys):
             self.rows[k] = tuple(values[j * len(keys) + n] for j in range(per_row))
 

@@ -161,8 +161,13 @@ def shift_for_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return logits, labels.masked_fill(~mask, 0), mask
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits up to float32 for the log-softmax; float64 (a check of exactness) stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log pi(y_t | x, y_<t) over response tokens; one value per sequence."""
     logits, targets, mask = shift_for_loss(logits, labels)
-    token_logps = torch.gather(logits.float().log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    token_logps = torch.gather(at_least_float32(logits).log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
     return (token_logps * mask).sum(-1)
