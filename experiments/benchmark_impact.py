@@ -148,7 +148,8 @@ def compare(loop: dict[str, Any], batched: dict[str, Any], pairs: int, gamma: fl
 
 def markdown(r: dict[str, Any], command: str) -> str:
     loop_note = f" (extrapolated from {r['loop_pairs']} pairs)" if r["loop_extrapolated"] else ""
-    rows = [("conflict pairs", r["pairs"]), ("batch size", r["batch_size"]), ("device", r.get("gpu", r["device"])), ("parameters / trainable", f"{r['parameters']:,} / {r['trainable']:,}"),
+    rows = [("conflict pairs", r["pairs"]), ("batch size", r["batch_size"]), ("device", r.get("gpu", r["device"])),
+            ("parameters / trainable", f"{r['parameters']:,} / {r['trainable']:,}"),
             ("gold gradient (s)", f"{r['gold_seconds']:.2f}"),
             ("loop (s)" + loop_note, f"{r['loop_seconds']:.2f}"), ("batched (s)", f"{r['batched_seconds']:.2f}"),
             ("speed-up", f"{r['speedup']:.1f}x"), ("max per-sample relative error", f"{r['max_rel_error']:.2e}"),
@@ -208,6 +209,7 @@ def main() -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"{name}.json").write_text(json.dumps({**report, "command": command}, indent=2) + "\n")
             (args.out / f"{name}.md").write_text(text)
+
 
 if __name__ == "__main__":
     main()

@@ -143,8 +143,13 @@ def run_overrides(args: argparse.Namespace, model_path: str) -> list[str]:
             f"paths.cache_dir={cache_dir()}"]
 
 
+def trainer_name(args: argparse.Namespace) -> str:
+    """--trainer, else the device's own trainer config."""
+    return args.trainer or ("gpu" if args.device == "cuda" else "cpu")
+
+
 def trainer_override(args: argparse.Namespace) -> str:
-    return f"trainer={args.trainer or ('gpu' if args.device == 'cuda' else 'cpu')}"
+    return f"trainer={trainer_name(args)}"
 
 
 def cache_dir() -> str:
@@ -426,10 +431,9 @@ def report(results: dict[str, Result], configs: list[Config], args: argparse.Nam
     if device == "cuda":
         import torch
 
-        device = f"{torch.cuda.get_device_name(0)}"
+        device = torch.cuda.get_device_name(0)
     memory = "CUDA max allocated" if args.device == "cuda" else "peak RSS"
-    trainer = args.trainer or ("gpu" if args.device == "cuda" else "cpu")
-    lines = [f"Training step benchmark on {device}, trainer={trainer} ({model['description']}; {args.warmup} warm-up + {args.steps} "
+    lines = [f"Training step benchmark on {device}, trainer={trainer_name(args)} ({model['description']}; {args.warmup} warm-up + {args.steps} "
              f"measured steps; reference cache {args.reference_cache}; max_length {args.max_length}; "
              f"B = {args.batch_size}, DPO matched by {args.dpo_match})", "",
              f"| config | measures | policy rows/step | ref. batches | step ms median [IQR] | {memory} window MiB "

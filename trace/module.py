@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from trace_realign.data import collate
 from trace_realign.impact import (
@@ -352,8 +352,8 @@ class TraceModule(L.LightningModule):
         terms = {INVERT: zero, PUNISH: zero, RETAIN: zero, "kl": zero}
         # under FSDP every rank runs the reference's forward or none does (its layers gather in step)
         agree = self._all_ranks if self.sharded and self.trainer.world_size > 1 else None
-        values = step_terms(self.policy, self.reference, batch, cfg, self.reference_cache, agree)
-        for category, per_sample in values.items():
+        per_category = step_terms(self.policy, self.reference, batch, cfg, self.reference_cache, agree)
+        for category, per_sample in per_category.items():
             if cfg.terms[category] == "kl":
                 terms["kl"] = reduce(per_sample, cfg.reduction)
                 continue
@@ -375,8 +375,6 @@ class TraceModule(L.LightningModule):
                                     gradient_clip_algorithm: str | None = None) -> None:
         # FSDP1's flat parameters are clipped by the wrapper's own clip_grad_norm_ (Lightning refuses norm
         # clipping under FSDPPrecision); it reduces the norm over every rank's shard
-        from lightning.pytorch.strategies import FSDPStrategy
-
         if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_algorithm in (None, "norm"):
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
             return
