@@ -13,6 +13,11 @@ goes after `--`). With `--loop-pairs N` the loop scores only the first N pairs a
 per pair (gold gradient timed apart and counted once). Reports wall time, speed-up, the largest per-sample
 relative error, the Spearman correlation of the scores, whether the clipped and normalised weights agree,
 and peak memory (RSS; CUDA's max allocated on a GPU).
+
+Which of the two is off when they differ: `--truth-pairs N` (default 200; 0 skips it) also scores the first
+N pairs with the loop on the same module cast to float64 (the same weights, LoRA's included), and reports
+each float32 method's largest per-sample relative error against it. A score that nearly cancels carries the
+float32 rounding of its forward and backward passes, in the loop as much as in the batched method.
 """
 
 from __future__ import annotations
@@ -87,10 +92,17 @@ def peak_memory(device: str) -> dict[str, float]:
 
 
 def child(args: argparse.Namespace) -> None:
-    """One method in this process: scores, weights, timings and peak memory to args.result."""
+    """One method in this process: scores, weights, timings and peak memory to args.result. Method "truth"
+    is the loop on the module cast to float64 after it was built, so its weights are the float32 runs'."""
     _, dm, module = build(args.pairs, args.overrides, args.device)
-    n = args.pairs if args.method == "batched" else min(args.loop_pairs or args.pairs, args.pairs)
-    module.impact_method = args.method
+    if args.method == "batched":
+        n = args.pairs
+    elif args.method == "truth":
+        n = min(args.truth_pairs, args.pairs)
+        module.double()
+    else:
+        n = min(args.loop_pairs or args.pairs, args.pairs)
+    module.impact_method = "loop" if args.method == "truth" else args.method
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -114,6 +126,22 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra @ rb) / (ra.norm() * rb.norm()))
 
 
+def max_rel_error(scores: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(((scores - reference).abs() / reference.abs().clamp(min=1e-300)).max())
+
+
+def against_truth(truth: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each float32 run's largest per-sample relative error and Spearman against the float64 loop, on the
+    pairs all of them scored."""
+    n = min(truth["n"], *(r["n"] for r in runs.values()))
+    t = truth["scores"][:n]
+    out: dict[str, Any] = {"truth_pairs": n}
+    for name, r in runs.items():
+        out[f"{name}_max_rel_error_vs_float64"] = max_rel_error(r["scores"][:n], t)
+        out[f"{name}_spearman_vs_float64"] = spearman(r["scores"][:n], t)
+    return out
+
+
 def compare(loop: dict[str, Any], batched: dict[str, Any], pairs: int, gamma: float = 1.0) -> dict[str, Any]:
     """Timing (the loop's extrapolated to every pair when it scored a subset) and agreement on the pairs
     both scored."""
@@ -123,7 +151,6 @@ def compare(loop: dict[str, Any], batched: dict[str, Any], pairs: int, gamma: fl
     per_pair = (loop["seconds"] - loop["gold_seconds"]) / n
     loop_seconds = loop["gold_seconds"] + per_pair * pairs
     s_loop, s_batched = loop["scores"][:n], batched["scores"][:n]
-    rel = ((s_batched - s_loop).abs() / s_loop.abs().clamp(min=1e-300))
     scale = float(s_loop.abs().max())
     w_loop, _ = clip_and_normalise(s_loop, gamma)
     w_batched, _ = clip_and_normalise(s_batched, gamma)
@@ -134,7 +161,7 @@ def compare(loop: dict[str, Any], batched: dict[str, Any], pairs: int, gamma: fl
         "batched_seconds": batched["seconds"], "batched_seconds_per_pair": (batched["seconds"] - batched["gold_seconds"]) / pairs,
         "gold_seconds": batched["gold_seconds"],
         "speedup": loop_seconds / batched["seconds"],
-        "max_rel_error": float(rel.max()),
+        "max_rel_error": max_rel_error(s_batched, s_loop),
         # a score that nearly cancels carries the fp32 noise of both forwards: also measured against the largest
         "max_error_vs_largest_score": float((s_batched - s_loop).abs().max() / scale) if scale else 0.0,
         "spearman": spearman(s_loop, s_batched),
@@ -156,6 +183,11 @@ def markdown(r: dict[str, Any], command: str) -> str:
             ("max error / largest score", f"{r['max_error_vs_largest_score']:.2e}"),
             ("Spearman of scores", f"{r['spearman']:.6f}"), ("weights allclose", r["weights_allclose"]),
             ("peak RSS loop / batched (MiB)", f"{r['loop_peak_rss_mib']:.0f} / {r['batched_peak_rss_mib']:.0f}")]
+    if "truth_pairs" in r:
+        rows += [(f"vs float64 loop ({r['truth_pairs']} pairs): max rel. error loop / batched",
+                  f"{r['loop_max_rel_error_vs_float64']:.2e} / {r['batched_max_rel_error_vs_float64']:.2e}"),
+                 ("vs float64 loop: Spearman loop / batched",
+                  f"{r['loop_spearman_vs_float64']:.6f} / {r['batched_spearman_vs_float64']:.6f}")]
     if "batched_peak_cuda_mib" in r:
         rows.append(("peak CUDA loop / batched (MiB)", f"{r['loop_peak_cuda_mib']:.0f} / {r['batched_peak_cuda_mib']:.0f}"))
     return f"`{command}`\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
@@ -169,8 +201,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-size", type=int, nargs="+", default=[8],
                     help="impact.batch_size; several sizes are each compared with one loop run")
+    ap.add_argument("--truth-pairs", type=int, default=200,
+                    help="score this many pairs with the loop in float64 as the truth for both (0: skip)")
     ap.add_argument("--out", type=Path, default=None, help="folder for impact_<config>[_b<size>].json and .md")
-    ap.add_argument("--method", choices=["loop", "batched"], help=argparse.SUPPRESS)
+    ap.add_argument("--method", choices=["loop", "batched", "truth"], help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="config overrides (after --), e.g. model.build.num_hidden_layers=8")
     args = ap.parse_args()
@@ -178,6 +212,8 @@ def main() -> None:
         raise SystemExit(f"--config {args.config!r}: expected one of {list(PRESETS)}")
     if min(args.batch_size) < 1:
         raise SystemExit(f"--batch-size {args.batch_size}: every size must be >= 1")
+    if args.truth_pairs < 0:
+        raise SystemExit(f"--truth-pairs {args.truth_pairs}: expected >= 0")
     user = list(args.overrides)
     if args.method:
         args.overrides = [*PRESETS[args.config], f"impact.batch_size={args.batch_size[0]}", *user]
@@ -186,20 +222,28 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         # the loop does not batch: one run serves every batch size
-        for method, size in [("loop", args.batch_size[0]), *(("batched", b) for b in args.batch_size)]:
+        runs = [("loop", args.batch_size[0]), *(("batched", b) for b in args.batch_size)]
+        if args.truth_pairs:
+            runs.append(("truth", args.batch_size[0]))
+        for method, size in runs:
             out = Path(tmp) / f"{method}_{size}.pt"
             cmd = [sys.executable, __file__, "--method", method, "--result", str(out), "--pairs", str(args.pairs),
                    "--device", args.device, "--batch-size", str(size), "--config", args.config]
             if args.loop_pairs:
                 cmd += ["--loop-pairs", str(args.loop_pairs)]
-            print(f"{method}{f' (batch {size})' if method == 'batched' else ''}: scoring ...", flush=True)
+            cmd += ["--truth-pairs", str(args.truth_pairs)]
+            label = {"batched": f"batched (batch {size})", "truth": "loop in float64"}.get(method, method)
+            print(f"{label}: scoring ...", flush=True)
             subprocess.run([*cmd, "--", *user], check=True)
             results[(method, size)] = torch.load(out)
     command = ("python experiments/benchmark_impact.py " + " ".join(sys.argv[1:])).strip()
     loop = results[("loop", args.batch_size[0])]
     for size in args.batch_size:
-        report = {**compare(loop, results[("batched", size)], args.pairs), "config": args.config,
+        batched = results[("batched", size)]
+        report = {**compare(loop, batched, args.pairs), "config": args.config,
                   "device": args.device, "batch_size": size, "torch_threads": torch.get_num_threads()}
+        if args.truth_pairs:
+            report.update(against_truth(results[("truth", args.batch_size[0])], {"loop": loop, "batched": batched}))
         if args.device.startswith("cuda"):
             report["gpu"] = torch.cuda.get_device_name(0)
         text = markdown(report, command)
