@@ -121,7 +121,7 @@ def test_export_merges_the_adapter_into_a_folder_transformers_loads_alone(traine
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trace_realign.export import ExportError, export, main
+    from trace_realign.export import ExportError, export, hub_token, main
     from trace_realign.model import load_for_eval
 
     out = tmp_path / "merged"
@@ -143,4 +143,9 @@ def test_export_merges_the_adapter_into_a_folder_transformers_loads_alone(traine
         export(failed)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
     assert main([str(trained), "--push-to-hub", "org/x"]) == 2 and "needs credentials" in capsys.readouterr().err
+    # a token stored by `hf auth login` counts as credentials, as it does for the upload itself
+    (tmp_path / "token").write_text("hf_stored")
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "token"))
+    assert hub_token() == "hf_stored"

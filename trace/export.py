@@ -38,11 +38,18 @@ def run_model(run: Path) -> tuple[Path, dict[str, Any]]:
     return folder, model_cfg
 
 
+def hub_token() -> str | None:
+    """The hub token the upload would use: HF_TOKEN, or the one `hf auth login` stored."""
+    from huggingface_hub import get_token
+
+    return get_token() or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+
+
 def export(run: str | Path, out: str | Path | None = None, push_to_hub: str | None = None,
            private: bool = True) -> Path:
     """Merge and save the run's model to `out` (default <run>/merged); optionally push it to the hub."""
     run = Path(run)
-    if push_to_hub and not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+    if push_to_hub and not hub_token():
         raise ExportError("--push-to-hub needs credentials: set HF_TOKEN (or log in with `hf auth login`)")
     folder, model_cfg = run_model(run)
     model = load_for_eval(str(folder), model_cfg)
