@@ -202,11 +202,14 @@ def test_a_models_recipe_sets_lr_beta_and_alpha_kl_unless_overridden(tmp_path):
 
 
 def test_fsdp_strategies_instantiate(tmp_path):
-    from trace_realign.strategies import ShardedDataParallel, is_sharded
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from trace_realign.strategies import FSDPTrainableCheckpoints, ShardedDataParallel, is_sharded
 
     fsdp1 = instantiate(compose_cfg(["trainer=fsdp1"], tmp_path).trainer.strategy)
     fsdp2 = instantiate(compose_cfg(["trainer=fsdp"], tmp_path).trainer.strategy)
-    assert type(fsdp1).__name__ == "FSDPStrategy" and isinstance(fsdp2, ShardedDataParallel)
+    assert isinstance(fsdp1, FSDPTrainableCheckpoints) and isinstance(fsdp1, FSDPStrategy)
+    assert isinstance(fsdp2, ShardedDataParallel)
     assert is_sharded(fsdp1) and is_sharded(fsdp2)
 
 

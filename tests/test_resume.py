@@ -22,6 +22,7 @@ from trace_realign.data import StepStream
 from trace_realign.module import TraceModule
 from trace_realign.objective import ObjectiveConfig
 from trace_realign.resume import StepCheckpoint, checkpoint_path, resume_point
+from trace_realign.strategies import trainable_state_dict
 
 
 def rows(n: int, start: int) -> list[dict]:
@@ -115,6 +116,11 @@ def test_a_lora_checkpoint_holds_only_the_trainable_state_and_loads_back(tmp_pat
     assert trainable and all("lora_" in n for n in trainable)
     size = lambda state: sum(v.numel() for v in state.values())  # noqa: E731
     assert size(checkpoint["state_dict"]) < size(saved.state_dict()) / 2  # the frozen base stays out
+
+    # what FSDP1 and FSDP2 gather for a checkpoint: the same keys, never the frozen base
+    gathered = trainable_state_dict(saved)
+    assert set(gathered) == set(checkpoint["state_dict"])
+    assert all(torch.equal(gathered[k], v) for k, v in checkpoint["state_dict"].items())
 
     loaded = lora_module(tmp_path / "base", seed=2)
     loaded.on_load_checkpoint(checkpoint)

@@ -17,7 +17,7 @@ import logging
 from typing import Any, Sequence
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
@@ -39,20 +39,37 @@ def import_layer_classes(dotted: Sequence[str]) -> set[type]:
     return classes
 
 
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's trainable parameters and its buffers, gathered whole on rank 0 (on the CPU), under their
+    unwrapped names. A checkpoint holds the module's trainable state only (TraceModule.on_save_checkpoint):
+    gathering the frozen base too would move a whole model to rank 0 at every checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
+
+
+class FSDPTrainableCheckpoints(FSDPStrategy):
+    """Lightning's FSDPStrategy whose checkpoints gather the trainable state only (full state dicts; sharded
+    ones are Lightning's)."""
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        if self._state_dict_type != "full":
+            return super().lightning_module_state_dict()
+        return trainable_state_dict(self.model)
+
+
 def fsdp(layer_classes: Sequence[str], sharding_strategy: str = "FULL_SHARD", **kwargs: Any):
     """FSDP1: Lightning's FSDPStrategy wrapping each decoder layer; use_orig_params so LoRA's frozen and
     trainable parameters can share a flat parameter."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     classes = import_layer_classes(layer_classes)
-    return FSDPStrategy(
+    return FSDPTrainableCheckpoints(
         auto_wrap_policy=classes,
         activation_checkpointing_policy=classes if kwargs.pop("activation_checkpointing", False) else None,
         sharding_strategy=sharding_strategy,
         use_orig_params=True,
         **kwargs,
     )
-
 
 
 class ShardedDataParallel(ModelParallelStrategy):
@@ -71,12 +88,7 @@ class ShardedDataParallel(ModelParallelStrategy):
         super().setup_environment()
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        # A checkpoint holds the module's trainable state only (TraceModule.on_save_checkpoint): gathering the
-        # frozen base too would move a whole model to rank 0 at every checkpoint.
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        return get_model_state_dict(self.model, options=options)
+        return trainable_state_dict(self.model)
 
     def parallelize(self, model: torch.nn.Module) -> None:
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -111,7 +123,7 @@ def unwrapped_name(name: str) -> str:
 
 def is_sharded(strategy: Any) -> bool:
     """Whether each rank holds only a shard of the parameters (FSDP1 or FSDP2)."""
-    return isinstance(strategy, ModelParallelStrategy) or type(strategy).__name__.startswith("FSDP")
+    return isinstance(strategy, (ModelParallelStrategy, FSDPStrategy))
 
 
 def check_distributed(cfg: DictConfig) -> None:
