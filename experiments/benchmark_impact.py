@@ -135,10 +135,14 @@ def against_truth(truth: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dic
     pairs all of them scored."""
     n = min(truth["n"], *(r["n"] for r in runs.values()))
     t = truth["scores"][:n]
+    scale = float(t.abs().max())
     out: dict[str, Any] = {"truth_pairs": n}
     for name, r in runs.items():
-        out[f"{name}_max_rel_error_vs_float64"] = max_rel_error(r["scores"][:n], t)
-        out[f"{name}_spearman_vs_float64"] = spearman(r["scores"][:n], t)
+        s = r["scores"][:n]
+        out[f"{name}_max_rel_error_vs_float64"] = max_rel_error(s, t)
+        out[f"{name}_pairs_over_1e-4_vs_float64"] = int(((s - t).abs() > 1e-4 * t.abs()).sum())
+        out[f"{name}_error_vs_largest_vs_float64"] = float((s - t).abs().max() / scale) if scale else 0.0
+        out[f"{name}_spearman_vs_float64"] = spearman(s, t)
     return out
 
 
@@ -184,10 +188,12 @@ def markdown(r: dict[str, Any], command: str) -> str:
             ("Spearman of scores", f"{r['spearman']:.6f}"), ("weights allclose", r["weights_allclose"]),
             ("peak RSS loop / batched (MiB)", f"{r['loop_peak_rss_mib']:.0f} / {r['batched_peak_rss_mib']:.0f}")]
     if "truth_pairs" in r:
+        pair = lambda key, fmt: f"{format(r['loop_' + key], fmt)} / {format(r['batched_' + key], fmt)}"  # noqa: E731
         rows += [(f"vs float64 loop ({r['truth_pairs']} pairs): max rel. error loop / batched",
-                  f"{r['loop_max_rel_error_vs_float64']:.2e} / {r['batched_max_rel_error_vs_float64']:.2e}"),
-                 ("vs float64 loop: Spearman loop / batched",
-                  f"{r['loop_spearman_vs_float64']:.6f} / {r['batched_spearman_vs_float64']:.6f}")]
+                  pair("max_rel_error_vs_float64", ".2e")),
+                 ("vs float64 loop: pairs off by > 1e-4 relative, loop / batched", pair("pairs_over_1e-4_vs_float64", "d")),
+                 ("vs float64 loop: max error / largest score, loop / batched", pair("error_vs_largest_vs_float64", ".2e")),
+                 ("vs float64 loop: Spearman loop / batched", pair("spearman_vs_float64", ".6f"))]
     if "batched_peak_cuda_mib" in r:
         rows.append(("peak CUDA loop / batched (MiB)", f"{r['loop_peak_cuda_mib']:.0f} / {r['batched_peak_cuda_mib']:.0f}"))
     return f"`{command}`\n\n| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"

@@ -33,6 +33,8 @@ def test_against_truth_names_the_method_that_is_off(bench):
     assert out["truth_pairs"] == 3  # a pair the truth did not score is never compared
     assert out["loop_max_rel_error_vs_float64"] == 0.0
     assert out["batched_max_rel_error_vs_float64"] == pytest.approx(2e-3)
+    assert out["loop_pairs_over_1e-4_vs_float64"] == 0 and out["batched_pairs_over_1e-4_vs_float64"] == 2
+    assert out["batched_error_vs_largest_vs_float64"] == pytest.approx(8e-3 / 4)
     assert out["loop_spearman_vs_float64"] == pytest.approx(1.0)
 
 
