@@ -12,7 +12,6 @@ reference to this package, its cache or the base model.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,10 +38,11 @@ def run_model(run: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def hub_token() -> str | None:
-    """The hub token the upload would use: HF_TOKEN, or the one `hf auth login` stored."""
+    """The hub token the upload would use: HF_TOKEN (or HUGGING_FACE_HUB_TOKEN), else the one `hf auth login`
+    stored."""
     from huggingface_hub import get_token
 
-    return get_token() or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    return get_token()
 
 
 def export(run: str | Path, out: str | Path | None = None, push_to_hub: str | None = None,
