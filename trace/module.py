@@ -44,7 +44,7 @@ from trace_realign.losses import relational_loss
 from trace_realign.records import INVERT, PUNISH, RETAIN
 from trace_realign.resume import rng_states, set_rng_states
 from trace_realign.sequences import sequence_logps
-from trace_realign.strategies import is_sharded, unwrapped_name
+from trace_realign.strategies import is_sharded, trainable_state_dict, unwrapped_name
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +127,11 @@ class TraceModule(L.LightningModule):
         assert self.policy is not None
         if not self.sharded:
             return {unwrapped_name(n): p.detach().cpu().clone() for n, p in self.policy.named_parameters() if p.requires_grad}
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         if isinstance(self.trainer.strategy, ModelParallelStrategy):  # FSDP2: the policy is its own root
-            state = get_model_state_dict(self.policy, options=options)
+            state = trainable_state_dict(self.policy)
         else:  # FSDP1: the root wraps this module; its names end in those of the policy's
             state = {k.split("policy.", 1)[1]: v for k, v in
-                     get_model_state_dict(self.trainer.strategy.model, options=options).items() if "policy." in k}
+                     trainable_state_dict(self.trainer.strategy.model).items() if "policy." in k}
         names = {unwrapped_name(n) for n, p in self.policy.named_parameters() if p.requires_grad}
         return {n: v for n, v in state.items() if n in names}  # (tied frozen weights come along otherwise)
 

@@ -186,12 +186,17 @@ class ReferenceCache:
         self.hits = self.misses = 0
         self.dtype = torch.float32  # that of the log-probs stored (float64 under model.dtype=float64)
 
+    @staticmethod
+    def _layout(category: str, batch: dict[str, torch.Tensor]) -> tuple[list[tuple[str, int]], int]:
+        """The batch's cache keys, one per sample, and its rows per sample (pair terms stack [first; second])."""
+        keys = [(category, i) for i in batch["index"].tolist()]
+        return keys, len(batch["labels"]) // len(keys)
+
     def lookup(self, category: str, batch: dict[str, torch.Tensor],
                agree: Callable[[bool], bool] | None = None) -> torch.Tensor | None:
         """The batch's cached log-probs, or None (a miss: compute them and `store` them).
         `agree`: whether every process hits too (processes that run the reference's forward together)."""
-        keys = [(category, i) for i in batch["index"].tolist()]
-        per_row = len(batch["labels"]) // len(keys)  # rows stack [first; second] for pair terms
+        keys, per_row = self._layout(category, batch)
         hit = all(k in self.rows for k in keys)
         if agree is not None:
             hit = agree(hit)
@@ -203,8 +208,7 @@ class ReferenceCache:
         return torch.tensor([v for part in cached for v in part], dtype=self.dtype, device=batch["labels"].device)
 
     def store(self, category: str, batch: dict[str, torch.Tensor], logps: torch.Tensor) -> None:
-        keys = [(category, i) for i in batch["index"].tolist()]
-        per_row = len(batch["labels"]) // len(keys)
+        keys, per_row = self._layout(category, batch)
         values, self.dtype = logps.detach().cpu().tolist(), logps.dtype
         for n, k in enumerate(keys):
             self.rows[k] = tuple(values[j * len(keys) + n] for j in range(per_row))
