@@ -124,6 +124,7 @@ METHODS = {
     "rdpo": (False, "retain", (None, None, "relational"), "uniform", [], 0.0),
     "dpo_gold": (True, None, ("relational_flip", "relational", "relational"), "uniform", ["invert", "punish"], 0.0),
     "dpo_gold_retrain": (True, None, ("relational_flip", "relational", "relational"), "uniform", ["invert", "punish"], 0.0),
+    "gold_finetune": (True, None, ("relational_flip", "relational", "relational"), "uniform", ["invert", "punish"], 0.0),
     "naive_oracle_dpo": (True, None, ("relational_flip", "relational_flip", "relational"), "uniform", ["invert", "punish"], 0.0),
     "u2a": (True, None, ("npo_chosen", "npo", None), "impact", ["invert", "punish"], 0.0),
 }
@@ -136,13 +137,14 @@ def test_every_method_file_is_the_table_it_documents(tmp_path):
         got = (m.triage, m.untriaged, (m.terms.invert, m.terms.punish, m.terms.retain), m.weights, list(m.weighted))
         assert got == (triage, untriaged, terms, weights, weighted), name
         assert m.alpha_kl == (0.1 if alpha is None else alpha), name  # None: the tiny model's recipe
-        assert m.retrain is (name == "dpo_gold_retrain"), name
+        assert m.retrain is (name in ("dpo_gold_retrain", "gold_finetune")), name
+        assert (m.retrain_from, m.retrain_stages) == (("m_old", ["sft", "dpo"]) if name == "gold_finetune" else ("base", None))
     assert compose_cfg(["method=rdpo"], tmp_path).method.loss == {"type": "robust", "label_smoothing": 0.1}
 
 
 def test_dpo_gold_punished_pairs_follow_data_dpo_gold_punish(tmp_path):
     for rule, term in (("keep", "relational"), ("drop", None), ("correction", "relational_correction")):
-        for name in ("dpo_gold", "dpo_gold_retrain"):
+        for name in ("dpo_gold", "dpo_gold_retrain", "gold_finetune"):
             assert compose_cfg([f"method={name}", f"data.dpo_gold_punish={rule}"], tmp_path).method.terms.punish == term
     with pytest.raises(Exception, match="dpo_gold_punish"):
         OmegaConf.to_container(compose_cfg(["method=dpo_gold", "data.dpo_gold_punish=swap"], tmp_path), resolve=True)
@@ -259,12 +261,18 @@ def test_two_step_run_per_method(method, make_cfg):
     cfg = make_cfg(f"method={method}")
     run(cfg)
     out = Path(cfg.paths.output_dir)
-    m = _check_metrics(out) if method != "dpo_gold_retrain" else json.loads((out / "metrics.json").read_text())
+    retrain = method in ("dpo_gold_retrain", "gold_finetune")
+    m = json.loads((out / "metrics.json").read_text()) if retrain else _check_metrics(out)
     triage, untriaged, terms, weights, weighted, _ = METHODS[method]
     if method == "dpo_gold_retrain":
         # nothing is fine-tuned: the pipeline that built M_old re-runs under pi_new's labels
         # (its pretraining stage is M_old's: the same data and settings, read from the cache)
         assert m["train/steps"] == 0 and m["retrain/stages_built"] == 2 and "eval/after/tpa" in m
+        return
+    if method == "gold_finetune":
+        # M_old's SFT and DPO stages re-run from M_old under pi_new's labels: two stages built, no pretraining
+        assert m["train/steps"] == 0 and m["finetune/stages_built"] == 2 and "retrain/stages_built" not in m
+        assert "eval/after/tpa" in m
         return
     assert m["train/steps"] == 2
     served = {c: m[f"data/train/{c}"] for c in ("invert", "punish", "retain")}
@@ -725,3 +733,9 @@ def test_batched_and_loop_impact_give_the_same_weights(tmp_path):
     assert [r["score"] for r in batched] == pytest.approx([r["score"] for r in loop], rel=1e-4, abs=1e-6 * scale)
     assert [r["weight"] for r in batched] == pytest.approx([r["weight"] for r in loop], rel=1e-4, abs=1e-9)
     assert [r["weight"] > 0 for r in batched] == [r["weight"] > 0 for r in loop]
+
+
+@pytest.mark.parametrize("method", ["dpo_gold_retrain", "gold_finetune"])
+def test_a_reference_with_perfect_labels_needs_a_model_this_package_aligned(method, make_cfg):
+    with pytest.raises(ValueError, match="model.prealign"):
+        run(make_cfg(f"method={method}", "model.prealign=null"))

@@ -21,6 +21,7 @@ class FakeStages:
 
     def __init__(self, fail_at: str | None = None):
         self.calls: list[str] = []
+        self.starts: list[str] = []
         self.data: list[StageData] = []
         self.fail_at = fail_at
 
@@ -30,6 +31,7 @@ class FakeStages:
         assert cfg.data.label_noise == 0.0 and cfg.data.size is None and cfg.data.splits is None, "M_old trains on all its data"
         assert cfg.quiet is True and cfg.model.lora.enabled is False
         self.calls.append(stage)
+        self.starts.append(cfg.model.name_or_path)
         self.data.append(data)
         if stage == self.fail_at:
             raise KeyboardInterrupt("interrupted")
@@ -140,6 +142,17 @@ def test_labels_new_is_the_retraining_upper_bound(cfg, tmp_path, world):
     assert metrics["retrain/cached"] == 0.0
     assert new_stages.data[-1].train_pairs() != old_stages.data[-1].train_pairs()
     assert [p.category for p in new_stages.data[-1].train_pairs()] == ["retain"] * len(new_stages.data[-1].train_pairs())
+
+
+def test_some_stages_from_m_old_are_fine_tuning_with_perfect_labels(cfg, tmp_path, world):
+    m_old, _ = build(cfg, tmp_path, world, FakeStages())
+    stages = FakeStages()
+    tuned, metrics = prealigned_model(cfg, m_old, stages, world, labels="new", only=["sft", "dpo"], prefix="finetune")
+    assert stages.calls == ["sft", "dpo"] and stages.starts[0] == m_old  # no pretraining: it starts from M_old
+    assert metrics["finetune/stages_built"] == 2.0 and tuned != m_old
+    assert stages.data[-1].labels == "new"
+    with pytest.raises(ValueError, match="retrain_stages"):
+        prealigned_model(cfg, m_old, FakeStages(), world, labels="new", only=["rlhf"])
 
 
 def test_generic_stages_for_a_source_of_annotated_pairs(tmp_path):

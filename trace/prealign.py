@@ -43,6 +43,8 @@ PREALIGN_VERSION = 3
 DATA_PLAN_DEFAULTS = {"splits": None, "train_split": "train", "eval_split": None, "size": None,
                       "label_noise": 0.0, "noise_style": "category", "dpo_gold_punish": "keep"}
 INFO_FILE = "prealign.json"
+# what each build is called in the log, by its metrics prefix
+BUILDS = {"prealign": "M_old", "retrain": "the re-trained upper bound", "finetune": "M_old fine-tuned with pi_new's labels"}
 GENERIC_STAGES = ("pretrain", "sft", "dpo")
 
 
@@ -180,29 +182,41 @@ def prealigned_model(
     source: Any,
     labels: str = "old",
     gold_punish: str = "correction",
+    only: list[str] | None = None,
+    prefix: str | None = None,
 ) -> tuple[str, dict[str, float]]:
     """The cached model built by the stages of `cfg.model.prealign` from `base_path` on `source`'s data
     (under pi_old's labels, or pi_new's: the re-training upper bound); each stage missing from the cache is
     built with `run_stage` (train.run). Returns the last stage's directory and the build's metrics
-    (prefixed prealign/ or retrain/).
+    (prefixed `prefix`/, by default prealign/ or retrain/).
+
+    `only` runs just those stages, in the order model.prealign lists them: from M_old as `base_path`, the
+    stages after pretraining re-run under pi_new's labels are fine-tuning with perfect labels (gold_finetune).
 
     Each stage is cached on its own, keyed by its inputs and the key of the stage before it, so builds
     that share a beginning share it on disk (the re-training upper bound reuses M_old's pretraining).
     """
     stages = cfg.model.prealign.stages
+    if only is not None:
+        unknown = [s for s in only if s not in stages]
+        if unknown or not only:
+            raise ValueError(f"method.retrain_stages: {list(only)} must name stages of model.prealign.stages "
+                             f"({list(stages)})")
     root = Path(cfg.paths.cache_dir) / "prealign"
-    prefix = "prealign" if labels == "old" else "retrain"
+    prefix = prefix or ("prealign" if labels == "old" else "retrain")
     metrics: dict[str, float] = {}
     key = hashlib.sha256(json.dumps({"version": PREALIGN_VERSION, "base": model_identity(base_path)}).encode()).hexdigest()
     model_path, built, start = base_path, 0, time.time()
     for name in stages:
+        if only is not None and name not in only:
+            continue
         data = StageData(source, name, labels, gold_punish)
         inputs = stage_inputs(stage_config(cfg, name, stages[name], base_path, root), pairs_digest(data.train_pairs()))
         blob = json.dumps({"previous": key, "stage": name, **inputs}, sort_keys=True, default=str)
         key = hashlib.sha256(blob.encode()).hexdigest()
         target = root / f"{name}-{key[:16]}"
         if not (target / "config.json").is_file():
-            log.info("building %s: stage %s", "M_old" if labels == "old" else "the re-trained upper bound", name)
+            log.info("building %s: stage %s", BUILDS.get(prefix, prefix), name)
             _build_stage(stage_config(cfg, name, stages[name], model_path, root), data, run_stage, target, blob)
             built += 1
         info = json.loads((target / INFO_FILE).read_text()) if (target / INFO_FILE).is_file() else {}
@@ -214,7 +228,7 @@ def prealigned_model(
     # build time stays in <prefix>/<stage>/seconds
     metrics[f"{prefix}/seconds"] = time.time() - start if built else 0.0
     if built:
-        log.info("%s ready at %s (%.0f s)", "M_old" if labels == "old" else "re-trained model", model_path,
+        log.info("%s ready at %s (%.0f s)", BUILDS.get(prefix, prefix), model_path,
                  metrics[f"{prefix}/seconds"])
     return model_path, metrics
 

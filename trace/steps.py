@@ -75,8 +75,10 @@ def build_datamodule(
     return objective, datamodule
 
 
-METHOD_KEYS = {"name", "triage", "untriaged", "terms", "weights", "weighted", "alpha_kl", "loss", "retrain"}
+METHOD_KEYS = {"name", "triage", "untriaged", "terms", "weights", "weighted", "alpha_kl", "loss", "retrain",
+               "retrain_from", "retrain_stages"}
 WEIGHTS = ("impact", "uniform")
+RETRAIN_FROM = ("base", "m_old")
 
 
 def check_method(method: DictConfig) -> None:
@@ -87,6 +89,8 @@ def check_method(method: DictConfig) -> None:
                          f"{sorted(METHOD_KEYS - keys)}; a method lists {sorted(METHOD_KEYS)} (conf/method/trace.yaml)")
     if method.weights not in WEIGHTS:
         raise ValueError(f"method.weights: {method.weights!r}; expected one of {WEIGHTS}")
+    if method.retrain_from not in RETRAIN_FROM:
+        raise ValueError(f"method.retrain_from: {method.retrain_from!r}; expected one of {RETRAIN_FROM}")
 
 
 def data_plan(data: DictConfig) -> DataPlan:
@@ -221,7 +225,7 @@ def print_summary(out: Path, metrics: dict[str, Any], name: str = "trace-realign
     keys = ["data/rows", "data/pairs", "triage/invert", "triage/punish", "triage/retain",
             "triage/excluded/oracle_failed", "triage/excluded/undecided", "triage/gt_accuracy", "data/train_pairs",
             "data/cache_hits", "oracle/calls", "oracle/cached", "oracle/failed", "oracle/cost_usd", "impact/nonzero",
-            "train/steps", "train/loss", "select/best_step", "prealign/seconds", "retrain/seconds", "time/total_seconds"]
+            "train/steps", "train/loss", "select/best_step", "prealign/seconds", "retrain/seconds", "finetune/seconds", "time/total_seconds"]
     width = max(len(k) for k in keys)
 
     def show(v: float) -> str:

@@ -44,6 +44,11 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     quiet = bool(cfg.get("quiet", False))
     check_distributed(cfg)  # a trainer that cannot carry this run stops here, before any oracle call
+    if cfg.method.retrain and not cfg.model.get("prealign"):
+        raise ValueError(f"method={cfg.method.name} re-runs the pipeline that built M_old (model.prealign) with "
+                         f"pi_new's labels, and model {cfg.model.get('name_or_path')} has none: it needs a model "
+                         "aligned by this package (model=tiny) and a dataset that knows pi_new's labels "
+                         "(dataset=embedded); for a hub model use method=dpo_gold")
     # a run that wrote metrics.json finished: its re-run starts afresh; one that did not resumes (resume.py)
     finished = (out / "metrics.json").is_file()
     if launched_as_rank_zero():
@@ -117,10 +122,14 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     final = module.policy
     if method.retrain:
-        # The full re-training upper bound: no realignment of M_old; the pipeline that built it, re-run
-        # from the base model with pi_new's labels, gives the model evaluated "after".
-        gold_path, built = prealigned_model(cfg, base_path, run, source, labels="new",
-                                            gold_punish=str(cfg.data.dpo_gold_punish))
+        # The references with perfect labels: the pipeline that built M_old re-run with pi_new's labels,
+        # from the base model (full re-training, the upper bound) or, for the stages method.retrain_stages
+        # names, from M_old itself (fine-tuning with perfect labels, gold_finetune). Its result is "after".
+        from_m_old = method.get("retrain_from", "base") == "m_old"
+        gold_path, built = prealigned_model(cfg, model_path if from_m_old else base_path, run, source, labels="new",
+                                            gold_punish=str(cfg.data.dpo_gold_punish),
+                                            only=list(method.retrain_stages) if method.get("retrain_stages") else None,
+                                            prefix="finetune" if from_m_old else "retrain")
         metrics.update(built)
         final = load_for_eval(gold_path, OmegaConf.to_container(cfg.model, resolve=True)).to(device)
         steps = 0
