@@ -8,6 +8,7 @@ Each (method, seed) is one `trace-realign seed=S` run with the method's override
 every run starts from (eval/before, identical across methods of a seed: checked). The methods:
 
     retrain         DPO-Gold, full re-training: the pipeline that built M_old re-run with pi_new's labels
+    gold_finetune   fine-tuning with perfect labels: M_old's SFT and DPO stages re-run from M_old with pi_new's labels
     dpo_gold        DPO on the relabelled pairs, fine-tuned from M_old (a term table on the one module)
     trace           TRACE with its default recipe (stopping chosen by the oracle on training prompts)
     trace_noselect  TRACE with T_max alone (select.enabled=false), to show what selection contributes
@@ -35,6 +36,7 @@ from trace_realign.tables import summarize
 METHODS: dict[str, list[str]] = {
     # punished pairs as full re-annotation would label them: a compliant response wins over the old chosen
     "retrain": ["method=dpo_gold_retrain", "data.dpo_gold_punish=correction"],
+    "gold_finetune": ["method=gold_finetune", "data.dpo_gold_punish=correction"],
     "dpo_gold": ["method=dpo_gold", "data.dpo_gold_punish=correction"],
     "trace": [],
     "trace_noselect": ["select.enabled=false"],
@@ -129,7 +131,8 @@ def checks(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -> l
         b = lambda k: m[f"eval/before/{k}"]  # noqa: E731
         out += [(f"seed {seed}: M_old pi_old agreement >= 95", b("tpa_old") >= 95, f"{b('tpa_old'):.1f}"),
                 (f"seed {seed}: M_old shifted-axis TPA <= 10", b("tpa/shifted") <= 10, f"{b('tpa/shifted'):.1f}")]
-        for method, goal, floor in (("retrain", 90, None), ("trace", 60, 95), ("trace_noselect", 60, 95), ("dpo_gold", 90, None)):
+        for method, goal, floor in (("retrain", 98, None), ("gold_finetune", 85, 95), ("trace", 60, 95),
+                                    ("trace_noselect", 60, 95), ("dpo_gold", 90, None)):
             if method not in results:
                 continue
             r = results[method][seed]

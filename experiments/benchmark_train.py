@@ -123,7 +123,7 @@ def configurations(args: argparse.Namespace) -> list[Config]:
     full = "model.lora.enabled=false"
     configs = [
         Config("trace_lora", trace, args.reference_cache, measures="time, memory (a)"),
-        Config("dpo_lora", ["method=dpo", *sizes(b, b, dpo_pairs)], args.reference_cache, measures="time"),
+        Config("dpo_lora", ["method=dpo_old_labels", *sizes(b, b, dpo_pairs)], args.reference_cache, measures="time"),
         Config("policy_lora", [*trace, NO_REFERENCE_RETAIN], "warm", measures="memory (b)"),
         Config("trace_full", [*trace, full], args.reference_cache, measures="memory (c)"),
         Config("policy_full", [*trace, NO_REFERENCE_RETAIN, full], "warm", drop_reference=True, measures="memory (d)"),

@@ -119,9 +119,10 @@ METHODS = {
     "no_triage": (False, "punish", ("relational_flip", "npo", "kl"), "uniform", ["invert", "punish"], None),
     "no_triage_ref": (True, None, ("npo_rejected",) * 3, "impact", ["invert", "punish", "retain"], 0.0),
     "oracle_punish": (True, None, ("relational_flip", "relational_correction", "kl"), "impact", ["invert", "punish"], None),
-    "dpo": (False, "retain", (None, None, "relational"), "uniform", [], 0.0),
+    "dpo": (True, None, ("relational_flip", "relational", "relational"), "uniform", ["invert", "punish"], 0.0),
+    "dpo_old_labels": (False, "retain", (None, None, "relational"), "uniform", [], 0.0),
     "sft": (False, "retain", (None, None, "nll"), "uniform", [], 0.0),
-    "rdpo": (False, "retain", (None, None, "relational"), "uniform", [], 0.0),
+    "rdpo": (True, None, ("relational_flip", "relational", "relational"), "uniform", ["invert", "punish"], 0.0),
     "dpo_gold": (True, None, ("relational_flip", "relational", "relational"), "uniform", ["invert", "punish"], 0.0),
     "dpo_gold_retrain": (True, None, ("relational_flip", "relational", "relational"), "uniform", ["invert", "punish"], 0.0),
     "gold_finetune": (True, None, ("relational_flip", "relational", "relational"), "uniform", ["invert", "punish"], 0.0),
@@ -139,12 +140,14 @@ def test_every_method_file_is_the_table_it_documents(tmp_path):
         assert m.alpha_kl == (0.1 if alpha is None else alpha), name  # None: the tiny model's recipe
         assert m.retrain is (name in ("dpo_gold_retrain", "gold_finetune")), name
         assert (m.retrain_from, m.retrain_stages) == (("m_old", ["sft", "dpo"]) if name == "gold_finetune" else ("base", None))
-    assert compose_cfg(["method=rdpo"], tmp_path).method.loss == {"type": "robust", "label_smoothing": 0.1}
+    # the reference's rDPO: TRL's robust loss at its default label smoothing, 0; a setting of the loss group
+    assert compose_cfg(["method=rdpo"], tmp_path).method.loss == {"type": "robust"}
+    assert compose_cfg(["method=rdpo"], tmp_path).loss.label_smoothing == 0.0
 
 
 def test_dpo_gold_punished_pairs_follow_data_dpo_gold_punish(tmp_path):
     for rule, term in (("keep", "relational"), ("drop", None), ("correction", "relational_correction")):
-        for name in ("dpo_gold", "dpo_gold_retrain", "gold_finetune"):
+        for name in ("dpo_gold", "dpo", "rdpo", "dpo_gold_retrain", "gold_finetune"):
             assert compose_cfg([f"method={name}", f"data.dpo_gold_punish={rule}"], tmp_path).method.terms.punish == term
     with pytest.raises(Exception, match="dpo_gold_punish"):
         OmegaConf.to_container(compose_cfg(["method=dpo_gold", "data.dpo_gold_punish=swap"], tmp_path), resolve=True)
