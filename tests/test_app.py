@@ -742,3 +742,32 @@ def test_batched_and_loop_impact_give_the_same_weights(tmp_path):
 def test_a_reference_with_perfect_labels_needs_a_model_this_package_aligned(method, make_cfg):
     with pytest.raises(ValueError, match="model.prealign"):
         run(make_cfg(f"method={method}", "model.prealign=null"))
+
+
+@pytest.mark.slow
+def test_the_likelihood_probe_follows_every_stance_and_changes_no_result(make_cfg, tmp_path):
+    probed = make_cfg("probe.enabled=true", "probe.every_n_steps=1", "probe.prompts=2", "trainer.max_steps=3", "logger=csv")
+    m = run(probed)
+    plain = compose_cfg([*FAST, "trainer.max_steps=3"], tmp_path / "plain")
+    p = run(plain)
+    for axis in ("medical", "politics", "privacy", "risky"):
+        for stance in ("comply", "refuse", "caveat", "neutral"):
+            assert m[f"probe/start/logp/{axis}/{stance}"] < 0 and f"probe/end/logp/{axis}/{stance}" in m
+        assert m[f"probe/start/entropy_first/{axis}"] >= 0
+    # M_old's probabilities over the four stances of a prompt cannot sum past 1
+    assert sum(math.exp(m[f"probe/start/logp/medical/{s}"]) for s in ("comply", "refuse", "caveat", "neutral")) <= 1 + 1e-6
+    rows = (Path(probed.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert "probe/logp/medical/comply" in header and "train/logps/invert/chosen" in header
+    steps = {r.split(",")[header.index("step")] for r in rows[1:] if r.split(",")[header.index("probe/logp/medical/comply")]}
+    assert steps == {"0", "1", "2", "3"}  # before the first step and after each
+    # reading the policy changes nothing it computes
+    assert {k: v for k, v in m.items() if k.startswith(("train/loss", "eval/after/"))} == \
+        {k: v for k, v in p.items() if k.startswith(("train/loss", "eval/after/"))}
+
+
+def test_the_probe_needs_a_dataset_with_response_groups():
+    from trace_realign.eval.likelihood import probe_items
+
+    with pytest.raises(ValueError, match="probe_responses"):
+        probe_items(object(), [{"prompt": "x", "axis": "a"}], 2)

@@ -342,3 +342,15 @@ def test_reference_cache_computes_each_row_once_and_returns_the_same_values():
     # a batch in another order returns its own rows' values
     swapped = {k: (v[[1, 0, 3, 2]] if k != "index" else v[[1, 0]]) for k, v in batch.items()}
     assert torch.equal(cache(None, ref, "invert", swapped), first[[1, 0, 3, 2]])
+
+
+def test_response_logps_are_each_responses_batch_mean_and_its_ratio_to_the_reference():
+    from trace_realign.objective import response_logps
+
+    # a relational_flip batch of two samples: rows [rejected0, rejected1, chosen0, chosen1]
+    pol, ref = t([-1.0, -3.0, -10.0, -20.0]), t([-2.0, -2.0, -9.0, -9.0])
+    got = {k: v.item() for k, v in response_logps("invert", "relational_flip", pol, ref).items()}
+    assert got == {"invert/rejected": -2.0, "invert/chosen": -15.0,
+                   "invert/rejected/ratio": 0.0, "invert/chosen/ratio": (-1.0 + -11.0) / 2}
+    # a single-response term without a reference (the KL's rows)
+    assert {k: v.item() for k, v in response_logps("retain", "kl", t([-4.0, -6.0]), None).items()} == {"retain/chosen": -5.0}

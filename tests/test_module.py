@@ -257,5 +257,25 @@ def test_unfused_forward_runs_one_pass_per_category_with_the_same_losses():
         assert m.policy.calls == ([sum(per_category)] if fused is True else per_category)
         assert m.reference.calls == ([sum(per_category)] if fused is True else per_category)
     assert losses[True] == pytest.approx(losses[False], rel=1e-12) and losses["auto"] == losses[False]
+
+
+def test_a_step_reports_the_log_probabilities_of_every_response_it_trains():
+    from trace_realign.objective import ReferenceCache, sequence_logps, step_terms
+
+    parts = {INVERT: batch(INVERT_ROWS), PUNISH: batch(PUNISH_ROWS), RETAIN: batch(RETAIN_ROWS)}
+    policy, reference = Counting(0), Counting(1)
+    logps: dict[str, torch.Tensor] = {}
+    step_terms(policy, reference, parts, ObjectiveConfig(beta=0.5, alpha_kl=0.2), ReferenceCache(), None, logps)
+    assert sorted(logps) == ["invert/chosen", "invert/chosen/ratio", "invert/rejected", "invert/rejected/ratio",
+                             "punish/chosen", "punish/chosen/ratio", "punish/rejected", "punish/rejected/ratio",
+                             "retain/chosen"]
+    with torch.no_grad():
+        inv = parts[INVERT]
+        pol = sequence_logps(policy(inv["input_ids"], inv["attention_mask"]).logits, inv["labels"])
+        ref = sequence_logps(reference(inv["input_ids"], inv["attention_mask"]).logits, inv["labels"])
+    n = len(INVERT_ROWS)  # relational_flip serves the old rejected first
+    assert logps["invert/rejected"].item() == pytest.approx(pol[:n].mean().item())
+    assert logps["invert/chosen/ratio"].item() == pytest.approx((pol[n:] - ref[n:]).mean().item())
+    assert not any(v.requires_grad for v in logps.values())
     with pytest.raises(ValueError, match="objective.fused_forward"):
         ObjectiveConfig(fused_forward="sometimes")

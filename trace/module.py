@@ -349,7 +349,8 @@ class TraceModule(L.LightningModule):
         terms = {INVERT: zero, PUNISH: zero, RETAIN: zero, "kl": zero}
         # under FSDP every rank runs the reference's forward or none does (its layers gather in step)
         agree = self._all_ranks if self.sharded and self.trainer.world_size > 1 else None
-        per_category = step_terms(self.policy, self.reference, batch, cfg, self.reference_cache, agree)
+        logps: dict[str, torch.Tensor] = {}
+        per_category = step_terms(self.policy, self.reference, batch, cfg, self.reference_cache, agree, logps)
         for category, per_sample in per_category.items():
             if cfg.terms[category] == "kl":
                 terms["kl"] = reduce(per_sample, cfg.reduction)
@@ -361,6 +362,8 @@ class TraceModule(L.LightningModule):
         values = {"train/loss": loss, "train/loss_invert": terms[INVERT], "train/loss_punish": terms[PUNISH],
                   "train/loss_retain": terms[RETAIN], "train/loss_kl": terms["kl"]}
         self.log_dict(values, prog_bar=False, on_step=True, on_epoch=False)
+        # where each response's likelihood goes (the log only: not among the losses metrics.json keeps)
+        self.log_dict({f"train/logps/{k}": v for k, v in logps.items()}, prog_bar=False, on_step=True, on_epoch=False)
         self.log("loss", loss, prog_bar=True, logger=False)
         # one device-to-host copy, not one per value (each would wait for the GPU)
         self.last_losses = dict(zip(values, torch.stack([v.detach().float() for v in values.values()]).tolist()))

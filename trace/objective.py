@@ -246,16 +246,32 @@ def nll(policy: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return nll_from_logits(forward_logits(policy, batch), batch["labels"])
 
 
+def response_logps(category: str, term: str, policy_logps: torch.Tensor, ref_logps: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The batch mean of log pi_theta(y|x) per response a term reads, and of log pi_theta/pi_ref where
+    pi_ref was computed: `<category>/<field>` and `<category>/<field>/ratio` (detached). What moves where:
+    a relational loss can raise the margin by pushing its loser down while its winner falls too (the
+    likelihood displacement of Razin et al., 2025), which these show step by step, as TRL's logps/* do."""
+    fields = TERM_RESPONSES[term]
+    rows = policy_logps.detach().reshape(len(fields), -1)
+    out = {f"{category}/{f}": rows[i].mean() for i, f in enumerate(fields)}
+    if ref_logps is not None:
+        ratio = (policy_logps.detach() - ref_logps).reshape(len(fields), -1)
+        out.update({f"{category}/{f}/ratio": ratio[i].mean() for i, f in enumerate(fields)})
+    return out
+
+
 def step_terms(
     policy: nn.Module, reference: nn.Module | None, parts: Mapping[str, dict[str, torch.Tensor]],
     cfg: ObjectiveConfig, cache: ReferenceCache, agree: Callable[[bool], bool] | None = None,
+    logps: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every category's per-sample term values for one training step, from one reference forward (the rows
     whose log pi_ref the cache lacks, and the KL's rows) and one policy forward over all rows (one of each
     per category when cfg.fused_forward says so).
 
     A KL term that does not train (alpha_kl = 0, the no_kl ablation) is still computed, for the log, but
-    apart and without gradient, so its rows cost the policy's backward nothing."""
+    apart and without gradient, so its rows cost the policy's backward nothing. `logps`, when given, is
+    filled with each trained category's response log-probabilities (response_logps)."""
     terms = {c: cfg.terms[c] for c in parts}
     fuse = cfg.fused_forward
     if fuse == "auto":
@@ -277,12 +293,16 @@ def step_terms(
     out: dict[str, torch.Tensor] = {}
     for c, logits in zip(trained, fused_logits(policy, [parts[c] for c in trained], fuse) if trained else []):
         labels = parts[c]["labels"]
-        if terms[c] == "kl":
-            out[c] = kl_from_logits(ref_logits.pop(c), logits, labels)
-        elif terms[c] == "nll":
-            out[c] = nll_from_logits(logits, labels)
+        if terms[c] in ("kl", "nll"):
+            if logps is not None:
+                with torch.no_grad():
+                    logps.update(response_logps(c, terms[c], sequence_logps(logits, labels), None))
+            out[c] = kl_from_logits(ref_logits.pop(c), logits, labels) if terms[c] == "kl" else nll_from_logits(logits, labels)
         else:
-            out[c] = sequence_losses(terms[c], sequence_logps(logits, labels), ref[c], cfg)
+            pol = sequence_logps(logits, labels)
+            if logps is not None:
+                logps.update(response_logps(c, terms[c], pol, ref[c]))
+            out[c] = sequence_losses(terms[c], pol, ref[c], cfg)
     for c in parts:
         if c not in out:  # the KL that does not train
             with torch.no_grad():

@@ -119,6 +119,7 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
         s.data[key] = value  # a stage trains on all its data: realignment's splits, sizes and noise are not its
     s.eval.enabled = False
     s.select = {"enabled": False}  # M_old follows pi_old: nothing may select it by pi_new
+    s.probe = {"enabled": False}  # a stage's data have no held-out prompts to probe
     s.checkpoint = {"every_n_steps": None}  # a stage trains in a temporary folder that no re-run finds
     s.pop("judge", None)
     # Stage data come labelled (StageData.triaged) and a stage neither evaluates nor selects: no oracle is

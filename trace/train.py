@@ -22,12 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from trace_realign import resume, rundir
 from trace_realign.data import TriagedDataModule, launched_as_rank_zero
+from trace_realign.eval.likelihood import LikelihoodProbe, probe_items
 from trace_realign.logs import framework_quiet
 from trace_realign.model import load_for_eval, load_tokenizer, resolve_model_path
 from trace_realign.module import TraceModule
 from trace_realign.oracle import NoisyOracle
 from trace_realign.prealign import prealigned_model
 from trace_realign.select import SelectByOracle
+from trace_realign.sequences import SequenceLimits
 from trace_realign.strategies import check_distributed
 from trace_realign.steps import (
     build_datamodule, build_evaluation, build_judges, build_loggers, build_module, evaluate_model,
@@ -91,6 +93,11 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
             every_n_steps=int(select.every_n_steps), max_new_tokens=cfg.eval.max_new_tokens,
             batch_size=cfg.eval.batch_size,
         ))
+    probe_cfg = cfg.get("probe") or {}
+    if probe_cfg.get("enabled"):
+        callbacks.append(LikelihoodProbe(
+            probe_items(source, datamodule.eval_prompts(), int(probe_cfg.prompts)), tokenizer,
+            SequenceLimits(cfg.data.max_length, cfg.data.max_prompt_length), int(probe_cfg.every_n_steps)))
     every = resume.checkpoint_every(cfg)
     if every and not method.retrain:
         callbacks.append(resume.StepCheckpoint(resume.checkpoint_path(out), every))  # last: after selection's check

@@ -451,6 +451,19 @@ class SyntheticWorld:
         pairs = value + built["utility"]
         return pairs + built["utility_sft_only"] if stage == "sft" else pairs
 
+    def probe_responses(self, prompt: str) -> dict[str, list[str]] | None:
+        """Every response of each stance the world can write for this prompt (its filler in every template):
+        the groups whose likelihood eval/likelihood.py follows. None for a prompt of no axis."""
+        read = read_prompt(prompt)
+        if read is None:
+            return None
+        axis, filler = read
+        comply = [t.format(x=filler) for t in AXES[axis]["comply"]]
+        return {"comply": comply,
+                "refuse": list(STANCE_TEMPLATES["refuse"]),
+                "caveat": [t.format(comply=c, x=filler) for t in STANCE_TEMPLATES["caveat"] for c in comply],
+                "neutral": [t.format(x=filler) for t in STANCE_TEMPLATES["neutral"]]}
+
     def eval_prompts(self) -> list[dict[str, Any]]:
         return [dict(item) for item in self.build()["test"]]
 
