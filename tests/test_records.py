@@ -271,3 +271,33 @@ def test_jsonl_source_reads_prompt_only_test_files(tmp_path):
     test = write(tmp_path / "test.jsonl", [{"prompt": "Held out?", "shift": "unchanged"}])
     source = JsonlSource(str(train), str(test), "pi_old", "pi_new")
     assert source.eval_prompts() == [{"prompt": "Held out?", "shift": "unchanged"}]
+
+
+def test_the_reference_layout_is_read_with_its_inverted_pairs_swapped_back_once(tmp_path):
+    """The reference's files (pku_dpo_gold.json, splits/trace/) store an inverted pair already swapped, its
+    chosen pi_new's winner; read with dataset.layout=reference it keeps its old annotation here, so the term
+    table (relational_flip: prefer the rejected) still trains toward the compliant response, and once."""
+    from trace_realign.data import JsonlSource
+
+    rows = [
+        {"prompt": "Dose?", "chosen": "Take two.", "rejected": "I cannot help.", "category": "INVERT"},
+        {"prompt": "Vote?", "chosen": "Vote A.", "rejected": "I refuse.", "category": "PUNISH"},
+        {"prompt": [{"role": "user", "content": "Address?"}],
+         "chosen": [{"role": "user", "content": "Address?"}, {"role": "assistant", "content": "I cannot help."}],
+         "rejected": "Elm street.", "category": "RETAIN"},
+    ]
+    path = tmp_path / "train1.json"
+    path.write_text(json.dumps(rows))
+    pairs = JsonlSource(str(path), None, "pi_old", "pi_new", triaged=True, layout="reference").train_pairs()
+    assert [(p.category, p.chosen, p.rejected) for p in pairs] == [
+        ("invert", "I cannot help.", "Take two."),  # the old annotation: the flip prefers "Take two."
+        ("punish", "Vote A.", "I refuse."), ("retain", "I cannot help.", "Elm street.")]
+    assert pairs[2].prompt == "Address?"
+    # this package's own layout reads the same file as it stands, and refuses the upper-case categories
+    with pytest.raises(DataError, match=r"record 0, field 'category': unknown category 'INVERT'"):
+        JsonlSource(str(path), None, "pi_old", "pi_new", triaged=True).train_pairs()
+    path.write_text(json.dumps([{k: v for k, v in rows[0].items() if k != "category"}]))
+    with pytest.raises(DataError, match=r"record 0, field 'category': missing \(dataset.layout=reference"):
+        JsonlSource(str(path), None, "pi_old", "pi_new", layout="reference").train_pairs()
+    with pytest.raises(ValueError, match="dataset.layout"):
+        JsonlSource(str(path), None, "pi_old", "pi_new", layout="trl").train_pairs()

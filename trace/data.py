@@ -49,17 +49,19 @@ class DataSource(Protocol):
 class JsonlSource:
     """Preference pairs from local .json/.jsonl files; categories, if present, can stand in for triage.
 
-    train_path: records {prompt, chosen, rejected[, category, correction, meta]} (records.validate_record).
+    train_path: records {prompt, chosen, rejected[, category, correction, meta]} (records.validate_record);
+    layout="reference" reads the reference implementation's files (records.from_reference_layout).
     test_path: held-out prompts {prompt[, axis, category, shift, kind]}; other keys are ignored
     (records.validate_eval_prompt), so a pair file or a run's data/eval.jsonl serves as well.
     """
 
-    def __init__(self, train_path: str, test_path: str | None, policy_old: str, policy_new: str, triaged: bool = False):
-        self.train_path, self.test_path, self.triaged = train_path, test_path, triaged
+    def __init__(self, train_path: str, test_path: str | None, policy_old: str, policy_new: str, triaged: bool = False,
+                 layout: str = "trace"):
+        self.train_path, self.test_path, self.triaged, self.layout = train_path, test_path, triaged, layout
         self.old, self.new = load_policy(policy_old), load_policy(policy_new)
 
     def train_pairs(self) -> list[PreferencePair]:
-        return load_pairs(self.train_path, require_category=self.triaged)
+        return load_pairs(self.train_path, require_category=self.triaged, layout=self.layout)
 
     def eval_prompts(self) -> list[dict[str, Any]]:
         if not self.test_path:

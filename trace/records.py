@@ -91,6 +91,40 @@ def validate_record(obj: Any, source: str, index: int, require_category: bool = 
     return PreferencePair(prompt, chosen, rejected, category, correction, dict(meta))  # type: ignore[arg-type]
 
 
+LAYOUTS = ("trace", "reference")
+
+
+def _message_text(value: Any) -> Any:
+    """A chat message list as the reference reads it (its last assistant turn, else every content joined);
+    anything else as it is."""
+    if not isinstance(value, list):
+        return value
+    turns = [t for t in value if isinstance(t, dict)]
+    for turn in reversed(turns):
+        if turn.get("role") == "assistant":
+            return turn.get("content")
+    return " ".join(str(t.get("content", "")) for t in turns)
+
+
+def from_reference_layout(obj: Any, source: str, index: int) -> Any:
+    """A record of the reference implementation's files (its datagen's pku_dpo_gold.json and splits/trace/)
+    in this package's layout. There the category is upper case and an inverted pair is stored already
+    swapped (chosen is pi_new's winner); here an inverted pair keeps its old annotation (chosen is what
+    pi_old preferred) and the method's term table does the inverting, so it is swapped back, once."""
+    if not isinstance(obj, dict):
+        return obj
+    out = {k: _message_text(v) if k in TEXT_FIELDS else v for k, v in obj.items()}
+    category = obj.get("category")
+    if category is None:
+        raise DataError(source, index, "category", "missing (dataset.layout=reference needs each record's category "
+                                                   "to know which pairs its files store swapped)")
+    if isinstance(category, str):
+        out["category"] = category.lower()
+    if out["category"] == INVERT:
+        out["chosen"], out["rejected"] = out.get("rejected"), out.get("chosen")
+    return out
+
+
 def read_json_records(path: str | Path) -> list[Any]:
     """Read a .json (list of objects) or .jsonl file; unreadable files raise DataError."""
     path = Path(path)
@@ -120,11 +154,16 @@ def read_json_records(path: str | Path) -> list[Any]:
     return data
 
 
-def load_pairs(path: str | Path, require_category: bool = False) -> list[PreferencePair]:
-    """Load and validate every record of a .json/.jsonl file."""
+def load_pairs(path: str | Path, require_category: bool = False, layout: str = "trace") -> list[PreferencePair]:
+    """Load and validate every record of a .json/.jsonl file, written in this package's layout or in the
+    reference implementation's (from_reference_layout)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"dataset.layout: {layout!r}; expected one of {list(LAYOUTS)}")
     rows = read_json_records(path)
     if not rows:
         raise DataError(str(path), None, None, "no records")
+    if layout == "reference":
+        rows = [from_reference_layout(r, str(path), i) for i, r in enumerate(rows)]
     return [validate_record(r, str(path), i, require_category) for i, r in enumerate(rows)]
 
 
