@@ -771,3 +771,19 @@ def test_the_probe_needs_a_dataset_with_response_groups():
 
     with pytest.raises(ValueError, match="probe_responses"):
         probe_items(object(), [{"prompt": "x", "axis": "a"}], 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, method", [("reference", "trace"), ("reference_dpo", "dpo")])
+def test_the_reference_recipes_train_one_epoch_with_the_reference_adapters(recipe, method, make_cfg):
+    cfg = make_cfg(f"recipe={recipe}", f"method={method}")
+    m = run(cfg)
+    served = {c: m[f"data/train/{c}"] for c in ("invert", "punish", "retain")}
+    per_step = sum(min(cfg.data.batch_size[c], n) for c, n in served.items())
+    assert m["train/steps"] == math.ceil(sum(served.values()) / per_step) and m["train/epochs"] == 1.0
+    adapter = json.loads((Path(cfg.paths.output_dir) / "adapter" / "adapter_config.json").read_text())
+    want = {"reference": (32, 16, 0.1, {"q_proj", "v_proj"}),
+            "reference_dpo": (16, 16, 0.05, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})}
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"], set(adapter["target_modules"])) == want[recipe]
+    saved = OmegaConf.load(Path(cfg.paths.output_dir) / "config.yaml")
+    assert saved.trainer.max_steps == m["train/steps"]  # the schedule ended where training did

@@ -61,3 +61,35 @@ def test_a_cosine_schedule_without_an_end_is_refused():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="trainer.max_steps"):
         cosine_with_warmup(optimizer, max_steps=-1)
+
+
+def test_a_warmup_in_steps_is_counted_as_transformers_counts_it():
+    from trace_realign.schedules import cosine_with_warmup
+
+    def rates(**kw):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = cosine_with_warmup(optimizer, **kw)
+        out = []
+        for _ in range(kw["max_steps"]):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            sched.step()
+        return out
+
+    assert rates(max_steps=10, warmup_steps=4)[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    # the reference's 100 warmup steps in a run of 35: the rate climbs the whole run and never peaks
+    short = rates(max_steps=35, warmup_steps=100)
+    assert short == sorted(short) and short[-1] == pytest.approx(0.34)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        rates(max_steps=10, warmup_steps=-1)
+
+
+def test_the_recipe_group_sets_the_reference_budgets_over_the_models_own(tmp_path):
+    ref = compose_cfg(["recipe=reference"], tmp_path)
+    assert (ref.optimizer.lr, ref.loss.beta, ref.objective.alpha_kl, ref.impact.gold_batch_size, ref.data.epochs) == \
+        (1e-4, 0.3, 0.1, 100, 1)
+    assert list(ref.model.lora.target_modules) == ["q_proj", "v_proj"] and ref.model.lora.alpha == 16
+    assert ref.data.max_length == compose_cfg([], tmp_path).data.max_length  # what the recipe does not name stays
+    dpo = compose_cfg(["recipe=reference_dpo", "method=dpo"], tmp_path)
+    assert (dpo.optimizer.lr, dpo.loss.beta, dpo.data.epochs, dpo.model.lora.r) == (5e-5, 0.1, 1, 16)
+    assert compose_cfg([], tmp_path).data.epochs is None  # the default trains trainer.max_steps

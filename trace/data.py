@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 from collections import Counter
@@ -236,6 +237,17 @@ class TriagedDataModule(L.LightningDataModule):
             log.warning("truncated sequences to data.max_length: %s", dict(truncated))
         if not self.splits[RETAIN]:
             log.warning("no retained pairs: the KL anchor has nothing to hold on to")
+
+    def steps_for_epochs(self, epochs: float, processes: int = 1) -> int:
+        """Optimizer steps that serve `epochs` passes over the pairs the terms train (each step takes a batch
+        of every served category, on each of `processes` processes): ceil(epochs x pairs / pairs per step).
+        Categories are drawn apart (Algorithm 1, line 23), so a small category is seen more often than once
+        per epoch and a large one as often as its share allows; the count of pairs served is an epoch's."""
+        if epochs <= 0:
+            raise ValueError(f"data.epochs must be positive, got {epochs}")
+        sizes = {c: len(self.splits[c]) for c in CATEGORIES if self.objective_terms[c] is not None and self.splits[c]}
+        per_step = sum(min(self.batch_size[c], n) for c, n in sizes.items()) * processes
+        return max(1, math.ceil(epochs * sum(sizes.values()) / per_step))
 
     def check_trainable(self, pairs: list[PreferencePair]) -> None:
         """Stop if no pair falls in a category that a term trains: there is nothing to re-align."""

@@ -117,6 +117,7 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
     s.trainer.enable_progress_bar = False
     for key, value in DATA_PLAN_DEFAULTS.items():
         s.data[key] = value  # a stage trains on all its data: realignment's splits, sizes and noise are not its
+    s.data.epochs = None  # a stage's length is its own steps
     s.eval.enabled = False
     s.select = {"enabled": False}  # M_old follows pi_old: nothing may select it by pi_new
     s.probe = {"enabled": False}  # a stage's data have no held-out prompts to probe

@@ -18,7 +18,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trace_realign import resume, rundir
 from trace_realign.data import TriagedDataModule, launched_as_rank_zero
@@ -80,6 +80,13 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_path, cfg.model)
     datamodule.tokenizer = tokenizer
     datamodule.setup("fit")
+    if cfg.data.get("epochs"):
+        # T_max from passes over the data (the reference trains one epoch); the schedule reads the same
+        devices = cfg.trainer.get("devices")
+        steps = datamodule.steps_for_epochs(float(cfg.data.epochs), devices if isinstance(devices, int) and devices > 0 else 1)
+        with open_dict(cfg):
+            cfg.trainer.max_steps = steps
+        metrics["train/epochs"] = float(cfg.data.epochs)
     # Whatever ran above (building M_old) has moved the random generators: realignment starts from the
     # seed alone, so a run that builds M_old and one that loads it give the same result.
     seed_everything(cfg.seed)
