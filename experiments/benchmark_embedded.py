@@ -85,10 +85,17 @@ def same_configuration(run_dir: Path, job: list[str]) -> bool:
     return not differences(json.loads(record.read_text())["config"], now)
 
 
+def kept_m_old(m: dict[str, Any]) -> bool:
+    """Whether selection kept theta_ref: then "after" is M_old itself, not what the method trained."""
+    return m.get("select/best_step") == 0
+
+
 def cell(m: dict[str, Any], when: str, key: str, ci: str | None) -> str:
     v = m.get(f"eval/{when}/{key}")
     if v is None:
         return "-"
+    if when == "after" and kept_m_old(m):
+        return "kept M_old"
     half = m.get(f"eval/{when}/{ci}") if ci else None
     return f"{v:.1f} ± {half:.1f}" if half is not None else f"{v:.1f}"
 
@@ -116,7 +123,9 @@ def tables(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -> s
               "| method | " + " | ".join(c for c, _, _ in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
     lines.append("| M_old | " + " | ".join(summary([first[s][f"eval/before/{k}"] for s in seeds]) for _, k, _ in COLUMNS) + " |")
     for method, by_seed in results.items():
-        lines.append(f"| {method} | " + " | ".join(summary([by_seed[s][f"eval/after/{k}"] for s in seeds]) for _, k, _ in COLUMNS) + " |")
+        kept = sum(kept_m_old(by_seed[s]) for s in seeds)
+        note = f" (selection kept M_old on {kept} of {len(seeds)} seeds: those count as M_old's numbers)" if kept else ""
+        lines.append(f"| {method}{note} | " + " | ".join(summary([by_seed[s][f"eval/after/{k}"] for s in seeds]) for _, k, _ in COLUMNS) + " |")
     return "\n".join(lines)
 
 
