@@ -12,6 +12,8 @@ every run starts from (eval/before, identical across methods of a seed: checked)
     dpo_gold        DPO on the relabelled pairs, fine-tuned from M_old (a term table on the one module)
     trace           TRACE with its default recipe (stopping chosen by the oracle on training prompts)
     trace_noselect  TRACE with T_max alone (select.enabled=false), to show what selection contributes
+    *_ref           trace, dpo, rdpo, dpo_gold as the reference code runs them (recipe=reference or
+                    reference_dpo: its budget, one epoch, no selection); only when named in --methods
 
 Prints and writes (results.md, results.json, shifted_tpa.png under --out) one row per method and seed
 (shifted-axis TPA with its 95 % interval, the two shifted axes, unchanged axes, utility, wall time), and
@@ -40,7 +42,14 @@ METHODS: dict[str, list[str]] = {
     "dpo_gold": ["method=dpo_gold", "data.dpo_gold_punish=correction"],
     "trace": [],
     "trace_noselect": ["select.enabled=false"],
+    # each as the reference code runs it: its budget (conf/recipe/), one epoch, no selection
+    "trace_ref": ["recipe=reference", "select.enabled=false"],
+    "dpo_ref": ["method=dpo", "recipe=reference_dpo", "select.enabled=false"],
+    "rdpo_ref": ["method=rdpo", "recipe=reference_dpo", "select.enabled=false"],
+    "dpo_gold_ref": ["method=dpo_gold", "data.dpo_gold_punish=keep", "recipe=reference_dpo", "select.enabled=false"],
 }
+# what a run with no --methods measures: the calibration and TRACE
+DEFAULT_METHODS = ["retrain", "gold_finetune", "dpo_gold", "trace", "trace_noselect"]
 # (label, metrics.json key under eval/<when>/, its interval's key or None)
 COLUMNS = [
     ("TPA shifted", "tpa/shifted", "tpa_ci95/shifted"),
@@ -188,7 +197,7 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int], path: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[5, 6, 7, 8, 9])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmark_embedded") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     parser.add_argument("--reuse", action="store_true", help="keep runs already finished in --out (same configuration)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
