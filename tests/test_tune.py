@@ -1,0 +1,71 @@
+"""experiments/tune.py: one procedure for every method (the declared space and objective), the held-out
+seeds refused, a study that resumes, and the chosen settings written with the command that chose them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST, ROOT
+
+SCRIPT = ROOT / "experiments" / "tune.py"
+SHORT = [*FAST, *(f"model.prealign.stages.{s}.batch_size=4" for s in ("pretrain", "sft", "dpo"))]
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("tune", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run(metrics: dict[str, float]) -> dict[str, float]:
+    base = {"eval/after/tpa/shifted": 50.0, "eval/after/tpa/unchanged": 99.0, "eval/after/utility": 98.0,
+            "eval/before/utility": 99.0}
+    return {**base, **metrics}
+
+
+def test_the_objective_ranks_every_feasible_trial_above_every_infeasible_one():
+    tune = load()
+    ok, parts = tune.objective_of([run({}), run({"eval/after/tpa/shifted": 70.0})])
+    assert ok == 60.0 and parts["feasible"] == 1.0
+    # the unchanged axes below 95 on average, or utility more than 2 points under M_old's: infeasible
+    low, _ = tune.objective_of([run({"eval/after/tpa/shifted": 100.0, "eval/after/tpa/unchanged": 90.0})])
+    broke, _ = tune.objective_of([run({"eval/after/tpa/shifted": 100.0, "eval/after/utility": 96.9})])
+    assert low == broke == 0.0 and low < tune.objective_of([run({"eval/after/tpa/shifted": 1.0})])[0]
+
+
+def test_alpha_kl_is_searched_only_where_the_method_trains_a_kl_anchor():
+    tune = load()
+    assert tune.method_trains_kl("trace", []) and tune.method_trains_kl("no_impact", [])
+    assert not any(tune.method_trains_kl(m, []) for m in ("no_kl", "dpo", "dpo_gold", "u2a", "naive_oracle_dpo"))
+
+
+def test_the_held_out_seeds_are_refused():
+    res = subprocess.run([sys.executable, str(SCRIPT), "--method", "trace", "--seeds", "0", "7"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "seeds 5-9 are held out" in res.stderr
+
+
+@pytest.mark.slow
+def test_a_study_writes_its_choice_and_the_command_and_resumes(tmp_path):
+    out = tmp_path / "tune"
+    cmd = [sys.executable, str(SCRIPT), "--method", "no_kl", "--trials", "1", "--seeds", "0", "--steps", "2",
+           "--out", str(out), "--", *SHORT]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    best = (out / "best.yaml").read_text()
+    assert "# chosen by: python experiments/tune.py --method=no_kl --trials=1" in best
+    assert "optimizer.lr:" in best and "loss.beta:" in best and "trainer.max_steps: 2" in best
+    assert "objective.alpha_kl" not in best  # no_kl trains no KL anchor
+    rows = (out / "trials.csv").read_text().splitlines()
+    assert len(rows) == 2 and "per_seed_shifted" in rows[0]
+    # the study is kept: asking again for the same number of trials runs nothing new
+    stamp = (out / "trial0" / "seed0" / "metrics.json").stat().st_mtime_ns
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and (out / "trial0" / "seed0" / "metrics.json").stat().st_mtime_ns == stamp
