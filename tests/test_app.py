@@ -114,6 +114,7 @@ def test_every_job_of_every_experiment_file_composes(name, tmp_path):
 # for "the objective's"): the tables the method files document, read back from the composed config.
 METHODS = {
     "trace": (True, None, ("relational_flip", "npo", "kl"), "impact", ["invert", "punish"], None),
+    "trace_nll": (True, None, ("relational_flip", "npo", "kl"), "impact", ["invert", "punish"], None),
     "no_impact": (True, None, ("relational_flip", "npo", "kl"), "uniform", ["invert", "punish"], None),
     "no_kl": (True, None, ("relational_flip", "npo", "kl"), "impact", ["invert", "punish"], 0.0),
     "no_triage": (False, "punish", ("relational_flip", "npo", "kl"), "uniform", ["invert", "punish"], None),
@@ -140,6 +141,7 @@ def test_every_method_file_is_the_table_it_documents(tmp_path):
         assert m.alpha_kl == (0.1 if alpha is None else alpha), name  # None: the tiny model's recipe
         assert m.retrain is (name in ("dpo_gold_retrain", "gold_finetune")), name
         assert (m.retrain_from, m.retrain_stages) == (("m_old", ["sft", "dpo"]) if name == "gold_finetune" else ("base", None))
+        assert (m.nll.weight, list(m.nll.categories)) == ((1.0, ["invert"]) if name == "trace_nll" else (0.0, [])), name
     # the reference's rDPO: TRL's robust loss at its default label smoothing, 0; a setting of the loss group
     assert compose_cfg(["method=rdpo"], tmp_path).method.loss == {"type": "robust"}
     assert compose_cfg(["method=rdpo"], tmp_path).loss.label_smoothing == 0.0

@@ -354,3 +354,20 @@ def test_response_logps_are_each_responses_batch_mean_and_its_ratio_to_the_refer
                    "invert/rejected/ratio": 0.0, "invert/chosen/ratio": (-1.0 + -11.0) / 2}
     # a single-response term without a reference (the KL's rows)
     assert {k: v.item() for k, v in response_logps("retain", "kl", t([-4.0, -6.0]), None).items()} == {"retain/chosen": -5.0}
+
+
+def test_the_nll_term_adds_the_winners_mean_token_nll_to_its_categorys_loss():
+    from trace_realign.objective import winner_nll
+
+    # two pairs stacked [winner0, winner1, loser0, loser1]; the winners have 2 and 4 response tokens
+    labels = torch.full((4, 6), -100)
+    labels[0, 4:] = 1
+    labels[1, 2:] = 1
+    labels[2:, 3:] = 1
+    got = winner_nll(t([-3.0, -8.0, -1.0, -1.0]), labels)
+    assert got.tolist() == [1.5, 2.0]
+    with pytest.raises(ValueError, match="method.nll.categories"):
+        ObjectiveConfig(nll_weight=1.0, nll_on=("punish",))  # TRACE punishes with NPO: no winner
+    with pytest.raises(ValueError, match="method.nll.weight"):
+        ObjectiveConfig(nll_weight=-1.0)
+    ObjectiveConfig(nll_weight=1.0, nll_on=("invert",))

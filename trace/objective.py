@@ -70,6 +70,10 @@ class ObjectiveConfig:
     weighted: tuple[str, ...] = CONFLICT
     label_smoothing: float = 0.0
     fused_forward: bool | str = "auto"
+    # an NLL term on the winner of the relational terms of these categories (RPO, Pang et al. 2024):
+    # nll_weight x the winner's mean token negative log-likelihood, added to each sample's loss
+    nll_weight: float = 0.0
+    nll_on: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         extra = set(self.terms) - set(CATEGORIES)
@@ -99,6 +103,13 @@ class ObjectiveConfig:
             raise ValueError(f"objective.alpha_kl must be >= 0, got {self.alpha_kl}")
         if self.fused_forward not in (True, False, "auto"):
             raise ValueError(f"objective.fused_forward: {self.fused_forward!r}; expected true, false or auto")
+        if self.nll_weight < 0:
+            raise ValueError(f"method.nll.weight must be >= 0, got {self.nll_weight}")
+        no_winner = {c: self.terms.get(c) for c in self.nll_on if self.terms.get(c) not in RELATIONAL_TERMS}
+        if no_winner:
+            raise ValueError(f"method.nll.categories: {no_winner} have no winner to raise; the NLL term applies to "
+                             f"categories trained by {list(RELATIONAL_TERMS)}")
+        object.__setattr__(self, "nll_on", tuple(self.nll_on))
 
     @property
     def needs_corrections(self) -> bool:
@@ -303,11 +314,20 @@ def step_terms(
             if logps is not None:
                 logps.update(response_logps(c, terms[c], pol, ref[c]))
             out[c] = sequence_losses(terms[c], pol, ref[c], cfg)
+            if cfg.nll_weight and c in cfg.nll_on:
+                out[c] = out[c] + cfg.nll_weight * winner_nll(pol, labels)
     for c in parts:
         if c not in out:  # the KL that does not train
             with torch.no_grad():
                 out[c] = retain_kl(policy, reference, parts[c])
     return {c: out[c] for c in parts}
+
+
+def winner_nll(policy_logps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token negative log-likelihood of each pair's winner (the first half of the stacked rows)."""
+    b = policy_logps.shape[0] // 2
+    n_tokens = (labels[:b, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+    return -policy_logps[:b] / n_tokens
 
 
 def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:

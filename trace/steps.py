@@ -50,6 +50,8 @@ def build_datamodule(
         relational=loss["type"],
         label_smoothing=float(loss.get("label_smoothing") or 0.0),
         alpha_kl=float(method.alpha_kl),
+        nll_weight=float(method.nll.weight),
+        nll_on=tuple(method.nll.categories),
         reduction=cfg.objective.reduction,
         terms=OmegaConf.to_container(method.terms, resolve=True),
         weighted=tuple(method.weighted),
@@ -75,7 +77,7 @@ def build_datamodule(
     return objective, datamodule
 
 
-METHOD_KEYS = {"name", "triage", "untriaged", "terms", "weights", "weighted", "alpha_kl", "loss", "retrain",
+METHOD_KEYS = {"name", "triage", "untriaged", "terms", "weights", "weighted", "alpha_kl", "nll", "loss", "retrain",
                "retrain_from", "retrain_stages"}
 WEIGHTS = ("impact", "uniform")
 RETRAIN_FROM = ("base", "m_old")
