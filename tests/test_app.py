@@ -227,6 +227,7 @@ def test_fsdp_strategies_instantiate(tmp_path):
     (["trainer=fsdp1", "method=no_impact", "select.enabled=true"], "select.enabled=false"),
     (["trainer=fsdp", "impact.method=loop"], "use impact.method=batched"),
     (["trainer=fsdp", "model.lora.enabled=false"], "set model.lora.enabled=true"),
+    (["trainer=fsdp", "probe.enabled=true"], "probe.enabled=false"),
 ])
 def test_a_trainer_that_cannot_carry_the_run_is_refused_before_any_work(overrides, refusal, make_cfg, monkeypatch):
     """Refused at start-up, naming the fix: nothing is triaged, loaded or written first."""

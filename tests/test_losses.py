@@ -367,7 +367,7 @@ def test_the_nll_term_adds_the_winners_mean_token_nll_to_its_categorys_loss():
     got = winner_nll(t([-3.0, -8.0, -1.0, -1.0]), labels)
     assert got.tolist() == [1.5, 2.0]
     with pytest.raises(ValueError, match="method.nll.categories"):
-        ObjectiveConfig(nll_weight=1.0, nll_on=("punish",))  # TRACE punishes with NPO: no winner
+        ObjectiveConfig(nll_weight=1.0, nll_categories=("punish",))  # TRACE punishes with NPO: no winner
     with pytest.raises(ValueError, match="method.nll.weight"):
         ObjectiveConfig(nll_weight=-1.0)
-    ObjectiveConfig(nll_weight=1.0, nll_on=("invert",))
+    ObjectiveConfig(nll_weight=1.0, nll_categories=("invert",))

@@ -73,7 +73,7 @@ class ObjectiveConfig:
     # an NLL term on the winner of the relational terms of these categories (RPO, Pang et al. 2024):
     # nll_weight x the winner's mean token negative log-likelihood, added to each sample's loss
     nll_weight: float = 0.0
-    nll_on: tuple[str, ...] = ()
+    nll_categories: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         extra = set(self.terms) - set(CATEGORIES)
@@ -105,11 +105,11 @@ class ObjectiveConfig:
             raise ValueError(f"objective.fused_forward: {self.fused_forward!r}; expected true, false or auto")
         if self.nll_weight < 0:
             raise ValueError(f"method.nll.weight must be >= 0, got {self.nll_weight}")
-        no_winner = {c: self.terms.get(c) for c in self.nll_on if self.terms.get(c) not in RELATIONAL_TERMS}
+        no_winner = {c: self.terms.get(c) for c in self.nll_categories if self.terms.get(c) not in RELATIONAL_TERMS}
         if no_winner:
             raise ValueError(f"method.nll.categories: {no_winner} have no winner to raise; the NLL term applies to "
                              f"categories trained by {list(RELATIONAL_TERMS)}")
-        object.__setattr__(self, "nll_on", tuple(self.nll_on))
+        object.__setattr__(self, "nll_categories", tuple(self.nll_categories))
 
     @property
     def needs_corrections(self) -> bool:
@@ -314,7 +314,7 @@ def step_terms(
             if logps is not None:
                 logps.update(response_logps(c, terms[c], pol, ref[c]))
             out[c] = sequence_losses(terms[c], pol, ref[c], cfg)
-            if cfg.nll_weight and c in cfg.nll_on:
+            if cfg.nll_weight and c in cfg.nll_categories:
                 out[c] = out[c] + cfg.nll_weight * winner_nll(pol, labels)
     for c in parts:
         if c not in out:  # the KL that does not train

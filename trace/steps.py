@@ -51,7 +51,7 @@ def build_datamodule(
         label_smoothing=float(loss.get("label_smoothing") or 0.0),
         alpha_kl=float(method.alpha_kl),
         nll_weight=float(method.nll.weight),
-        nll_on=tuple(method.nll.categories),
+        nll_categories=tuple(method.nll.categories),
         reduction=cfg.objective.reduction,
         terms=OmegaConf.to_container(method.terms, resolve=True),
         weighted=tuple(method.weighted),
