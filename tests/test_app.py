@@ -338,7 +338,11 @@ def test_each_methods_loss_is_its_formula_by_hand(tmp_path):
             "npo": lambda a, b: -logsig(-beta * lr(a)) - logsig(-beta * lr(b)),
         }
         if name == "rdpo":
-            assert objective.relational == "robust" and eps == 0.1
+            assert objective.relational == "robust" and eps == 0.0  # the reference's: TRL's default
+            objective = build_datamodule(compose_cfg([f"method={name}", "loss.label_smoothing=0.1"], tmp_path),
+                                         None, None, None, tmp_path)[0]
+            beta, eps = objective.beta, objective.label_smoothing
+            assert eps == 0.1
             expected["relational"] = lambda a, b: (-(1 - eps) * logsig(beta * (lr(a) - lr(b)))
                                                    + eps * logsig(-beta * (lr(a) - lr(b)))) / (1 - 2 * eps)
         for category, term in objective.terms.items():

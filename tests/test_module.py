@@ -279,3 +279,20 @@ def test_a_step_reports_the_log_probabilities_of_every_response_it_trains():
     assert not any(v.requires_grad for v in logps.values())
     with pytest.raises(ValueError, match="objective.fused_forward"):
         ObjectiveConfig(fused_forward="sometimes")
+
+
+def test_the_nll_term_adds_the_winners_token_nll_to_its_categorys_per_sample_loss():
+    from trace_realign.objective import ReferenceCache, sequence_logps, step_terms
+
+    parts = {INVERT: batch(INVERT_ROWS), PUNISH: batch(PUNISH_ROWS)}
+    policy, reference = Counting(0), Counting(1)
+    plain = step_terms(policy, reference, parts, ObjectiveConfig(beta=0.5), ReferenceCache())
+    rpo = step_terms(policy, reference, parts, ObjectiveConfig(beta=0.5, nll_weight=2.0, nll_categories=("invert",)),
+                     ReferenceCache())
+    inv = parts[INVERT]
+    n = len(INVERT_ROWS)
+    with torch.no_grad():
+        winner = sequence_logps(policy(inv["input_ids"], inv["attention_mask"]).logits, inv["labels"])[:n]
+    tokens = (inv["labels"][:n, 1:] != -100).sum(-1)
+    assert torch.allclose(rpo[INVERT].detach(), plain[INVERT].detach() - 2.0 * winner / tokens)
+    assert torch.equal(rpo[PUNISH].detach(), plain[PUNISH].detach())  # only the categories named
