@@ -12,6 +12,7 @@ every run starts from (eval/before, identical across methods of a seed: checked)
     dpo_gold        DPO on the relabelled pairs, fine-tuned from M_old (a term table on the one module)
     trace           TRACE with its default recipe (stopping chosen by the oracle on training prompts)
     trace_noselect  TRACE with T_max alone (select.enabled=false), to show what selection contributes
+    trace_nll       TRACE with an NLL term on the new winner, beyond the paper (and trace_nll_noselect)
     *_ref           trace, dpo, rdpo, dpo_gold as the reference code runs them (recipe=reference or
                     reference_dpo: its budget, one epoch, no selection); only when named in --methods
 
@@ -42,6 +43,9 @@ METHODS: dict[str, list[str]] = {
     "dpo_gold": ["method=dpo_gold", "data.dpo_gold_punish=correction"],
     "trace": [],
     "trace_noselect": ["select.enabled=false"],
+    # beyond the paper: TRACE with an NLL term on the new winner (method=trace_nll)
+    "trace_nll": ["method=trace_nll"],
+    "trace_nll_noselect": ["method=trace_nll", "select.enabled=false"],
     # each as the reference code runs it: its budget (conf/recipe/), one epoch, no selection
     "trace_ref": ["recipe=reference", "select.enabled=false"],
     "dpo_ref": ["method=dpo", "recipe=reference_dpo", "select.enabled=false"],
@@ -150,7 +154,8 @@ def checks(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int]) -> l
         out += [(f"seed {seed}: M_old pi_old agreement >= 95", b("tpa_old") >= 95, f"{b('tpa_old'):.1f}"),
                 (f"seed {seed}: M_old shifted-axis TPA <= 10", b("tpa/shifted") <= 10, f"{b('tpa/shifted'):.1f}")]
         for method, goal, floor in (("retrain", 98, None), ("gold_finetune", 85, 95), ("trace", 60, 95),
-                                    ("trace_noselect", 60, 95), ("dpo_gold", 90, None)):
+                                    ("trace_noselect", 60, 95), ("trace_nll", 60, 95), ("trace_nll_noselect", 60, 95),
+                                    ("dpo_gold", 90, None)):
             if method not in results:
                 continue
             r = results[method][seed]
