@@ -83,6 +83,14 @@ COMMANDS: dict[str, How] = {
     "trace-realign -m method=trace,no_triage,no_impact,no_kl seed=0,1,2": How("app", (*FAST_EMBEDDED,), jobs=12),
     "trace-realign -m experiment=table4_ablation": How("app", (*FAST_EMBEDDED, "seed=0"), jobs=5),
     "trace-realign logger=wandb": How("app", (*FAST_EMBEDDED,)),
+    "trace-realign recipe=reference": How(
+        "elsewhere", why="test_app.py's test_the_reference_recipes_train_one_epoch_with_the_reference_adapters runs "
+                         "it (one epoch, the reference's LoRA)"),
+    "trace-realign recipe=reference_dpo method=dpo": How(
+        "elsewhere", why="test_app.py's test_the_reference_recipes_train_one_epoch_with_the_reference_adapters runs it"),
+    "trace-realign probe.enabled=true": How(
+        "elsewhere", why="test_app.py's test_the_likelihood_probe_follows_every_stance_and_changes_no_result runs it "
+                         "against a run without the probe"),
     "trace-realign model=llama-3.1-8b trainer=ddp": How(
         "app", (*FAST_HUB, *HUB_LOCAL, *CPU_DDP),
         why="a tiny local Llama for the hub model (no downloads here); DDP as two CPU processes"),
