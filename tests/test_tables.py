@@ -597,3 +597,16 @@ def test_paper_numbers_printed_in_percent_meet_lm_evals_fractions_through_scale(
     report = build_report(load_jobs([tmp_path]), metrics=[mmlu], paper=["table2"])
     refs = {r.label: r.reported[mmlu] for r in report.rows if r.kind == "paper"}
     assert refs["paper: TRACE (Ours) (PKU-SafeRLHF)"] == pytest.approx((0.702, 0.008))  # printed 70.2 ± 0.8
+
+
+def test_runs_whose_selection_kept_m_old_show_as_m_old_not_as_the_methods_score(tmp_path):
+    root = tmp_path / "multirun"
+    for seed, best in enumerate([0, 0, 25]):
+        for method, step in (("trace", best), ("dpo_gold", 0)):
+            write_run(root / f"{method}{seed}", config=base_config(method, seed), overrides=[f"method={method}", f"seed={seed}"],
+                      metrics={TPA: 40.0 + seed, "select/best_step": step, BEFORE_TPA: 40.0, "train/steps": 2})
+    report = build_report(load_jobs([root]), metrics=[TPA, "train/steps"])
+    assert row(report, "trace").kept_m_old == 2 and row(report, "dpo_gold").kept_m_old == 3
+    assert tables.cell_text(row(report, "trace"), TPA).endswith("[n=3; kept M_old on 2 of 3]")
+    assert tables.cell_text(row(report, "dpo_gold"), TPA) == "kept M_old [n=3]"
+    assert "kept" not in tables.cell_text(row(report, "dpo_gold"), "train/steps")  # not an evaluation after

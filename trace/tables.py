@@ -492,6 +492,7 @@ class Row:
     rank: float = 0.0
     jobs: list[str] = field(default_factory=list)
     line: str = ""  # a paper row's name across the values of a plotted setting (its label less `data`)
+    kept_m_old: int = 0  # seeds whose selection kept step 0: their "after" numbers are M_old's
 
     @property
     def label(self) -> str:
@@ -584,6 +585,7 @@ def run_row(method: str, settings: dict[str, Any], jobs: Sequence[Job], metrics:
         if other is not j:
             raise TablesError(f"two finished runs of {method} {_setting_text(settings)}with seed {seed_of(j)}: "
                               f"{other.path} and {j.path}; pass only one of them")
+    row.kept_m_old = sum(j.metrics.get("select/best_step") == 0 for j in by_seed.values())  # type: ignore[union-attr]
     for m in metrics:
         values = {s: _numeric(j.metrics.get(m)) for s, j in by_seed.items()}  # type: ignore[union-attr]
         lacking = [by_seed[s].path for s, v in values.items() if v is None]
@@ -840,9 +842,13 @@ def cell_text(row: Row, metric: str) -> str:
         return ""
     if s.n == 0:
         return "– [n=0]"
+    # a run whose selection kept step 0 trained nothing that counts: its "after" is M_old, and says so
+    kept = f"kept M_old on {row.kept_m_old} of {s.n}" if row.kept_m_old and metric.startswith("eval/after/") else ""
+    if kept and row.kept_m_old == s.n:
+        return f"kept M_old [n={s.n}]"
     if s.n == 1:
         return f"{_num(s.mean)} [n=1]"
-    return f"{_num(s.mean)} ± {_num(s.std)} [n={s.n}]"
+    return f"{_num(s.mean)} ± {_num(s.std)} [n={s.n}" + (f"; {kept}" if kept else "") + "]"
 
 
 def paired_text(p: Paired) -> str:
