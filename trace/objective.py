@@ -246,10 +246,14 @@ def retain_kl(policy: nn.Module, reference: nn.Module | None, batch: dict[str, t
     return kl_from_logits(ref_logits, forward_logits(policy, batch), batch["labels"])
 
 
+def response_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """The number of response tokens each sequence scores (at least 1), to turn a sum into a token mean."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+
+
 def nll_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood per response token, one value per sequence."""
-    n_tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
-    return -sequence_logps(logits, labels) / n_tokens
+    return -sequence_logps(logits, labels) / response_tokens(labels)
 
 
 def nll(policy: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -304,11 +308,16 @@ def step_terms(
     out: dict[str, torch.Tensor] = {}
     for c, logits in zip(trained, fused_logits(policy, [parts[c] for c in trained], fuse) if trained else []):
         labels = parts[c]["labels"]
-        if terms[c] in ("kl", "nll"):
-            if logps is not None:
+        if terms[c] == "kl":
+            if logps is not None:  # for the log only: the KL reads whole distributions, not log pi(y)
                 with torch.no_grad():
-                    logps.update(response_logps(c, terms[c], sequence_logps(logits, labels), None))
-            out[c] = kl_from_logits(ref_logits.pop(c), logits, labels) if terms[c] == "kl" else nll_from_logits(logits, labels)
+                    logps.update(response_logps(c, "kl", sequence_logps(logits, labels), None))
+            out[c] = kl_from_logits(ref_logits.pop(c), logits, labels)
+        elif terms[c] == "nll":
+            pol = sequence_logps(logits, labels)  # one log-softmax serves the loss and the log
+            if logps is not None:
+                logps.update(response_logps(c, "nll", pol, None))
+            out[c] = -pol / response_tokens(labels)
         else:
             pol = sequence_logps(logits, labels)
             if logps is not None:
@@ -326,8 +335,7 @@ def step_terms(
 def winner_nll(policy_logps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token negative log-likelihood of each pair's winner (the first half of the stacked rows)."""
     b = policy_logps.shape[0] // 2
-    n_tokens = (labels[:b, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
-    return -policy_logps[:b] / n_tokens
+    return -policy_logps[:b] / response_tokens(labels[:b])
 
 
 def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
