@@ -45,12 +45,16 @@ UTILITY_DROP = 2.0
 def method_trains_kl(method: str, overrides: list[str]) -> bool:
     """Whether the method's retained pairs train a KL anchor with a weight of its own (alpha_KL)."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     import trace_realign.conf
 
     with initialize_config_dir(config_dir=str(Path(trace_realign.conf.__file__).parent), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"method={method}", "paths.output_dir=.", *overrides])
-    return cfg.method.terms.retain == "kl" and str(cfg.method.alpha_kl) == str(cfg.objective.alpha_kl)
+    # a method that trains the anchor reads its weight from objective.alpha_kl (conf/method/trace.yaml); one
+    # that fixes its own (no_kl: 0) has none to tune
+    own = OmegaConf.to_container(cfg.method, resolve=False)["alpha_kl"]
+    return cfg.method.terms.retain == "kl" and own == "${objective.alpha_kl}"
 
 
 def objective_of(runs: list[dict[str, Any]]) -> tuple[float, dict[str, float]]:
