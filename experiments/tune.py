@@ -12,20 +12,20 @@ The procedure is the same for every method, declared here before any trial runs:
   minus 100, so every feasible trial ranks above every infeasible one;
 - the seeds: 0-4 only (--seeds refuses 5-9, the held-out seeds the benchmark reports on).
 
-Each trial runs `trace-realign` once per seed (its own folder under --out); the study is kept in
+Each trial runs `trace-realign` once per seed (its own folder under --out; `--jobs 2` runs two side by side,
+each on one CPU thread, which on 2 cores nearly halves the time), measuring TPA and utility (the other
+evaluators are off while tuning: TUNING_EVAL); the study is kept in
 --out/study.db, so a stopped tuning resumes where it stopped. Writes trials.csv (every trial: its settings,
 its per-seed numbers, its objective) and best.yaml (the chosen settings, the objective and the command that
-chose them), which goes into config as the method's tuned recipe.
+chose them), which goes into config as the method's row of the model's tuned recipes (model.tuned, read by
+`recipe=tuned`).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ SPACE: list[tuple[str, str, float, float, bool]] = [
 ]
 KL_SPACE = ("alpha_kl", "objective.alpha_kl", 0.01, 3.0, True)
 STEPS = [50, 100, 200, 400]
+# the objective reads TPA and utility alone: the other evaluators (capability, ASR) are off while tuning
+TUNING_EVAL = ["eval.evaluators.capability=null", "eval.evaluators.asr=null"]
 UNCHANGED_FLOOR = 95.0
 UTILITY_DROP = 2.0
 
@@ -68,16 +70,18 @@ def objective_of(runs: list[dict[str, Any]]) -> tuple[float, dict[str, float]]:
     return (shifted if feasible else shifted - 100.0), parts
 
 
-def run_seed(method: str, seed: int, settings: dict[str, Any], folder: Path, overrides: list[str]) -> dict[str, Any]:
-    exe = Path(sys.executable).parent / "trace-realign"
-    job = [f"hydra.run.dir={folder}", f"method={method}", f"seed={seed}", "trainer.enable_progress_bar=false",
-           *(f"{k}={v}" for k, v in settings.items()), *overrides]
-    res = subprocess.run([str(exe), *job], capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
-    if res.returncode != 0:
-        # a failed run is no verdict on its settings: the tuning stops and says why
-        sys.exit(f"trace-realign {' '.join(job)} failed:\n{res.stderr[-4000:]}")
-    return json.loads((folder / "metrics.json").read_text())
+def run_trial(method: str, seeds: list[int], settings: dict[str, Any], folder: Path, overrides: list[str],
+              jobs: int) -> list[dict[str, Any]]:
+    """One trial: a `trace-realign` run per seed, `jobs` side by side. A failed run is no verdict on the
+    settings: the tuning stops and says why."""
+    from trace_realign.rundir import RunFailed, launch_all
 
+    job = lambda s: [f"method={method}", f"seed={s}", *TUNING_EVAL, *(f"{k}={v}" for k, v in settings.items()),  # noqa: E731
+                     *overrides]
+    try:
+        return launch_all([(folder / f"seed{s}", job(s)) for s in seeds], jobs=jobs)
+    except RunFailed as exc:
+        sys.exit(str(exc))
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, nargs="+", default=STEPS, help="T_max's choices")
     parser.add_argument("--sampler-seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side (each on one CPU thread)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = parser.parse_args(argv)
@@ -98,13 +103,13 @@ def main(argv: list[str] | None = None) -> None:
     space = SPACE + ([KL_SPACE] if method_trains_kl(args.method, args.overrides) else [])
     command = "python experiments/tune.py " + shlex.join(
         [f"--method={args.method}", f"--trials={args.trials}", "--seeds", *map(str, args.seeds), "--steps",
-         *map(str, args.steps), f"--sampler-seed={args.sampler_seed}", *(["--", *args.overrides] if args.overrides else [])])
+         *map(str, args.steps), f"--sampler-seed={args.sampler_seed}",
+         *([f"--jobs={args.jobs}"] if args.jobs > 1 else []), *(["--", *args.overrides] if args.overrides else [])])
 
     def trial_fn(trial: "optuna.Trial") -> float:
         settings: dict[str, Any] = {key: trial.suggest_float(name, lo, hi, log=log) for name, key, lo, hi, log in space}
         settings["trainer.max_steps"] = trial.suggest_categorical("steps", args.steps)
-        runs = [run_seed(args.method, s, settings, out / f"trial{trial.number}" / f"seed{s}", args.overrides)
-                for s in args.seeds]
+        runs = run_trial(args.method, args.seeds, settings, out / f"trial{trial.number}", args.overrides, args.jobs)
         value, parts = objective_of(runs)
         for k, v in parts.items():
             trial.set_user_attr(k, v)
@@ -129,11 +134,15 @@ def main(argv: list[str] | None = None) -> None:
             w.writerow([t.number, t.value, *({**t.params, **t.user_attrs}.get(k) for k in names)])
     best = study.best_trial
     keys = {name: key for name, key, *_ in space} | {"steps": "trainer.max_steps"}
+    row = {"steps": "max_steps"}  # the row's names in model.tuned (conf/recipe/tuned.yaml reads them)
     lines = [f"# {args.method}, tuned on seeds {', '.join(map(str, args.seeds))} ({len(trials)} trials)",
              f"# chosen by: {command}",
              f"# objective (mean shifted TPA, unchanged >= {UNCHANGED_FLOOR:g}, utility >= M_old - {UTILITY_DROP:g}): "
-             f"{best.value:.1f}; feasible: {bool(best.user_attrs['feasible'])}"]
-    lines += [f"{keys[k]}: {v!r}" for k, v in sorted(best.params.items())]
+             f"{best.value:.1f}; feasible: {bool(best.user_attrs['feasible'])}",
+             "# as overrides: " + " ".join(f"{keys[k]}={v!r}" for k, v in sorted(best.params.items())),
+             "# the model's row (model.tuned, read by recipe=tuned):",
+             f"{args.method}:"]
+    lines += [f"  {row.get(k, k)}: {v!r}" for k, v in sorted(best.params.items())]
     (out / "best.yaml").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -657,6 +657,20 @@ def test_selection_by_oracle_runs_and_reports(make_cfg, caplog):
 
 
 @pytest.mark.slow
+def test_eval_last_is_the_run_without_selection_from_the_same_run(tmp_path):
+    """select.eval_last: the last step's parameters evaluated beside the kept ones, exactly what the same
+    run without selection scores (judging candidates never moves training), and the kept ones are saved."""
+    sel = ["select.enabled=true", "select.every_n_steps=1", "select.prompts=4", "trainer.max_steps=3"]
+    m = run(compose_cfg([*FAST, *sel, "select.eval_last=true"], tmp_path / "sel"))
+    plain = run(compose_cfg([*FAST, "trainer.max_steps=3"], tmp_path / "plain"))
+    keys = [k for k in plain if k.startswith("eval/after/")]
+    assert keys and {k: m[k.replace("/after/", "/last/")] for k in keys} == {k: plain[k] for k in keys}
+    assert m["select/best_step"] < 3 or all(m[k] == m[k.replace("/after/", "/last/")] for k in keys)
+    if m["select/best_step"] == 0:  # the kept parameters were put back after the last step's evaluation
+        assert m["eval/after/tpa"] == m["eval/before/tpa"]
+
+
+@pytest.mark.slow
 def test_oracle_noise_reaches_triage_not_evaluation(tmp_path):
     from trace_realign.oracle import NoisyOracle
     from trace_realign.records import load_pairs

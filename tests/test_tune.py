@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import FAST, ROOT
 
@@ -61,11 +62,30 @@ def test_a_study_writes_its_choice_and_the_command_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     best = (out / "best.yaml").read_text()
     assert "# chosen by: python experiments/tune.py --method=no_kl --trials=1" in best
-    assert "optimizer.lr:" in best and "loss.beta:" in best and "trainer.max_steps: 2" in best
-    assert "objective.alpha_kl" not in best  # no_kl trains no KL anchor
+    assert "optimizer.lr=" in best and "loss.beta=" in best and "trainer.max_steps=2" in best
+    assert "alpha_kl" not in best  # no_kl trains no KL anchor
+    # the chosen row, as model.tuned holds it for recipe=tuned
+    row = yaml.safe_load(best)["no_kl"]
+    assert set(row) == {"lr", "beta", "max_steps"} and row["max_steps"] == 2
     rows = (out / "trials.csv").read_text().splitlines()
     assert len(rows) == 2 and "per_seed_shifted" in rows[0]
     # the study is kept: asking again for the same number of trials runs nothing new
     stamp = (out / "trial0" / "seed0" / "metrics.json").stat().st_mtime_ns
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and (out / "trial0" / "seed0" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_recipe_tuned_reads_the_methods_row_and_refuses_a_method_without_one():
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    import trace_realign  # noqa: F401  (registers the `tuned` resolver, as every app does)
+
+    row = "+model.tuned.dpo_gold={lr: 0.002, beta: 0.5, max_steps: 100}"
+    cfg = compose_cfg(["recipe=tuned", "method=dpo_gold", row])
+    assert (cfg.optimizer.lr, cfg.loss.beta, cfg.trainer.max_steps) == (0.002, 0.5, 100)
+    assert cfg.objective.alpha_kl == 0.1  # a method without a KL anchor has no alpha_KL in its row
+    # the command line still wins over the recipe
+    assert compose_cfg(["recipe=tuned", "method=dpo_gold", row, "trainer.max_steps=7"]).trainer.max_steps == 7
+    with pytest.raises(Exception, match="no tuned recipe for method=u2a.*experiments/tune.py --method u2a"):
+        OmegaConf.to_container(compose_cfg(["recipe=tuned", "method=u2a", row]), resolve=True)

@@ -14,5 +14,23 @@ def _gold_punish_term(rule: str) -> str | None:
     return _GOLD_PUNISH_TERMS[rule]
 
 
+def _tuned(key: str, default: object = "__required__", *, _root_: object) -> object:
+    """recipe=tuned: `key` of the method's row in the model's table of tuned recipes (model.tuned.<method>)."""
+    table = _root_.model.get("tuned") or {}  # type: ignore[attr-defined]
+    name = _root_.method.name  # type: ignore[attr-defined]
+    if name not in table:
+        raise ValueError(f"recipe=tuned: model {_root_.model.get('name_or_path')} has no tuned recipe for method={name} "  # type: ignore[attr-defined]
+                         f"(model.tuned has {sorted(table) or 'none'}); tune it with "
+                         f"`python experiments/tune.py --method {name}` and add its best.yaml to model.tuned.{name}")
+    row = table[name]
+    if key not in row:
+        if default == "__required__":
+            raise ValueError(f"recipe=tuned: model.tuned.{name} has no {key}")
+        return default
+    return row[key]
+
+
+if not OmegaConf.has_resolver("tuned"):
+    OmegaConf.register_new_resolver("tuned", _tuned)
 if not OmegaConf.has_resolver("gold_punish_term"):
     OmegaConf.register_new_resolver("gold_punish_term", _gold_punish_term)

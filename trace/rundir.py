@@ -10,7 +10,13 @@ reason, and never leaves a metrics.json behind.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 import traceback
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +124,34 @@ def model_folder(run: Path) -> Path:
         if (run / sub / "config.json").is_file() or (run / sub / "adapter_config.json").is_file():
             return run / sub
     raise ValueError(f"{run}: the run folder holds neither adapter/ nor model/ (unfinished?)")
+
+
+class RunFailed(RuntimeError):
+    """A `trace-realign` run launched by a script failed: no verdict on its settings."""
+
+
+def launch(run_dir: Path, job: Sequence[str], threads: int | None = None) -> dict[str, Any]:
+    """Run `trace-realign` into `run_dir` with the overrides `job`, in a subprocess of this Python, and return
+    its metrics.json with the run's wall time (wall_seconds, also written back). `threads` pins torch's CPU
+    threads (runs launched side by side take one core each). A failed run raises RunFailed with the command
+    and the end of its stderr, and is never read as a result."""
+    exe = Path(sys.executable).parent / "trace-realign"
+    cmd = [str(exe), f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", *job,
+           *([f"threads={threads}"] if threads is not None else [])]
+    start = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    if res.returncode != 0:
+        raise RunFailed(f"{' '.join(cmd)} failed (exit {res.returncode}):\n{res.stderr[-4000:]}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["wall_seconds"] = time.time() - start
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
+
+
+def launch_all(runs: Sequence[tuple[Path, Sequence[str]]], jobs: int = 1) -> list[dict[str, Any]]:
+    """`launch` each (run_dir, job), `jobs` at a time; with more than one at a time each run takes one CPU
+    thread (threads=1), so that side-by-side runs do not contend for cores. Results in the order given."""
+    if jobs <= 1:
+        return [launch(d, j) for d, j in runs]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda r: launch(r[0], r[1], threads=1), runs))

@@ -39,6 +39,7 @@ class SelectByOracle(L.Callback):
         every_n_steps: int = 25,
         max_new_tokens: int = 32,
         batch_size: int = 32,
+        keep_last: bool = False,
     ):
         if every_n_steps < 1:
             raise ValueError(f"select.every_n_steps must be >= 1, got {every_n_steps}")
@@ -49,6 +50,10 @@ class SelectByOracle(L.Callback):
         self.best_state: dict[str, torch.Tensor] | None = None
         self.last_checked = -1
         self.seconds = 0.0
+        # keep_last: the last step's parameters are kept too (last_state, None when the last step is the one
+        # kept), so the run can also say what T_max alone scores (select.eval_last)
+        self.keep_last = keep_last
+        self.last_state: dict[str, torch.Tensor] | None = None
 
     def score(self, model: torch.nn.Module, judge: bool = True, synced: bool = False) -> float:
         """The oracle's compliance rate (%) of the model's generations; `judge=False` generates only (a rank
@@ -100,6 +105,8 @@ class SelectByOracle(L.Callback):
             self._consider(trainer, module)
         if not trainer.is_global_zero:
             return
+        if self.keep_last and self.best_step != trainer.global_step and not is_sharded(trainer.strategy):
+            self.last_state = module.trainable_state()
         if self.best_state is not None:
             if is_sharded(trainer.strategy):
                 module.final_state = self.best_state  # the module's whole copy for evaluation and saving

@@ -156,6 +156,9 @@ def check_distributed(cfg: DictConfig) -> None:
     if (cfg.get("select") or {}).get("enabled") and fsdp1 and not cfg.method.get("retrain"):
         problems.append("choosing when to stop generates with the policy outside the training step, which "
                         "FSDP1 does not allow: use trainer=fsdp (FSDP2), or select.enabled=false")
+    if (cfg.get("select") or {}).get("enabled") and (cfg.get("select") or {}).get("eval_last"):
+        problems.append("select.eval_last evaluates the last step's parameters on rank 0 alone, which a sharded "
+                        "policy cannot give: use trainer=ddp or one process, or select.eval_last=false")
     if (cfg.get("probe") or {}).get("enabled"):
         problems.append("the likelihood probe reads the policy on rank 0 alone, which a sharded policy cannot "
                         "answer: use trainer=ddp or one process, or probe.enabled=false")

@@ -24,7 +24,7 @@ from trace_realign import resume, rundir
 from trace_realign.data import TriagedDataModule, launched_as_rank_zero
 from trace_realign.eval.likelihood import LikelihoodProbe, probe_items
 from trace_realign.logs import framework_quiet
-from trace_realign.model import load_for_eval, load_tokenizer, resolve_model_path
+from trace_realign.model import load_for_eval, load_tokenizer, load_trainable, resolve_model_path
 from trace_realign.module import TraceModule
 from trace_realign.oracle import NoisyOracle
 from trace_realign.prealign import prealigned_model
@@ -98,7 +98,7 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         callbacks.append(SelectByOracle(
             datamodule.selection_prompts(int(select.prompts)), selector, source.new, tokenizer,
             every_n_steps=int(select.every_n_steps), max_new_tokens=cfg.eval.max_new_tokens,
-            batch_size=cfg.eval.batch_size,
+            batch_size=cfg.eval.batch_size, keep_last=bool(select.get("eval_last")),
         ))
     probe_cfg = cfg.get("probe") or {}
     if probe_cfg.get("enabled"):
@@ -181,6 +181,9 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
             write_eval_rows(out, "after", other)
             metrics.update(after)
             timings["time/eval_after_seconds"] = time.time() - t0
+            if select.get("enabled") and select.get("eval_last") and not method.retrain:
+                selector_cb = next(cb for cb in callbacks if isinstance(cb, SelectByOracle))
+                metrics.update(evaluate_last(evaluation, final, tokenizer, selector_cb, after, rows, out))
             write_generations(out / "generations.jsonl", items, rows)
         if not method.retrain:
             write_impact(out / "data" / "impact.jsonl", datamodule, module)
@@ -203,6 +206,20 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         if not quiet:
             print_summary(out, metrics)
     return metrics
+
+
+def evaluate_last(evaluation: Any, policy: torch.nn.Module, tokenizer: Any, selector: SelectByOracle,
+                  after: dict[str, Any], rows: dict[str, Any], out: Path) -> dict[str, Any]:
+    """eval/last/*: the last step's parameters evaluated as "after" was (the run as T_max alone would have
+    ended it); when selection kept the last step they are "after" itself. The kept parameters go back."""
+    if selector.last_state is None:
+        return {k.replace("eval/after/", "eval/last/", 1): v for k, v in after.items()}
+    load_trainable(policy, selector.last_state)
+    last, rows["last"], other = evaluate_model(evaluation, policy, tokenizer, "last")
+    write_eval_rows(out, "last", other)
+    assert selector.best_state is not None
+    load_trainable(policy, selector.best_state)
+    return last
 
 
 def write_impact(path: Path, datamodule: TriagedDataModule, module: TraceModule) -> None:
