@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,14 +71,15 @@ def static_table(seed: int, overrides: list[str], work: Path) -> dict[str, dict[
 
 
 def run_method(method: str, seed: int, out: Path, steps: int, every: int, overrides: list[str]) -> Path:
+    from trace_realign.rundir import RunFailed, launch
+
     run_dir = out / method / f"seed{seed}"
-    exe = Path(sys.executable).parent / "trace-realign"
-    cmd = [str(exe), f"hydra.run.dir={run_dir}", f"seed={seed}", "trainer.enable_progress_bar=false", "logger=csv",
-           "select.enabled=false", "probe.enabled=true", f"probe.every_n_steps={every}", f"trainer.max_steps={steps}",
-           *METHODS[method], *overrides]
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
-    if res.returncode != 0:
-        sys.exit(f"{method} seed {seed} failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
+    job = [f"seed={seed}", "logger=csv", "select.enabled=false", "probe.enabled=true", f"probe.every_n_steps={every}",
+           f"trainer.max_steps={steps}", *METHODS[method], *overrides]
+    try:
+        launch(run_dir, job)
+    except RunFailed as exc:
+        sys.exit(str(exc))
     return run_dir
 
 

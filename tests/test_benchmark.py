@@ -69,3 +69,43 @@ def test_a_run_whose_selection_kept_m_old_is_shown_as_m_old_not_as_the_methods_s
     text = bench_mod.tables({"trace": {0: kept, 1: moved}}, [0, 1])
     assert "| trace | 0 | kept M_old |" in text and "| trace | 1 | 50.0 |" in text
     assert "selection kept M_old on 1 of 2 seeds" in text
+
+
+def load_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_embedded", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_each_claim_is_a_paired_difference_marked_by_where_its_interval_lies():
+    bench_mod = load_bench()
+    seeds = [5, 6, 7]
+
+    def runs(after: list[float], last: list[float] | None = None, utility: float = 99.0):
+        return {s: {"eval/after/tpa/shifted": a, "eval/last/tpa/shifted": (last or after)[i],
+                    "eval/after/utility": utility, "select/best_step": 25} for i, (s, a) in enumerate(zip(seeds, after))}
+
+    results = {"trace": runs([50, 60, 70], last=[10, 20, 30]), "naive_oracle_dpo": runs([20, 31, 39]),
+               "u2a": runs([55, 40, 75]), "dpo_gold": runs([60, 62, 64]),
+               # no selection in a run: "without selection" reads its "after"
+               "no_kl": {s: {"eval/after/tpa/shifted": v, "eval/after/utility": 90.0} for s, v in zip(seeds, [49, 61, 70])}}
+    rows = {c.text: (est, v) for c, est, v in bench_mod.claims(results, seeds, "after")}
+    # the difference trace - naive is +30, +29, +31: above 0 on every reading
+    est, v = rows["TRACE - naive oracle DPO > 0"]
+    assert v == "holds" and est.startswith("+30.0 [")
+    assert rows["TRACE - U2A > 0"][1].startswith("cannot tell")  # -5, +20, -5
+    # 0.9 x DPO-Gold: 54, 55.8, 57.6 against 50, 60, 70: the interval straddles 0
+    assert rows["TRACE reaches >= 90 % of DPO-Gold's shifted TPA"][1].startswith("cannot tell")
+    assert "ratio 0.97" in rows["TRACE reaches >= 90 % of DPO-Gold's shifted TPA"][0]
+    # utility lower without KL on every seed: a claim of a decrease holds
+    assert rows["without KL, capability down: no_kl - TRACE utility < 0"][1] == "holds"
+    # claims whose methods did not run are left out, never guessed
+    assert not any("210 pairs" in text for text in rows)
+    # without selection, the last step: trace 10, 20, 30 now trails naive oracle DPO on every seed
+    last = {c.text: v for c, _, v in bench_mod.claims(results, seeds, "last")}
+    assert last["TRACE - naive oracle DPO > 0"] == "does not hold"
+    text = bench_mod.claims_table(results, seeds)
+    assert "with selection:" in text and "without selection (T_max alone):" in text

@@ -277,6 +277,14 @@ def test_a_step_reports_the_log_probabilities_of_every_response_it_trains():
     assert logps["invert/rejected"].item() == pytest.approx(pol[:n].mean().item())
     assert logps["invert/chosen/ratio"].item() == pytest.approx((pol[n:] - ref[n:]).mean().item())
     assert not any(v.requires_grad for v in logps.values())
+    # the retained rows' log pi(y) comes from the KL's own log-softmax: the same number, the same KL
+    with torch.no_grad():
+        ret = parts[RETAIN]
+        kept = sequence_logps(policy(ret["input_ids"], ret["attention_mask"]).logits, ret["labels"])
+    assert logps["retain/chosen"].item() == pytest.approx(kept.mean().item())
+    plain = step_terms(policy, reference, parts, ObjectiveConfig(beta=0.5, alpha_kl=0.2), ReferenceCache(), None)
+    logged = step_terms(policy, reference, parts, ObjectiveConfig(beta=0.5, alpha_kl=0.2), ReferenceCache(), None, {})
+    assert torch.allclose(plain[RETAIN], logged[RETAIN], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="objective.fused_forward"):
         ObjectiveConfig(fused_forward="sometimes")
 

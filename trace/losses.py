@@ -74,5 +74,10 @@ def kl_anchor(ref_logits: torch.Tensor, policy_logits: torch.Tensor, mask: torch
     """
     ref_logp = F.log_softmax(at_least_float32(ref_logits), dim=-1)
     pol_logp = F.log_softmax(at_least_float32(policy_logits), dim=-1)
+    return kl_from_log_probs(ref_logp, pol_logp, mask)
+
+
+def kl_from_log_probs(ref_logp: torch.Tensor, pol_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """kl_anchor from both models' log-softmaxed logits (a caller that also reads log pi(y) shares them)."""
     per_token = (ref_logp.exp() * (ref_logp - pol_logp)).sum(-1)
     return (per_token * mask).sum(-1)

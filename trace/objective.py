@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trace_realign.losses import RELATIONAL_LOSSES, kl_anchor, npo_loss, npo_single, relational_loss
+from trace_realign.losses import RELATIONAL_LOSSES, kl_anchor, kl_from_log_probs, npo_loss, npo_single, relational_loss
 from trace_realign.model import reference_of
 from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN
-from trace_realign.sequences import IGNORE_INDEX, sequence_logps, shift_for_loss
+from trace_realign.sequences import IGNORE_INDEX, at_least_float32, sequence_logps, shift_for_loss
 
 REDUCTIONS = ("mean", "sum")
 # Which fields of a record feed each term, in row order.
@@ -309,10 +309,15 @@ def step_terms(
     for c, logits in zip(trained, fused_logits(policy, [parts[c] for c in trained], fuse) if trained else []):
         labels = parts[c]["labels"]
         if terms[c] == "kl":
-            if logps is not None:  # for the log only: the KL reads whole distributions, not log pi(y)
-                with torch.no_grad():
-                    logps.update(response_logps(c, "kl", sequence_logps(logits, labels), None))
-            out[c] = kl_from_logits(ref_logits.pop(c), logits, labels)
+            if logps is None:
+                out[c] = kl_from_logits(ref_logits.pop(c), logits, labels)
+                continue
+            # the KL's own log-softmax also gives log pi(y) for the log (no second pass over the vocabulary)
+            ref_l, targets, mask = shift_for_loss(ref_logits.pop(c), labels)
+            pol_logp = F.log_softmax(at_least_float32(logits[:, :-1, :]), dim=-1)
+            out[c] = kl_from_log_probs(F.log_softmax(at_least_float32(ref_l), dim=-1), pol_logp, mask.to(logits.dtype))
+            seq = (pol_logp.detach().gather(2, targets.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+            logps.update(response_logps(c, "kl", seq, None))
         elif terms[c] == "nll":
             pol = sequence_logps(logits, labels)  # one log-softmax serves the loss and the log
             if logps is not None:
