@@ -13,7 +13,8 @@ alone) from the same runs. The methods:
 
     retrain           full re-training with pi_new's labels: the pipeline that built M_old re-run (upper bound)
     gold_finetune     fine-tuning with perfect labels: M_old's SFT and DPO stages re-run from M_old
-    dpo_gold          DPO on the relabelled pairs, fine-tuned from M_old (the paper's DPO-Gold)
+    dpo_gold          DPO on the relabelled pairs, fine-tuned from M_old (the paper's DPO-Gold, as the reference
+                      runs it: punished pairs kept as annotated)
     trace             TRACE
     naive_oracle_dpo  DPO on the oracle-relabelled conflicts without impact weights or KL (Table 3)
     u2a               U2A: NPO on the conflicts, the unlearning baseline (Table 8)
@@ -53,7 +54,8 @@ METHODS: dict[str, list[str]] = {
     # punished pairs as full re-annotation would label them: a compliant response wins over the old chosen
     "retrain": ["method=dpo_gold_retrain", "data.dpo_gold_punish=correction"],
     "gold_finetune": ["method=gold_finetune", "data.dpo_gold_punish=correction"],
-    "dpo_gold": ["method=dpo_gold", "data.dpo_gold_punish=correction", *TUNED],
+    # the paper's DPO-Gold as the reference runs it: its file keeps punished pairs as annotated
+    "dpo_gold": ["method=dpo_gold", "data.dpo_gold_punish=keep", *TUNED],
     "trace": TUNED,
     "naive_oracle_dpo": ["method=naive_oracle_dpo", *TUNED],
     "u2a": ["method=u2a", *TUNED],

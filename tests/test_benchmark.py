@@ -25,10 +25,11 @@ def bench(out, *args, overrides=SHORT):
 @pytest.mark.slow
 def test_benchmark_reports_every_method_and_the_calibration(tmp_path):
     out = tmp_path / "bench"
-    res = bench(out, "--seeds", "3", "4")
+    methods = ["retrain", "gold_finetune", "trace", "naive_oracle_dpo"]
+    res = bench(out, "--seeds", "3", "4", "--methods", *methods)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"retrain", "gold_finetune", "dpo_gold", "trace", "trace_noselect"}
+    assert set(results) == set(methods)
     assert all(set(by_seed) == {"3", "4"} for by_seed in results.values())
     # every method of a seed starts from the same M_old: identical numbers before realignment
     for seed in ("3", "4"):
@@ -37,20 +38,27 @@ def test_benchmark_reports_every_method_and_the_calibration(tmp_path):
         assert len(befores) == 1
     # the re-training upper bound is evaluated on a model built under pi_new's labels, not M_old
     assert results["retrain"]["3"]["retrain/stages_built"] >= 1 and results["retrain"]["3"]["train/steps"] == 0
+    # fine-tuning with perfect labels starts from M_old: its stages are built on top of it, not of the base
+    assert results["gold_finetune"]["3"]["finetune/stages_built"] >= 1
+    # the trained methods are evaluated at the kept step and at the last one, from the same run
+    assert all("eval/last/tpa/shifted" in results[m][s] for m in ("trace", "naive_oracle_dpo") for s in ("3", "4"))
     text = (out / "results.md").read_text()
+    assert "## with selection" in text and "## without selection (T_max alone)" in text
     assert "seed 3: every method starts from the same M_old" in text
     assert "retrain shifted-axis TPA >= 98" in text and "trace shifted-axis TPA >= 60" in text
     assert "gold_finetune shifted-axis TPA >= 85" in text and "gold_finetune unchanged axes >= 95" in text
-    # fine-tuning with perfect labels starts from M_old: its stages are built on top of it, not of the base
-    assert results["gold_finetune"]["3"]["finetune/stages_built"] >= 1
     shifted = [results["trace"][s]["eval/after/tpa/shifted"] for s in ("3", "4")]
-    mean = sum(shifted) / 2
-    assert f"| trace | {mean:.1f} ± " in text  # the over-seeds row: mean, std, interval, worst seed
+    assert f"| trace | {sum(shifted) / 2:.1f} ± " in text  # the over-seeds row: mean, std, interval, worst seed
     assert f"min {min(shifted):.1f}" in text
+    # the claims whose methods ran, each with a verdict; the others are left out
+    claims = [line for line in text.splitlines() if line.startswith("| TRACE - naive oracle DPO > 0 |")]
+    assert len(claims) == 2 and all(line.rstrip(" |").endswith(("holds", "does not hold", "cannot tell at this many seeds"))
+                                    for line in claims)
+    assert "U2A" not in text.split("## Claims")[1]
 
     # a second call reuses the finished runs of the same configuration: nothing is run again
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
-    again = bench(out, "--seeds", "3", "4", "--reuse")
+    again = bench(out, "--seeds", "3", "4", "--methods", *methods, "--reuse")
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")} == stamps
     # another configuration into the same folders is refused, naming what differs

@@ -81,11 +81,14 @@ def test_recipe_tuned_reads_the_methods_row_and_refuses_a_method_without_one():
 
     import trace_realign  # noqa: F401  (registers the `tuned` resolver, as every app does)
 
-    row = "+model.tuned.dpo_gold={lr: 0.002, beta: 0.5, max_steps: 100}"
+    row = "++model.tuned.dpo_gold={lr: 0.002, beta: 0.5, max_steps: 100}"
     cfg = compose_cfg(["recipe=tuned", "method=dpo_gold", row])
     assert (cfg.optimizer.lr, cfg.loss.beta, cfg.trainer.max_steps) == (0.002, 0.5, 100)
     assert cfg.objective.alpha_kl == 0.1  # a method without a KL anchor has no alpha_KL in its row
+    # an ablation at another method's recipe names the row
+    ablation = compose_cfg(["recipe=tuned", "method=no_kl", "model.recipe.tuned_for=dpo_gold", row])
+    assert (ablation.optimizer.lr, ablation.trainer.max_steps, ablation.method.alpha_kl) == (0.002, 100, 0.0)
     # the command line still wins over the recipe
     assert compose_cfg(["recipe=tuned", "method=dpo_gold", row, "trainer.max_steps=7"]).trainer.max_steps == 7
-    with pytest.raises(Exception, match="no tuned recipe for method=u2a.*experiments/tune.py --method u2a"):
-        OmegaConf.to_container(compose_cfg(["recipe=tuned", "method=u2a", row]), resolve=True)
+    with pytest.raises(Exception, match="no tuned recipe for method=sft.*experiments/tune.py --method sft"):
+        OmegaConf.to_container(compose_cfg(["recipe=tuned", "method=sft", row]), resolve=True)
