@@ -79,8 +79,9 @@ METHODS: dict[str, list[str]] = {
 DEFAULT_METHODS = ["retrain", "gold_finetune", "dpo_gold", "trace", "naive_oracle_dpo", "u2a", "no_kl",
                    "trace_size210", "trace_size420", "naive_oracle_dpo_size210", "naive_oracle_dpo_size420",
                    "trace_noise10", "trace_noise20"]
-# every run also evaluates its last step (the run without selection), from the same run
-EVERY_RUN = ["select.eval_last=true"]
+# every run also evaluates its last step (the run without selection), from the same run; the tables, claims
+# and checks read TPA and utility alone, so the other evaluators (capability, ASR) are off, as in tuning
+EVERY_RUN = ["select.eval_last=true", "eval.evaluators.capability=null", "eval.evaluators.asr=null"]
 # (label, metrics.json key under eval/<when>/, its interval's key or None)
 COLUMNS = [
     ("TPA shifted", "tpa/shifted", "tpa_ci95/shifted"),
