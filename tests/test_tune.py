@@ -92,3 +92,12 @@ def test_recipe_tuned_reads_the_methods_row_and_refuses_a_method_without_one():
     assert compose_cfg(["recipe=tuned", "method=dpo_gold", row, "trainer.max_steps=7"]).trainer.max_steps == 7
     with pytest.raises(Exception, match="no tuned recipe for method=sft.*experiments/tune.py --method sft"):
         OmegaConf.to_container(compose_cfg(["recipe=tuned", "method=sft", row]), resolve=True)
+
+
+def test_another_methods_row_of_the_tuned_table_is_no_difference_between_runs():
+    from trace_realign.rundir import differences, volatile
+
+    assert volatile("model.tuned.u2a.lr") and not volatile("optimizer.lr")
+    stored = {"optimizer.lr": 0.001, "model.tuned.trace.lr": 0.001}
+    assert differences(stored, {**stored, "model.tuned.u2a.lr": 0.5}) == []
+    assert differences(stored, {**stored, "optimizer.lr": 0.5})  # the run's own setting still is

@@ -24,9 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 
 RUN_FILE = "run.json"
 FAILED_FILE = "FAILED"
-# Settings that change where or how visibly a run works, never what it computes.
+# Settings that change where or how visibly a run works, never what it computes. model.tuned is the model's
+# table of every method's tuned recipe: a run reads its own row through the settings it resolves to
+# (optimizer.lr, loss.beta, ... are compared), so another method's row is never a difference.
 VOLATILE = ("paths.", "trainer.enable_progress_bar", "oracle.progress", "judge.progress", "logger.", "tags",
-            "quiet", "task_name", "report.", "checkpoint.")
+            "quiet", "task_name", "report.", "checkpoint.", "model.tuned.")
 # What a finished or half-finished run leaves behind.
 OUTPUTS = ("metrics.json", "generations.jsonl", "data", "adapter", "model", "config.yaml", "checkpoints")
 
@@ -59,7 +61,9 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    keys = sorted(set(stored) | set(now))
+    """The settings that differ between two flat configurations; volatile ones never do (a run recorded
+    before a setting was known to be volatile still carries it)."""
+    keys = sorted(k for k in set(stored) | set(now) if not volatile(k))
     return [f"{k}: {stored.get(k, '<unset>')!r} there, {now.get(k, '<unset>')!r} now" for k in keys
             if stored.get(k, "<unset>") != now.get(k, "<unset>")]
 
