@@ -74,8 +74,11 @@ COMMANDS: dict[str, How] = {
     # README: the embedded benchmark
     "python experiments/benchmark_embedded.py": How(
         "elsewhere", why="an hour at full length; tests/test_benchmark.py runs the script on two seeds with few steps"),
-    "python experiments/benchmark_embedded.py --seeds 0 1 2 3 4": How(
-        "elsewhere", why="an hour at full length; tests/test_benchmark.py runs the script on two seeds with few steps"),
+    "python experiments/benchmark_embedded.py --methods retrain gold_finetune": How(
+        "elsewhere", why="tests/test_benchmark.py runs the script with these methods on two seeds with few steps"),
+    "python experiments/tune.py --method u2a --jobs 2": How(
+        "elsewhere", why="half an hour at full length; tests/test_tune.py runs a study of one trial with few steps "
+                         "and resumes it"),
     # README: overrides, sweeps, scale
     "trace-realign loss=ipo method=no_kl trainer.max_steps=5": How("app", (*FAST_EMBEDDED,)),
     "trace-realign optimizer.lr=5e-4 loss.beta=0.1 objective.alpha_kl=0.5 impact.gamma=10": How("app", (*FAST_EMBEDDED,)),
@@ -88,6 +91,7 @@ COMMANDS: dict[str, How] = {
                          "it (one epoch, the reference's LoRA)"),
     "trace-realign recipe=reference_dpo method=dpo": How(
         "elsewhere", why="test_app.py's test_the_reference_recipes_train_one_epoch_with_the_reference_adapters runs it"),
+    "trace-realign recipe=tuned method=u2a": How("app", (*FAST_EMBEDDED,)),
     "trace-realign probe.enabled=true": How(
         "elsewhere", why="test_app.py's test_the_likelihood_probe_follows_every_stance_and_changes_no_result runs it "
                          "against a run without the probe"),
