@@ -14,6 +14,8 @@ from conftest import FAST, ROOT
 
 SCRIPT = ROOT / "experiments" / "benchmark_embedded.py"
 SHORT = [*FAST, *(f"model.prealign.stages.{s}.batch_size=4" for s in ("pretrain", "sft", "dpo"))]
+# with selection on (a check every step, on few prompts): each run is evaluated at the kept and the last step
+SELECTING = [*(o for o in SHORT if not o.startswith("select.")), "select.every_n_steps=1", "select.prompts=4"]
 
 
 def bench(out, *args, overrides=SHORT):
@@ -26,7 +28,7 @@ def bench(out, *args, overrides=SHORT):
 def test_benchmark_reports_every_method_and_the_calibration(tmp_path):
     out = tmp_path / "bench"
     methods = ["retrain", "gold_finetune", "trace", "naive_oracle_dpo"]
-    res = bench(out, "--seeds", "3", "4", "--methods", *methods)
+    res = bench(out, "--seeds", "3", "4", "--methods", *methods, overrides=SELECTING)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert set(results) == set(methods)
@@ -58,11 +60,11 @@ def test_benchmark_reports_every_method_and_the_calibration(tmp_path):
 
     # a second call reuses the finished runs of the same configuration: nothing is run again
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
-    again = bench(out, "--seeds", "3", "4", "--methods", *methods, "--reuse")
+    again = bench(out, "--seeds", "3", "4", "--methods", *methods, "--reuse", overrides=SELECTING)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")} == stamps
     # another configuration into the same folders is refused, naming what differs
-    other = bench(out, "--seeds", "3", "--reuse", "--methods", "trace", overrides=[*SHORT, "loss.beta=0.7"])
+    other = bench(out, "--seeds", "3", "--reuse", "--methods", "trace", overrides=[*SELECTING, "loss.beta=0.7"])
     assert other.returncode != 0 and "loss.beta" in other.stdout + other.stderr
 
 
