@@ -1,7 +1,7 @@
 """Tune a method on the embedded benchmark's tuning seeds, with the same budget and objective for every method.
 
-    python experiments/tune.py --method trace                      # 16 trials on seeds 0-4
-    python experiments/tune.py --method dpo_gold --trials 16 -- data.dpo_gold_punish=correction
+    python experiments/tune.py --method trace --jobs 2             # 6 trials on seeds 0-4, two runs at a time
+    python experiments/tune.py --method dpo_gold -- data.dpo_gold_punish=keep threads=1
 
 The procedure is the same for every method, declared here before any trial runs:
 - the search space: lr (log-uniform), beta (log-uniform) and T_max (trainer.max_steps) for every method,
@@ -83,10 +83,11 @@ def run_trial(method: str, seeds: list[int], settings: dict[str, Any], folder: P
     except RunFailed as exc:
         sys.exit(str(exc))
 
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", required=True)
-    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=6, help="the budget every method in model.tuned had")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--steps", type=int, nargs="+", default=STEPS, help="T_max's choices")
     parser.add_argument("--sampler-seed", type=int, default=0)
