@@ -309,15 +309,13 @@ def step_terms(
     for c, logits in zip(trained, fused_logits(policy, [parts[c] for c in trained], fuse) if trained else []):
         labels = parts[c]["labels"]
         if terms[c] == "kl":
-            if logps is None:
-                out[c] = kl_from_logits(ref_logits.pop(c), logits, labels)
-                continue
-            # the KL's own log-softmax also gives log pi(y) for the log (no second pass over the vocabulary)
+            # kl_from_logits, with the policy's log-softmax kept: it also gives log pi(y) for the log
             ref_l, targets, mask = shift_for_loss(ref_logits.pop(c), labels)
             pol_logp = F.log_softmax(at_least_float32(logits[:, :-1, :]), dim=-1)
             out[c] = kl_from_log_probs(F.log_softmax(at_least_float32(ref_l), dim=-1), pol_logp, mask.to(logits.dtype))
-            seq = (pol_logp.detach().gather(2, targets.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
-            logps.update(response_logps(c, "kl", seq, None))
+            if logps is not None:
+                seq = (pol_logp.detach().gather(2, targets.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+                logps.update(response_logps(c, "kl", seq, None))
         elif terms[c] == "nll":
             pol = sequence_logps(logits, labels)  # one log-softmax serves the loss and the log
             if logps is not None:
