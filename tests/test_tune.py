@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from conftest import FAST, ROOT
@@ -101,3 +102,58 @@ def test_another_methods_row_of_the_tuned_table_is_no_difference_between_runs():
     stored = {"optimizer.lr": 0.001, "model.tuned.trace.lr": 0.001}
     assert differences(stored, {**stored, "model.tuned.u2a.lr": 0.5}) == []
     assert differences(stored, {**stored, "optimizer.lr": 0.5})  # the run's own setting still is
+
+
+def test_a_method_without_a_row_runs_at_the_row_its_table_names_and_its_own_row_comes_first():
+    from conftest import compose_cfg
+
+    import trace_realign  # noqa: F401
+
+    rows = ["++model.tuned.trace={lr: 0.002, beta: 0.5, alpha_kl: 0.7, max_steps: 100}",
+            "++model.tuned.dpo_gold={lr: 0.0003, beta: 0.2, max_steps: 50}"]
+    for ablation in ("no_kl", "no_triage", "no_impact", "oracle_punish"):
+        cfg = compose_cfg(["recipe=tuned", f"method={ablation}", *rows])
+        assert (cfg.optimizer.lr, cfg.loss.beta, cfg.trainer.max_steps) == (0.002, 0.5, 100), ablation
+    for shared in ("dpo", "rdpo"):
+        cfg = compose_cfg(["recipe=tuned", f"method={shared}", *rows])
+        assert (cfg.optimizer.lr, cfg.loss.beta, cfg.trainer.max_steps) == (0.0003, 0.2, 50), shared
+    own = compose_cfg(["recipe=tuned", "method=rdpo", *rows, "++model.tuned.rdpo={lr: 0.01, beta: 0.9, max_steps: 200}"])
+    assert (own.optimizer.lr, own.trainer.max_steps) == (0.01, 200)
+    # the command line's choice comes before both
+    chosen = compose_cfg(["recipe=tuned", "method=no_kl", "model.recipe.tuned_for=dpo_gold", *rows])
+    assert chosen.optimizer.lr == 0.0003
+
+
+def test_dpo_shares_dpo_golds_row_because_it_composes_alike_but_for_its_name(tmp_path):
+    """Why model.tuned needs no study of dpo (method.tuned_as): every resolved setting of a run is DPO-Gold's."""
+    from conftest import compose_cfg
+    from omegaconf import OmegaConf
+
+    import trace_realign  # noqa: F401
+
+    def flat(method: str) -> dict:
+        cfg = OmegaConf.to_container(compose_cfg([f"method={method}"], tmp_path), resolve=True)
+        out: dict = {}
+
+        def walk(node, prefix=""):
+            for k, v in node.items():
+                (walk(v, f"{prefix}{k}.") if isinstance(v, dict) else out.__setitem__(f"{prefix}{k}", v))
+        walk(cfg)
+        return out
+
+    dpo, gold = flat("dpo"), flat("dpo_gold")
+    assert {k for k in dpo.keys() | gold.keys() if dpo.get(k) != gold.get(k)} == {"method.name", "method.tuned_as"}
+
+
+def test_rdpo_at_its_default_epsilon_is_dpo_to_the_bit_gradients_included():
+    """Why rdpo shares DPO-Gold's row at eps = 0 (the reference's default)."""
+    from trace_realign.losses import relational_loss
+
+    torch.manual_seed(0)
+    logps = [torch.randn(64, dtype=torch.float32, requires_grad=True) for _ in range(4)]
+    grads = {}
+    for kind in ("sigmoid", "robust"):
+        loss = relational_loss(*logps, beta=0.37, kind=kind, label_smoothing=0.0)
+        grads[kind] = (loss.detach(), torch.autograd.grad(loss.sum(), logps))
+    assert torch.equal(grads["sigmoid"][0], grads["robust"][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads["sigmoid"][1], grads["robust"][1]))

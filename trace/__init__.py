@@ -17,8 +17,11 @@ def _gold_punish_term(rule: str) -> str | None:
 def _tuned(key: str, default: object = "__required__", *, _root_: object) -> object:
     """recipe=tuned: `key` of the method's row in the model's table of tuned recipes (model.tuned.<method>)."""
     table = _root_.model.get("tuned") or {}  # type: ignore[attr-defined]
-    # whose row: the method's own, or another's (an ablation at TRACE's recipe: model.recipe.tuned_for=trace)
-    name = _root_.model.recipe.get("tuned_for") or _root_.method.name  # type: ignore[attr-defined]
+    # whose row: model.recipe.tuned_for's (the command line's choice), else the method's own, else the row its
+    # table names as its recipe (method.tuned_as: an ablation runs at TRACE's, dpo and rdpo share DPO-Gold's)
+    method = _root_.method  # type: ignore[attr-defined]
+    name = _root_.model.recipe.get("tuned_for") or (  # type: ignore[attr-defined]
+        method.name if method.name in table or not method.get("tuned_as") else method.tuned_as)
     if name not in table:
         raise ValueError(f"recipe=tuned: model {_root_.model.get('name_or_path')} has no tuned recipe for method={name} "  # type: ignore[attr-defined]
                          f"(model.tuned has {sorted(table) or 'none'}); tune it with "
