@@ -77,7 +77,7 @@ def build_datamodule(
     return objective, datamodule
 
 
-METHOD_KEYS = {"name", "triage", "untriaged", "terms", "weights", "weighted", "alpha_kl", "nll", "loss", "retrain",
+METHOD_KEYS = {"name", "triage", "untriaged", "terms", "weights", "weighted", "alpha_kl", "tuned_as", "nll", "loss", "retrain",
                "retrain_from", "retrain_stages"}
 WEIGHTS = ("impact", "uniform")
 RETRAIN_FROM = ("base", "m_old")
