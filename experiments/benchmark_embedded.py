@@ -60,7 +60,7 @@ METHODS: dict[str, list[str]] = {
     "trace": TUNED,
     "naive_oracle_dpo": ["method=naive_oracle_dpo", *TUNED],
     "u2a": ["method=u2a", *TUNED],
-    "no_kl": ["method=no_kl", *AT_TRACE],
+    "no_kl": ["ablation=no_kl", *TUNED],  # an ablation runs at its method's recipe: TRACE's
     # the baselines at TRACE's tuned recipe: six draws need not reach the region where TRACE moves, so each
     # is also shown where TRACE's search found it
     "naive_oracle_dpo_at_trace": ["method=naive_oracle_dpo", *AT_TRACE],

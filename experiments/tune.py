@@ -44,19 +44,27 @@ UNCHANGED_FLOOR = 95.0
 UTILITY_DROP = 2.0
 
 
-def method_trains_kl(method: str, overrides: list[str]) -> bool:
-    """Whether the method's retained pairs train a KL anchor with a weight of its own (alpha_KL)."""
+def composed_method(method: str, overrides: list[str]) -> Any:
+    """The method's table as a run composes it (its ablation, `-- ablation=no_kl`, applied)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     import trace_realign.conf
+    from trace_realign.ablation import ablate
 
     with initialize_config_dir(config_dir=str(Path(trace_realign.conf.__file__).parent), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"method={method}", "paths.output_dir=.", *overrides])
+    return ablate(cfg).method
+
+
+def method_trains_kl(method: str, overrides: list[str]) -> bool:
+    """Whether the method's retained pairs train a KL anchor with a weight of its own (alpha_KL)."""
+    from omegaconf import OmegaConf
+
+    table = composed_method(method, overrides)
     # a method that trains the anchor reads its weight from objective.alpha_kl (conf/method/trace.yaml); one
-    # that fixes its own (no_kl: 0) has none to tune
-    own = OmegaConf.to_container(cfg.method, resolve=False)["alpha_kl"]
-    return cfg.method.terms.retain == "kl" and own == "${objective.alpha_kl}"
+    # that fixes its own (u2a, ablation=no_kl: 0) has none to tune
+    own = OmegaConf.to_container(table, resolve=False)["alpha_kl"]
+    return table.terms.retain == "kl" and own == "${objective.alpha_kl}"
 
 
 def objective_of(runs: list[dict[str, Any]]) -> tuple[float, dict[str, float]]:
@@ -142,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
              f"{best.value:.1f}; feasible: {bool(best.user_attrs['feasible'])}",
              "# as overrides: " + " ".join(f"{keys[k]}={v!r}" for k, v in sorted(best.params.items())),
              "# the model's row (model.tuned, read by recipe=tuned):",
-             f"{args.method}:"]
+             f"{composed_method(args.method, args.overrides).name}:"]
     lines += [f"  {row.get(k, k)}: {v!r}" for k, v in sorted(best.params.items())]
     (out / "best.yaml").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -42,9 +42,12 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """The config an app sees: composed, and its ablation applied to the method (as the apps do first)."""
+    from trace_realign.ablation import ablate
+
     extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides) + extra)
+        return ablate(compose(config_name="train", overrides=list(overrides) + extra))
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ REQUIRED_KEYS = [
     "train/loss", "train/loss_invert", "train/loss_punish", "train/loss_kl",
     "eval/before/tpa", "eval/after/tpa",
 ]
-GROUPS = ["model", "dataset", "oracle", "loss", "method", "trainer", "logger", "eval"]
+GROUPS = ["model", "dataset", "oracle", "loss", "method", "ablation", "trainer", "logger", "eval"]
 
 
 def options(group: str) -> list[str]:
@@ -43,6 +43,7 @@ CHOSEN = {
                           if not isinstance(c.trainer.strategy, str) else c.trainer.strategy),
     "model": lambda c: c.model.name_or_path or c.model.build.architecture,
     "method": lambda c: c.method.name,
+    "ablation": lambda c: c.method.name,  # the ablated method is named for its ablation
     "loss": lambda c: c.loss.type,
     "eval": lambda c: (list(c.eval.evaluators), list(c.eval.evaluators.capability.tasks)),
 }
@@ -58,6 +59,7 @@ EXPECTED_CHOICE = {
     ("model", "qwen2.5-7b"): "Qwen/Qwen2.5-7B-Instruct", ("model", "gemma-2-9b"): "google/gemma-2-9b-it",
     ("model", "smollm2-135m"): "HuggingFaceTB/SmolLM2-135M-Instruct",
     ("eval", "default"): (["tpa", "utility", "capability", "asr"], []),
+    ("ablation", "none"): "trace",
     ("eval", "paper"): (["tpa", "utility", "capability", "asr"], ["gpqa_main_zeroshot", "mmlu", "hellaswag", "gsm8k"]),
 }
 
@@ -104,6 +106,8 @@ def test_every_job_of_every_experiment_file_composes(name, tmp_path):
             key, value = override.split("=", 1)
             if key == "method":
                 assert cfg.method.name == value, (name, override)
+            elif key == "ablation":
+                assert cfg.ablation.name == value, (name, override)
             elif key == "loss":
                 assert cfg.loss.type == value, (name, override)
             else:
@@ -115,6 +119,7 @@ def test_every_job_of_every_experiment_file_composes(name, tmp_path):
 METHODS = {
     "trace": (True, None, ("relational_flip", "npo", "kl"), "impact", ["invert", "punish"], None),
     "trace_nll": (True, None, ("relational_flip", "npo", "kl"), "impact", ["invert", "punish"], None),
+    # the ablations of TRACE (conf/ablation/, `ablation=NAME` over method=trace)
     "no_impact": (True, None, ("relational_flip", "npo", "kl"), "uniform", ["invert", "punish"], None),
     "no_kl": (True, None, ("relational_flip", "npo", "kl"), "impact", ["invert", "punish"], 0.0),
     "no_triage": (False, "punish", ("relational_flip", "npo", "kl"), "uniform", ["invert", "punish"], None),
@@ -132,10 +137,19 @@ METHODS = {
 }
 
 
+ABLATIONS = {"no_impact", "no_kl", "no_triage", "no_triage_ref", "oracle_punish"}
+
+
+def chosen(name: str) -> str:
+    """The override that selects a row of METHODS: a method, or an ablation of TRACE."""
+    return f"ablation={name}" if name in ABLATIONS else f"method={name}"
+
+
 def test_every_method_file_is_the_table_it_documents(tmp_path):
-    assert sorted(METHODS) == options("method")
+    assert sorted(set(METHODS) - ABLATIONS) == options("method")
+    assert sorted(ABLATIONS | {"none"}) == options("ablation")
     for name, (triage, untriaged, terms, weights, weighted, alpha) in METHODS.items():
-        m = compose_cfg([f"method={name}"], tmp_path).method
+        m = compose_cfg([chosen(name)], tmp_path).method
         got = (m.triage, m.untriaged, (m.terms.invert, m.terms.punish, m.terms.retain), m.weights, list(m.weighted))
         assert got == (triage, untriaged, terms, weights, weighted), name
         assert m.alpha_kl == (0.1 if alpha is None else alpha), name  # None: the tiny model's recipe
@@ -188,7 +202,7 @@ def test_hyperparameters_override_from_command_line(tmp_path):
     trainer = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
     assert (trainer.max_steps, trainer.accumulate_grad_batches) == (7, 3)
     # a method without the KL anchor trains with alpha_KL = 0 whatever objective.alpha_kl says
-    objective, _ = build_datamodule(compose_cfg(["method=no_kl", "objective.alpha_kl=2"], tmp_path), None, None,
+    objective, _ = build_datamodule(compose_cfg(["ablation=no_kl", "objective.alpha_kl=2"], tmp_path), None, None,
                                     None, tmp_path)
     assert objective.alpha_kl == 0.0
 
@@ -222,9 +236,9 @@ def test_fsdp_strategies_instantiate(tmp_path):
 
 @pytest.mark.parametrize("overrides,refusal", [
     (["trainer=fsdp1", "trainer.accelerator=cpu"], "FSDP1 needs GPUs"),
-    (["trainer=fsdp1", "trainer.accelerator=cpu", "method=no_impact", "select.enabled=false"], "FSDP1 needs GPUs"),
+    (["trainer=fsdp1", "trainer.accelerator=cpu", "ablation=no_impact", "select.enabled=false"], "FSDP1 needs GPUs"),
     (["trainer=fsdp1"], "impact scores call the policy outside the training step"),
-    (["trainer=fsdp1", "method=no_impact", "select.enabled=true"], "select.enabled=false"),
+    (["trainer=fsdp1", "ablation=no_impact", "select.enabled=true"], "select.enabled=false"),
     (["trainer=fsdp", "impact.method=loop"], "use impact.method=batched"),
     (["trainer=fsdp", "model.lora.enabled=false"], "set model.lora.enabled=true"),
     (["trainer=fsdp", "probe.enabled=true"], "probe.enabled=false"),
@@ -243,7 +257,7 @@ def test_a_trainer_that_cannot_carry_the_run_is_refused_before_any_work(override
 def test_trainers_that_can_carry_the_run_pass_the_start_up_check(tmp_path):
     from trace_realign.strategies import check_distributed
 
-    for overrides in (["trainer=fsdp"], ["trainer=ddp"], ["trainer=fsdp1", "method=no_impact", "select.enabled=false"],
+    for overrides in (["trainer=fsdp"], ["trainer=ddp"], ["trainer=fsdp1", "ablation=no_impact", "select.enabled=false"],
                       ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"], ["trainer=fsdp", "method=dpo_gold_retrain"]):
         cfg = compose_cfg(overrides, tmp_path)
         if "trainer=fsdp1" in overrides:
@@ -264,7 +278,7 @@ def _check_metrics(out: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_two_step_run_per_method(method, make_cfg):
-    cfg = make_cfg(f"method={method}")
+    cfg = make_cfg(chosen(method))
     run(cfg)
     out = Path(cfg.paths.output_dir)
     retrain = method in ("dpo_gold_retrain", "gold_finetune")
@@ -330,7 +344,7 @@ def test_each_methods_loss_is_its_formula_by_hand(tmp_path):
         return -math.log1p(math.exp(-x))
 
     for name in sorted(METHODS):
-        cfg = compose_cfg([f"method={name}"], tmp_path)
+        cfg = compose_cfg([chosen(name)], tmp_path)
         objective, _ = build_datamodule(cfg, None, None, None, tmp_path)
         beta, eps = objective.beta, objective.label_smoothing
         expected = {
@@ -362,7 +376,7 @@ def test_each_methods_loss_is_its_formula_by_hand(tmp_path):
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
 def test_two_step_run_per_loss(loss, make_cfg):
     # Uniform weights (no_impact): N w_i = 1, so the first step's terms are the losses at theta_ref themselves.
-    cfg = make_cfg(f"loss={loss}", "method=no_impact")
+    cfg = make_cfg(f"loss={loss}", "ablation=no_impact")
     m = run(cfg)
     _check_metrics(Path(cfg.paths.output_dir))
     beta = cfg.loss.beta
@@ -525,14 +539,14 @@ def test_readme_run_command(tmp_path):
 def test_multirun_sweep_writes_one_folder_per_job(tmp_path):
     exe = Path(sys.executable).parent / "trace-realign"
     sweep = tmp_path / "sweep"
-    res = subprocess.run([str(exe), "-m", "method=trace,no_kl", *FAST, "eval.enabled=false",
+    res = subprocess.run([str(exe), "-m", "ablation=none,no_kl", *FAST, "eval.enabled=false",
                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     full, no_kl = (json.loads((sweep / job / "metrics.json").read_text()) for job in ("0", "1"))
     # each folder holds its own job: its record, its overrides, and the loss its method defines
-    assert "method=trace" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
-    assert "method=no_kl" in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
+    assert "ablation=none" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()
+    assert "ablation=no_kl" in (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
     assert json.loads((sweep / "1" / "run.json").read_text())["config"]["method.alpha_kl"] == 0.0
     assert full["train/loss"] == pytest.approx(full["train/loss_invert"] + full["train/loss_punish"] + 0.1 * full["train/loss_kl"], rel=1e-5)
     assert no_kl["train/loss"] == pytest.approx(no_kl["train/loss_invert"] + no_kl["train/loss_punish"], rel=1e-5)
@@ -726,7 +740,7 @@ def test_trace_data_pays_once_and_trace_realign_reuses_its_verdicts(tmp_path):
     server = FakeOpenAI()
     try:
         common = [*FAST, "oracle=openai", f"oracle.base_url={server.url}", "oracle.progress=false",
-                  f"oracle.cache_path={tmp_path / 'verdicts.jsonl'}", "eval.enabled=false", "method=no_impact"]
+                  f"oracle.cache_path={tmp_path / 'verdicts.jsonl'}", "eval.enabled=false", "ablation=no_impact"]
         data = prepare(compose_cfg(common, tmp_path / "data_run"))
         assert (tmp_path / "data_run" / "data" / "triaged.jsonl").is_file()
         assert data["oracle/calls"] == 2 * data["data/rows"] and data["oracle/cached"] == 0

@@ -80,10 +80,10 @@ COMMANDS: dict[str, How] = {
         "elsewhere", why="half an hour at full length; tests/test_tune.py runs a study of one trial with few steps "
                          "and resumes it"),
     # README: overrides, sweeps, scale
-    "trace-realign loss=ipo method=no_kl trainer.max_steps=5": How("app", (*FAST_EMBEDDED,)),
+    "trace-realign loss=ipo ablation=no_kl trainer.max_steps=5": How("app", (*FAST_EMBEDDED,)),
     "trace-realign optimizer.lr=5e-4 loss.beta=0.1 objective.alpha_kl=0.5 impact.gamma=10": How("app", (*FAST_EMBEDDED,)),
     "trace-realign model.lora.enabled=false": How("app", (*FAST_EMBEDDED,)),
-    "trace-realign -m method=trace,no_triage,no_impact,no_kl seed=0,1,2": How("app", (*FAST_EMBEDDED,), jobs=12),
+    "trace-realign -m ablation=none,no_triage,no_impact,no_kl seed=0,1,2": How("app", (*FAST_EMBEDDED,), jobs=12),
     "trace-realign -m experiment=table4_ablation": How("app", (*FAST_EMBEDDED, "seed=0"), jobs=5),
     "trace-realign logger=wandb": How("app", (*FAST_EMBEDDED,)),
     "trace-realign recipe=reference": How(
@@ -172,7 +172,7 @@ def test_the_extraction_reads_blocks_tables_and_comments():
     commands = documented_commands()
     assert "trace-realign" in commands  # the quick start, under its comment line
     assert "trace-realign -m experiment=loss_choice" in commands  # a table cell
-    assert "trace-realign loss=ipo method=no_kl trainer.max_steps=5" in commands  # a trailing comment dropped
+    assert "trace-realign loss=ipo ablation=no_kl trainer.max_steps=5" in commands  # a trailing comment dropped
     assert not any("#" in c for c in commands)
 
 

@@ -53,7 +53,7 @@ def test_a_record_that_still_holds_the_empty_logger_node_is_the_same_configurati
 
 
 def test_claim_refuses_another_configuration_naming_what_differs(tmp_path):
-    claim(tmp_path, compose_cfg(["method=no_triage"], tmp_path))
+    claim(tmp_path, compose_cfg(["ablation=no_triage"], tmp_path))
     (tmp_path / "metrics.json").write_text('{"old": 1}')
     with pytest.raises(RunDirError, match=r"method.name: 'no_triage' there, 'trace' now"):
         claim(tmp_path, compose_cfg(["method=trace"], tmp_path))
@@ -88,7 +88,7 @@ def test_a_pinned_run_dir_used_twice(tmp_path):
     """The scenario that trained "full" on no_triage's data: now refused, and the first run's folder,
     Hydra's record included, is left exactly as it was."""
     out = tmp_path / "run"
-    first = app(out, "method=no_triage")
+    first = app(out, "ablation=no_triage")
     assert first.returncode == 0, first.stderr[-2000:]
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".log"}
     second = app(out, "method=trace")
@@ -96,7 +96,7 @@ def test_a_pinned_run_dir_used_twice(tmp_path):
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".log"}
     assert after == before
     assert "no_triage" in (out / ".hydra" / "overrides.yaml").read_text()
-    again = app(out, "method=no_triage")  # the same configuration re-runs into its own folder
+    again = app(out, "ablation=no_triage")  # the same configuration re-runs into its own folder
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((out / "metrics.json").read_text())["triage/punish"] > 0
 

@@ -260,7 +260,7 @@ def test_a_killed_build_resumes_asking_only_what_is_missing(prompts_file, tmp_pa
     answers = tmp_path / "answers.jsonl"
     cmd = [sys.executable, "-m", "trace_realign.prepare", "dataset=synthvaluebench",
            f"dataset.prompts.path={prompts_file}", "dataset.num_prompts=46", "dataset.test_prompts=10",
-           "dataset.verify=false", "method=no_triage", "oracle=openai", f"oracle.base_url={server.url}",
+           "dataset.verify=false", "ablation=no_triage", "oracle=openai", f"oracle.base_url={server.url}",
            "oracle.progress=false", "oracle.concurrency=4", f"oracle.cache_path={answers}",
            f"paths.cache_dir={tmp_path / 'cache'}", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
     try:

@@ -342,7 +342,10 @@ def test_method_from_method_group_then_ablation():
         return Job("x", config, overrides)
 
     assert tables.method_of(job({"method": "u2a", "ablation": "full"}, {})) == "u2a"
-    assert tables.method_of(job({"ablation": "no_kl"}, {"method.name": "other"})) == "no_kl"
+    # run.json's name is the ablated method's: the override `method=trace` names the method it ablated
+    assert tables.method_of(job({"method": "trace", "ablation": "no_kl"}, {"method.name": "no_kl"})) == "no_kl"
+    assert tables.method_of(job({"method": "trace_nll", "ablation": "no_kl"}, {})) == "trace_nll_no_kl"
+    assert tables.method_of(job({"ablation": "none"}, {})) == "run"
     assert tables.method_of(job({}, {"method.name": "trace", "ablation.name": "full"})) == "trace"
     assert tables.method_of(job(None, {"ablation.name": "no_impact"})) == "no_impact"
     assert tables.parse_overrides(["+data.size=5000", "~logger", "oracle@judge=openai", "data.label_noise=0.1"]) == {

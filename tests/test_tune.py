@@ -43,8 +43,9 @@ def test_the_objective_ranks_every_feasible_trial_above_every_infeasible_one():
 
 def test_alpha_kl_is_searched_only_where_the_method_trains_a_kl_anchor():
     tune = load()
-    assert tune.method_trains_kl("trace", []) and tune.method_trains_kl("no_impact", [])
-    assert not any(tune.method_trains_kl(m, []) for m in ("no_kl", "dpo", "dpo_gold", "u2a", "naive_oracle_dpo"))
+    assert tune.method_trains_kl("trace", []) and tune.method_trains_kl("trace", ["ablation=no_impact"])
+    assert not any(tune.method_trains_kl(m, []) for m in ("dpo", "dpo_gold", "u2a", "naive_oracle_dpo"))
+    assert not tune.method_trains_kl("trace", ["ablation=no_kl"])
 
 
 def test_the_held_out_seeds_are_refused():
@@ -56,13 +57,13 @@ def test_the_held_out_seeds_are_refused():
 @pytest.mark.slow
 def test_a_study_writes_its_choice_and_the_command_and_resumes(tmp_path):
     out = tmp_path / "tune"
-    cmd = [sys.executable, str(SCRIPT), "--method", "no_kl", "--trials", "1", "--seeds", "0", "--steps", "2",
-           "--out", str(out), "--", *SHORT]
+    cmd = [sys.executable, str(SCRIPT), "--method", "trace", "--trials", "1", "--seeds", "0", "--steps", "2",
+           "--out", str(out), "--", *SHORT, "ablation=no_kl"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     best = (out / "best.yaml").read_text()
-    assert "# chosen by: python experiments/tune.py --method=no_kl --trials=1" in best
+    assert "# chosen by: python experiments/tune.py --method=trace --trials=1" in best and "ablation=no_kl" in best
     assert "optimizer.lr=" in best and "loss.beta=" in best and "trainer.max_steps=2" in best
     assert "alpha_kl" not in best  # no_kl trains no KL anchor
     # the chosen row, as model.tuned holds it for recipe=tuned
@@ -87,7 +88,7 @@ def test_recipe_tuned_reads_the_methods_row_and_refuses_a_method_without_one():
     assert (cfg.optimizer.lr, cfg.loss.beta, cfg.trainer.max_steps) == (0.002, 0.5, 100)
     assert cfg.objective.alpha_kl == 0.1  # a method without a KL anchor has no alpha_KL in its row
     # an ablation at another method's recipe names the row
-    ablation = compose_cfg(["recipe=tuned", "method=no_kl", "model.recipe.tuned_for=dpo_gold", row])
+    ablation = compose_cfg(["recipe=tuned", "ablation=no_kl", "model.recipe.tuned_for=dpo_gold", row])
     assert (ablation.optimizer.lr, ablation.trainer.max_steps, ablation.method.alpha_kl) == (0.002, 100, 0.0)
     # the command line still wins over the recipe
     assert compose_cfg(["recipe=tuned", "method=dpo_gold", row, "trainer.max_steps=7"]).trainer.max_steps == 7
@@ -105,22 +106,24 @@ def test_another_methods_row_of_the_tuned_table_is_no_difference_between_runs():
 
 
 def test_a_method_without_a_row_runs_at_the_row_its_table_names_and_its_own_row_comes_first():
+    """An ablation keeps its method's recipe; dpo and rdpo run at DPO-Gold's."""
     from conftest import compose_cfg
 
     import trace_realign  # noqa: F401
 
     rows = ["++model.tuned.trace={lr: 0.002, beta: 0.5, alpha_kl: 0.7, max_steps: 100}",
             "++model.tuned.dpo_gold={lr: 0.0003, beta: 0.2, max_steps: 50}"]
-    for ablation in ("no_kl", "no_triage", "no_impact", "oracle_punish"):
-        cfg = compose_cfg(["recipe=tuned", f"method={ablation}", *rows])
+    for ablation in ("no_kl", "no_triage", "no_triage_ref", "no_impact", "oracle_punish"):
+        cfg = compose_cfg(["recipe=tuned", f"ablation={ablation}", *rows])
         assert (cfg.optimizer.lr, cfg.loss.beta, cfg.trainer.max_steps) == (0.002, 0.5, 100), ablation
     for shared in ("dpo", "rdpo"):
         cfg = compose_cfg(["recipe=tuned", f"method={shared}", *rows])
         assert (cfg.optimizer.lr, cfg.loss.beta, cfg.trainer.max_steps) == (0.0003, 0.2, 50), shared
-    own = compose_cfg(["recipe=tuned", "method=rdpo", *rows, "++model.tuned.rdpo={lr: 0.01, beta: 0.9, max_steps: 200}"])
+    own_row = "++model.tuned.rdpo={lr: 0.01, beta: 0.9, max_steps: 200}"
+    own = compose_cfg(["recipe=tuned", "method=rdpo", *rows, own_row])
     assert (own.optimizer.lr, own.trainer.max_steps) == (0.01, 200)
     # the command line's choice comes before both
-    chosen = compose_cfg(["recipe=tuned", "method=no_kl", "model.recipe.tuned_for=dpo_gold", *rows])
+    chosen = compose_cfg(["recipe=tuned", "ablation=no_kl", "model.recipe.tuned_for=dpo_gold", *rows])
     assert chosen.optimizer.lr == 0.0003
 
 

@@ -103,6 +103,7 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
     s.model.lora.enabled = False  # M_old is a full model: realignment then trains adapters on top of it
     s.model.gradient_checkpointing = False
     s.method = method_config(str(stage.method))
+    s.pop("ablation", None)  # the run's ablation changes the realigning method, never M_old's stages
     s.loss = {"type": "sigmoid", "beta": float(stage.get("beta", 0.1))}
     s.objective = {"alpha_kl": 0.0, "reduction": "mean", "stop_grad_norm": 0.0}
     s.optimizer.lr = float(stage.lr)

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from trace_realign import rundir
+from trace_realign.ablation import ablate
 from trace_realign.data import launched_as_rank_zero
 from trace_realign.pipeline import TRIAGE_METRICS_FILE
 from trace_realign.oracle import build_oracles
@@ -26,6 +27,7 @@ from trace_realign.steps import build_datamodule, print_summary, run_app, write_
 
 
 def prepare(cfg: DictConfig) -> dict:
+    ablate(cfg)  # ablation=no_triage changes what triage serves
     out = Path(cfg.paths.output_dir)
     if launched_as_rank_zero():
         rundir.claim(out, cfg)  # a folder holding another configuration's run stops us here

@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from trace_realign.ablation import ablate
 from trace_realign.data import TriagedDataModule
 from trace_realign.eval import EvalInputs, GenerationSettings, build_evaluators, run_evaluators, verdict
 from trace_realign.module import TraceModule
@@ -42,7 +43,7 @@ def build_datamodule(
 ) -> tuple[ObjectiveConfig, TriagedDataModule]:
     """The method's objective (its term table over the loss group's settings) and the DataModule that
     triages and serves for it."""
-    method = cfg.method
+    method = ablate(cfg).method
     check_method(method)
     loss = {**OmegaConf.to_container(cfg.loss, resolve=True), **(OmegaConf.to_container(method, resolve=True)["loss"] or {})}
     objective = ObjectiveConfig(

@@ -148,7 +148,7 @@ def check_distributed(cfg: DictConfig) -> None:
     impact = cfg.method.get("weights") == "impact" and not cfg.method.get("retrain")
     if impact and fsdp1:
         problems.append("impact scores call the policy outside the training step, which FSDP1's wrapped root "
-                        "does not allow: use trainer=fsdp (FSDP2), or method=no_impact")
+                        "does not allow: use trainer=fsdp (FSDP2), or ablation=no_impact")
     if impact and fsdp2_ and str(cfg.impact.get("method", "batched")) == "loop":
         problems.append("impact.method=loop needs each sample's whole gradient, which FSDP shards over ranks: "
                         "use impact.method=batched (exact, and computed from each layer's inputs and output "

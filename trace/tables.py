@@ -4,9 +4,9 @@
     trace-tables multirun/table3_data_size/... --plots --paper table3 --out tables/table3
 
 Jobs are grouped by their overrides less the seed (.hydra/overrides.yaml; without it by the settings of
-run.json that differ between the runs). A row is a method (`method=`, formerly `ablation=`) in one setting
-of the other varying keys; a column is a metric. Each cell aggregates the seeds: mean ± standard deviation
-and n, with the 95 % t-interval in table.csv. A `before` row is the starting model M_old (eval/before/*).
+run.json that differ between the runs). A row is a method (run.json's method.name; an ablated one is
+named for its ablation) in one setting of the other varying keys; a column is a metric. Each cell
+aggregates the seeds: mean ± standard deviation and n, with the 95 % t-interval in table.csv. A `before` row is the starting model M_old (eval/before/*).
 Each row is compared with the baseline method paired by seed. Failed and unfinished jobs are listed and
 never averaged; the paper's own numbers appear as marked reference rows, never mixed with runs.
 
@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
+from trace_realign.ablation import ablated_name
 from trace_realign.rundir import FAILED_FILE, RUN_FILE, volatile
 
 DEFAULT_METRICS = (
@@ -388,14 +389,16 @@ def _order_value(value: Any) -> tuple:
 
 
 def method_of(job: Job) -> str:
-    """The method: the `method=` (else `ablation=`) override, else run.json's method.name (ablation.name)."""
-    for key in METHOD_KEYS:
-        if job.overrides and job.overrides.get(key) not in (None, ""):
-            return str(job.overrides[key])
-    for key in METHOD_KEYS:
-        if job.config.get(f"{key}.name") not in (None, ""):
-            return str(job.config[f"{key}.name"])
-    return "run"
+    """The method: run.json's method.name (an ablated method is named for its ablation: no_kl,
+    trace_nll_no_kl), else an older run's ablation.name, else the `method=` and `ablation=` overrides."""
+    for key in ("method.name", "ablation.name"):
+        if job.config.get(key) not in (None, "") and not (key == "ablation.name" and "method.name" in job.config):
+            return str(job.config[key])
+    overrides = job.overrides or {}
+    method, ablation = overrides.get("method"), overrides.get("ablation")
+    if ablation not in (None, "", "none", "full"):  # full: TRACE, as the ablation group once named it
+        return ablated_name(str(method or "trace"), str(ablation))
+    return str(method) if method not in (None, "") else "run"
 
 
 def seed_of(job: Job) -> Any:

@@ -1,7 +1,7 @@
 """`trace-realign`: the Hydra app. Glue only: build each part from config, triage, fit, evaluate, write.
 
     trace-realign                                   # the embedded default, on a CPU
-    trace-realign loss=ipo method=no_kl trainer.max_steps=5
+    trace-realign loss=ipo ablation=no_kl trainer.max_steps=5
     trace-realign -m method=trace,no_triage,no_impact,no_kl
 """
 
@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trace_realign import resume, rundir
+from trace_realign.ablation import ablate
 from trace_realign.data import TriagedDataModule, launched_as_rank_zero
 from trace_realign.eval.likelihood import LikelihoodProbe, probe_items
 from trace_realign.logs import framework_quiet
@@ -43,6 +44,7 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     """One realignment run; returns the metrics it wrote to metrics.json. `source` stands in for
     cfg.dataset (the stages that build M_old pass theirs)."""
     start = time.time()
+    ablate(cfg)  # ablation=...: the method's table with one component changed, before anything reads it
     out = Path(cfg.paths.output_dir)
     quiet = bool(cfg.get("quiet", False))
     check_distributed(cfg)  # a trainer that cannot carry this run stops here, before any oracle call
