@@ -312,9 +312,15 @@ def check_outputs(command: str, how: How, work: Path, res: subprocess.CompletedP
         report = build_report(load_jobs([folders[0].parent]), metrics=["eval/after/tpa"])
         runs = [r for r in report.rows if r.kind == "run"]
         assert sum(r.cells["eval/after/tpa"].n for r in runs) == how.jobs and not report.failed
-        swept = {m.split("=", 1)[1] for f in folders for m in (f / ".hydra" / "overrides.yaml").read_text().split()
-                 if m.startswith("method=")}
-        assert {r.method for r in runs} == (swept or {"trace"})
+        from trace_realign.ablation import ablated_name
+
+        def named(folder: Path) -> str:  # the method the job's overrides chose, ablated as they said
+            chosen = dict(m.lstrip("- ").split("=", 1) for m in (folder / ".hydra" / "overrides.yaml").read_text().split()
+                          if m.lstrip("- ").startswith(("method=", "ablation=")))
+            method, ablation = chosen.get("method", "trace"), chosen.get("ablation", "none")
+            return method if ablation == "none" else ablated_name(method, ablation)
+
+        assert {r.method for r in runs} == {named(f) for f in folders}
     if "logger=wandb" in command:
         assert list(work.rglob("offline-run-*")), "without credentials wandb runs offline"
     if "trainer=ddp" in command:
