@@ -1,5 +1,5 @@
 """The embedded benchmark script: every method on a seed, the calibration checks, the seed statistics,
-reuse of finished runs of the same configuration only (few steps; the real figures are in the README)."""
+reuse of finished runs of the same configuration only (few steps; the real figures are in docs/benchmark.md)."""
 
 from __future__ import annotations
 

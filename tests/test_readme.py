@@ -1,6 +1,6 @@
-"""Every command that README.md and experiments/README.md show runs here as shown, with few steps.
+"""Every command that README.md, experiments/README.md and the docs/ pages show runs here as shown, with few steps.
 
-The commands are read from the fenced code blocks and the tables of both files: every line that starts
+The commands are read from the fenced code blocks and the tables of those files: every line that starts
 with `trace-realign`, `trace-data` or `python experiments/`, less a trailing `# comment`. COMMANDS maps
 each exact command to how it runs on this machine. A command runs with its own arguments first, as
 shown, in a folder of its own that holds the data it names; the overrides a test appends are only
@@ -34,7 +34,7 @@ import pytest
 
 from conftest import FAST, ROOT, compose_cfg
 
-DOCS = (ROOT / "README.md", ROOT / "experiments" / "README.md")
+DOCS = (ROOT / "README.md", ROOT / "experiments" / "README.md", *sorted((ROOT / "docs").rglob("*.md")))
 PREFIXES = ("trace-realign", "trace-data", "python experiments/")
 SECRET = "sk-planted-" + "3" * 32
 
@@ -81,6 +81,7 @@ COMMANDS: dict[str, How] = {
                          "and resumes it"),
     # README: overrides, sweeps, scale
     "trace-realign loss=ipo ablation=no_kl trainer.max_steps=5": How("app", (*FAST_EMBEDDED,)),
+    "trace-realign ablation=no_kl": How("app", (*FAST_EMBEDDED,)),
     "trace-realign optimizer.lr=5e-4 loss.beta=0.1 objective.alpha_kl=0.5 impact.gamma=10": How("app", (*FAST_EMBEDDED,)),
     "trace-realign model.lora.enabled=false": How("app", (*FAST_EMBEDDED,)),
     "trace-realign -m ablation=none,no_triage,no_impact,no_kl seed=0,1,2": How("app", (*FAST_EMBEDDED,), jobs=12),
