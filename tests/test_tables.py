@@ -613,3 +613,18 @@ def test_runs_whose_selection_kept_m_old_show_as_m_old_not_as_the_methods_score(
     assert tables.cell_text(row(report, "trace"), TPA).endswith("[n=3; kept M_old on 2 of 3]")
     assert tables.cell_text(row(report, "dpo_gold"), TPA) == "kept M_old [n=3]"
     assert "kept" not in tables.cell_text(row(report, "dpo_gold"), "train/steps")  # not an evaluation after
+
+
+def test_a_paired_difference_prints_at_the_precision_its_scale_needs():
+    from types import SimpleNamespace
+
+    def text(mean, low, high):
+        return tables.paired_text(SimpleNamespace(diff=SimpleNamespace(mean=mean, low=low, high=high, n=3),
+                                                  significant=low > 0 or high < 0))
+
+    # a fraction (lm-eval's accuracy): the digits are kept, never +0.00 [+0.00, +0.00]
+    assert text(0.004, 0.0012, 0.0068) == "+0.0040 [+0.0012, +0.0068] n=3 *"
+    assert text(-0.03, -0.05, -0.01) == "-0.030 [-0.050, -0.010] n=3 *"
+    # points (TPA): two decimals, as ever
+    assert text(18.1, 9.81, 26.3) == "+18.10 [+9.81, +26.30] n=3 *"
+    assert text(0.0, 0.0, 0.0) == "+0.00 [+0.00, +0.00] n=3"

@@ -288,7 +288,7 @@ def print_table(out: Path, labels: list[str], metrics: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://trace_realign.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    run_app(run, cfg)
+    run_app(run, cfg, "trace-eval")
 
 
 if __name__ == "__main__":

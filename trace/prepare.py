@@ -46,7 +46,7 @@ def prepare(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="pkg://trace_realign.conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    run_app(prepare, cfg)
+    run_app(prepare, cfg, "trace-data")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -253,19 +255,42 @@ def finish_loggers() -> None:
         pass
 
 
-def run_app(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> dict[str, Any]:
-    """An app's run, with what every app owes its folder: a failure recorded there (FAILED, no
-    metrics.json) unless the folder is another run's, and wandb finished either way."""
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What bad input, a bad setting or an unusable service raises: the message says what is wrong and
+    where, so the console shows it alone (no traceback; HYDRA_FULL_ERROR=1 shows one)."""
+    from trace_realign import rundir
+    from trace_realign.data import NoConflictsError
+    from trace_realign.eval.base import JudgeFailed
+    from trace_realign.llm_oracle import OracleConfigError
+    from trace_realign.model import ModelNotFoundError
+    from trace_realign.oracle import OracleFailuresError
+
+    return (ValueError, FileNotFoundError, ModelNotFoundError, OracleConfigError, OracleFailuresError,
+            NoConflictsError, JudgeFailed, rundir.RunDirError)
+
+
+def run_app(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, app: str = "trace-realign") -> dict[str, Any]:
+    """An app's run, with what every app owes its folder: a failure recorded there (FAILED, with its
+    traceback, no metrics.json) unless the folder is another run's, and wandb finished either way. A user's
+    error ends the app with its message and exit code 1, no traceback (HYDRA_FULL_ERROR=1 raises it)."""
     from trace_realign import rundir
     from trace_realign.data import launched_as_rank_zero
 
+    out = Path(cfg.paths.output_dir)
     try:
-        return run(cfg)
-    except rundir.RunDirError:
-        raise  # the folder is another run's: leave it exactly as it was
-    except BaseException as exc:
-        if launched_as_rank_zero():
-            rundir.record_failure(Path(cfg.paths.output_dir), exc)
-        raise
-    finally:
-        finish_loggers()
+        try:
+            return run(cfg)
+        except rundir.RunDirError:
+            raise  # the folder is another run's: leave it exactly as it was
+        except BaseException as exc:
+            if launched_as_rank_zero():
+                rundir.record_failure(out, exc)
+            raise
+        finally:
+            finish_loggers()
+    except user_errors() as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        kept = f" (traceback in {out / rundir.FAILED_FILE})" if (out / rundir.FAILED_FILE).is_file() else ""
+        print(f"{app}: error: {exc}{kept}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

@@ -854,14 +854,23 @@ def cell_text(row: Row, metric: str) -> str:
     return f"{_num(s.mean)} ± {_num(s.std)} [n={s.n}" + (f"; {kept}" if kept else "") + "]"
 
 
+def _decimals(*values: float) -> int:
+    """Two decimals, or as many as give the largest of `values` two significant digits: a difference of a
+    fraction (lm-eval's accuracy, +0.0040) keeps its digits, one of points reads as before."""
+    scale = max((abs(v) for v in values if v and math.isfinite(v)), default=0.0)
+    return 2 if scale == 0 else max(2, 1 - math.floor(math.log10(scale)))
+
+
 def paired_text(p: Paired) -> str:
-    """'+5.2 [+1.0, +9.4] n=3 *': the mean difference, its 95 % t-interval, pairs, and * when it excludes 0."""
+    """'+5.2 [+1.0, +9.4] n=3 *': the mean difference, its 95 % t-interval, pairs, and * when it excludes 0,
+    all at the precision the numbers' scale needs (_decimals)."""
     d = p.diff
     if d.n == 0:
         return "– [n=0]"
     if d.n == 1:
-        return f"{d.mean:+.2f} [n=1]"
-    return f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}] n={d.n}" + (" *" if p.significant else "")
+        return f"{d.mean:+.{_decimals(d.mean)}f} [n=1]"
+    k = _decimals(d.mean, d.low, d.high)
+    return f"{d.mean:+.{k}f} [{d.low:+.{k}f}, {d.high:+.{k}f}] n={d.n}" + (" *" if p.significant else "")
 
 
 def label_cells(row: Row, keys: Sequence[str]) -> list[str]:

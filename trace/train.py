@@ -24,7 +24,7 @@ from trace_realign import resume, rundir
 from trace_realign.ablation import ablate
 from trace_realign.data import TriagedDataModule, launched_as_rank_zero
 from trace_realign.eval.likelihood import LikelihoodProbe, probe_items
-from trace_realign.logs import framework_quiet
+from trace_realign.logs import StepProgressBar, framework_quiet
 from trace_realign.model import load_for_eval, load_tokenizer, load_trainable, resolve_model_path
 from trace_realign.module import TraceModule
 from trace_realign.oracle import NoisyOracle
@@ -95,7 +95,7 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
 
     module = build_module(cfg, model_path, objective)
     loggers = build_loggers(cfg)
-    callbacks = []
+    callbacks: list[L.Callback] = [StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     if select.get("enabled"):
         callbacks.append(SelectByOracle(
             datamodule.selection_prompts(int(select.prompts)), selector, source.new, tokenizer,

@@ -160,10 +160,13 @@ def kept_state(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def quiet_lm_eval() -> Iterator[None]:
+def quiet_lm_eval(log: Path) -> Iterator[None]:
     """lm-eval logs each task's setup at INFO and warns that a model object ignores its loading arguments
-    (expected here); datasets draws a bar per file it reads. Warnings that matter still show."""
+    (expected here); datasets draws a bar per file it reads. Warnings that matter still show. What lm-eval
+    prints itself (its request bars, git's "not a git repository" when it records a commit) goes to `log`."""
     import datasets
+
+    from trace_realign.logs import stderr_to
 
     levels = {"lm_eval": logging.WARNING, "lm_eval.models.huggingface": logging.ERROR}
     saved = {name: logging.getLogger(name).level for name in levels}
@@ -172,7 +175,8 @@ def quiet_lm_eval() -> Iterator[None]:
         logging.getLogger(name).setLevel(level)
     datasets.utils.logging.disable_progress_bar()
     try:
-        yield
+        with stderr_to(log):
+            yield
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
@@ -224,7 +228,7 @@ class Capability(Evaluator):
         index = answered_utility_items(inputs.items) if self.items_task else []
         if not self.tasks and not index:
             return result
-        with folder_for(inputs.work_dir) as folder, kept_state(inputs.model), quiet_lm_eval():
+        with folder_for(inputs.work_dir) as folder, kept_state(inputs.model), quiet_lm_eval(folder / "lm_eval.log"):
             paths = list(self.include_path)
             if index:
                 paths.append(str(write_items_task(self.items_task, inputs.items, index, folder / "tasks",
