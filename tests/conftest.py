@@ -12,6 +12,14 @@ from omegaconf import DictConfig
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+# Under pytest-xdist (`-n auto`: one worker a core) each worker, and every run it launches, takes one torch
+# thread: workers whose threads fight over the cores run many times slower than they would alone.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # A few steps on a few pairs: what every end-to-end test runs unless it says otherwise.
 FAST = [
     "trainer.max_steps=2",
