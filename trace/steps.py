@@ -80,8 +80,8 @@ def build_datamodule(
     return objective, datamodule
 
 
-METHOD_KEYS = {"name", "triage", "untriaged", "terms", "weights", "weighted", "alpha_kl", "tuned_as", "nll", "loss", "retrain",
-               "retrain_from", "retrain_stages"}
+METHOD_KEYS = {"name", "triage", "untriaged", "terms", "weights", "weighted", "alpha_kl", "tuned_as", "nll", "loss",
+               "retrain", "retrain_from", "retrain_stages"}
 WEIGHTS = ("impact", "uniform")
 RETRAIN_FROM = ("base", "m_old")
 
@@ -269,7 +269,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
             NoConflictsError, JudgeFailed, rundir.RunDirError)
 
 
-def run_app(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, app: str = "trace-realign") -> dict[str, Any]:
+def run_app(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, app: str = "trace-realign"
+            ) -> dict[str, Any]:
     """An app's run, with what every app owes its folder: a failure recorded there (FAILED, with its
     traceback, no metrics.json) unless the folder is another run's, and wandb finished either way. A user's
     error ends the app with its message and exit code 1, no traceback (HYDRA_FULL_ERROR=1 raises it)."""

@@ -6,7 +6,8 @@
 Jobs are grouped by their overrides less the seed (.hydra/overrides.yaml; without it by the settings of
 run.json that differ between the runs). A row is a method (run.json's method.name; an ablated one is
 named for its ablation) in one setting of the other varying keys; a column is a metric. Each cell
-aggregates the seeds: mean ± standard deviation and n, with the 95 % t-interval in table.csv. A `before` row is the starting model M_old (eval/before/*).
+aggregates the seeds: mean ± standard deviation and n, with the 95 % t-interval in table.csv. A `before`
+row is the starting model M_old (eval/before/*).
 Each row is compared with the baseline method paired by seed. Failed and unfinished jobs are listed and
 never averaged; the paper's own numbers appear as marked reference rows, never mixed with runs.
 
