@@ -19,6 +19,11 @@ def ablated_name(method: str, ablation: str) -> str:
     return ablation if method == "trace" else f"{method}_{ablation}"
 
 
+def is_ablated(method: str, ablation: str) -> bool:
+    """Whether `method` is already a name ablated_name gives for `ablation` (the table already changed)."""
+    return method == ablation or method.endswith(f"_{ablation}")
+
+
 def ablate(cfg: DictConfig) -> DictConfig:
     """Apply cfg.ablation to cfg.method in place (once: a config already ablated is returned as it is)."""
     ablation = cfg.get("ablation")
@@ -26,7 +31,7 @@ def ablate(cfg: DictConfig) -> DictConfig:
         return cfg
     method = cfg.method
     base = str(method.name)
-    if base.endswith(str(ablation.name)):  # already applied (a stage or a re-entered run)
+    if is_ablated(base, str(ablation.name)):  # already applied (a stage or a re-entered run)
         return cfg
     for key, wanted in (ablation.get("requires") or {}).items():
         found = OmegaConf.select(method, key)

@@ -392,9 +392,9 @@ def _order_value(value: Any) -> tuple:
 def method_of(job: Job) -> str:
     """The method: run.json's method.name (an ablated method is named for its ablation: no_kl,
     trace_nll_no_kl), else an older run's ablation.name, else the `method=` and `ablation=` overrides."""
-    for key in ("method.name", "ablation.name"):
-        if job.config.get(key) not in (None, "") and not (key == "ablation.name" and "method.name" in job.config):
-            return str(job.config[key])
+    name = job.config["method.name"] if "method.name" in job.config else job.config.get("ablation.name")
+    if name not in (None, ""):
+        return str(name)
     overrides = job.overrides or {}
     method, ablation = overrides.get("method"), overrides.get("ablation")
     if ablation not in (None, "", "none", "full"):  # full: TRACE, as the ablation group once named it

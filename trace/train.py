@@ -2,7 +2,7 @@
 
     trace-realign                                   # the embedded default, on a CPU
     trace-realign loss=ipo ablation=no_kl trainer.max_steps=5
-    trace-realign -m method=trace,no_triage,no_impact,no_kl
+    trace-realign -m ablation=none,no_triage,no_impact,no_kl
 """
 
 from __future__ import annotations
