@@ -85,6 +85,14 @@ def test_verdict_says_whether_realignment_happened_and_at_what_cost():
     assert "utility kept (-2.0)" in text and "unchanged axes fell by 2.1 points" in text
 
 
+def test_summary_says_a_model_read_from_the_cache_is_cached_not_built_in_no_time(tmp_path, capsys):
+    from trace_realign.steps import print_summary
+    print_summary(tmp_path, {"prealign/seconds": 0.0, "prealign/cached": 1.0, "retrain/seconds": 12.5,
+                             "retrain/cached": 0.0, "time/total_seconds": 40.0})
+    lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[2:] if line.strip()}
+    assert lines == {"prealign/seconds": "cached", "retrain/seconds": "12.5", "time/total_seconds": "40"}
+
+
 def test_verdict_without_axes_reads_overall_tpa_and_the_categories_measured_before():
     metrics = {"eval/before/tpa": 20.0, "eval/before/tpa_ci95": 3.0, "eval/after/tpa": 70.0, "eval/after/tpa_ci95": 4.0,
                "eval/before/tpa/invert": 10.0, "eval/after/tpa/invert": 80.0, "eval/after/tpa/retain": 90.0}

@@ -198,7 +198,7 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
     source_cache = getattr(source, "cache", None)
     hits = list(getattr(source_cache, "hits", [])) + stages.cache.hits
     metrics["data/cache_hits"] = len(hits)
-    log.info("data stages read from the cache: %s", hits or "none")
+    log.debug("data stages read from the cache: %s", hits or "none")  # each stage logs its own line
 
     # -- outputs --
     out.mkdir(parents=True, exist_ok=True)

@@ -236,7 +236,12 @@ def print_summary(out: Path, metrics: dict[str, Any], name: str = "trace-realign
     def show(v: float) -> str:
         return str(int(v)) if float(v).is_integer() else f"{v:.4g}"
 
-    lines = [f"  {k:<{width}}  {show(metrics[k])}" for k in keys if k in metrics]
+    def value(k: str) -> str:
+        # a model read from the cache took no time to build: say so, not "0"
+        stage = k.removesuffix("/seconds")
+        return "cached" if k != "time/total_seconds" and metrics.get(f"{stage}/cached") == 1 else show(metrics[k])
+
+    lines = [f"  {k:<{width}}  {value(k)}" for k in keys if k in metrics]
     text = f"\n{name}: outputs in {out}\n" + "\n".join(lines)
     judged = verdict(metrics)
     if judged:
