@@ -20,9 +20,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from trace_realign.pku import HARM_CATEGORIES
+from trace_realign.core.records import CATEGORIES
+from trace_realign.data.pku import HARM_CATEGORIES
 from trace_realign.prepare import prepare
-from trace_realign.records import CATEGORIES
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

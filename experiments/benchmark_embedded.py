@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from trace_realign.tables import summarize
+from trace_realign.report.aggregate import summarize
 
 TUNED = ["recipe=tuned"]
 AT_TRACE = [*TUNED, "model.recipe.tuned_for=trace"]  # TRACE's recipe, for its ablations and trends
@@ -196,7 +196,7 @@ def run_all(methods: list[str], seeds: list[int], out: Path, overrides: list[str
             jobs: int) -> dict[str, dict[int, dict[str, Any]]]:
     """Every (method, seed) run, finished runs of the same configuration kept when `reuse`; a failed run
     stops the benchmark (no verdict)."""
-    from trace_realign.rundir import RunFailed, launch_all
+    from trace_realign.core.rundir import RunFailed, launch_all
 
     todo, results = [], {m: {} for m in methods}
     for seed in seeds:
@@ -223,7 +223,7 @@ def same_configuration(run_dir: Path, job: list[str], jobs: int = 1) -> bool:
     from hydra import compose, initialize_config_dir
 
     import trace_realign.conf
-    from trace_realign.rundir import RUN_FILE, differences, flat_config
+    from trace_realign.core.rundir import RUN_FILE, differences, flat_config
 
     record = run_dir / RUN_FILE
     if not record.is_file():

@@ -59,10 +59,10 @@ class ConflictView:
 def build(pairs: int, overrides: list[str], device: str) -> tuple[Any, Any, Any]:
     """The composed config, the triaged datamodule and the module on `device`, as a run builds them."""
     from hydra import compose, initialize_config_dir
-
-    from trace_realign.model import load_tokenizer, resolve_model_path
-    from trace_realign.steps import build_datamodule, build_judges, build_module, seed_everything
     from hydra.utils import instantiate
+
+    from trace_realign.models.loading import load_tokenizer, resolve_model_path
+    from trace_realign.steps import build_datamodule, build_judges, build_module, seed_everything
 
     per_axis = max(200, math.ceil(pairs * 0.7))  # two of four axes shift: about 1.5 conflicts per 4 pairs
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -149,7 +149,7 @@ def against_truth(truth: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dic
 def compare(loop: dict[str, Any], batched: dict[str, Any], pairs: int, gamma: float = 1.0) -> dict[str, Any]:
     """Timing (the loop's extrapolated to every pair when it scored a subset) and agreement on the pairs
     both scored."""
-    from trace_realign.impact import clip_and_normalise
+    from trace_realign.method.impact import clip_and_normalise
 
     n = loop["n"]
     per_pair = (loop["seconds"] - loop["gold_seconds"]) / n

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fake_openai import FakeOpenAI  # noqa: E402
 
-from trace_realign.llm_oracle import OpenAIOracle  # noqa: E402
-from trace_realign.oracle import Policy  # noqa: E402
+from trace_realign.oracle.base import Policy  # noqa: E402
+from trace_realign.oracle.llm import OpenAIOracle  # noqa: E402
 
 
 def main() -> None:

@@ -169,8 +169,8 @@ def build_m_old(overrides: list[str]) -> str:
     """M_old's folder for the embedded default: built by the stages that `trace-realign` runs, or cached."""
     from hydra.utils import instantiate
 
-    from trace_realign.model import resolve_model_path
-    from trace_realign.prealign import prealigned_model
+    from trace_realign.models.loading import resolve_model_path
+    from trace_realign.models.prealign import prealigned_model
     from trace_realign.train import run
 
     cfg = compose_cfg([f"paths.output_dir={tempfile.mkdtemp(prefix='bench-m-old-')}",
@@ -269,8 +269,8 @@ def fill_reference_cache(module, dm) -> None:
     """log pi_ref of every row a sequence term serves, through the module's own ReferenceCache."""
     import torch
 
-    from trace_realign.data import collate
-    from trace_realign.objective import SEQUENCE_TERMS
+    from trace_realign.method.datamodule import collate
+    from trace_realign.method.objective import SEQUENCE_TERMS
 
     for category, term in module.objective.terms.items():
         if term not in SEQUENCE_TERMS:
@@ -342,8 +342,8 @@ def measure(config: Config, common: list[str], warmup: int, steps: int, device: 
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from trace_realign.logs import framework_quiet
-    from trace_realign.model import load_tokenizer
+    from trace_realign.core.logs import framework_quiet
+    from trace_realign.models.loading import load_tokenizer
     from trace_realign.steps import build_datamodule, build_judges, build_module, pin_threads, seed_everything
 
     cfg = compose_cfg([*common, *config.overrides, f"paths.output_dir={out_dir}"])

@@ -14,8 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from trace_realign.records import CATEGORIES, load_pairs
-from trace_realign.triage import triage_agreement
+from trace_realign.core.records import CATEGORIES, load_pairs
+from trace_realign.oracle.triage import triage_agreement
 
 
 def triaged(run: Path):

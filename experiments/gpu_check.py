@@ -97,7 +97,7 @@ def check_fsdp1(args: argparse.Namespace, out: Path, log: Path) -> dict[str, Any
     strategy = (["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
                 if args.dry_run else ["trainer=fsdp1", "trainer.devices=1"])
     steps, every = 8, 3
-    # FSDP1 scores no impact and selects nothing (trace_realign.strategies says why)
+    # FSDP1 scores no impact and selects nothing (trace_realign.method.strategies says why)
     common = [*strategy, *(TOY if args.dry_run else []), "ablation=no_impact", "select.enabled=false",
               f"trainer.max_steps={steps}", f"checkpoint.every_n_steps={every}", "eval.before=false",
               "eval.evaluators.capability=null", "eval.evaluators.asr=null", "logger=none"]

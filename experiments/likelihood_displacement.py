@@ -42,10 +42,10 @@ def static_table(seed: int, overrides: list[str], work: Path) -> dict[str, dict[
     from omegaconf import OmegaConf
 
     import trace_realign.conf
+    from trace_realign.core.sequences import SequenceLimits
     from trace_realign.eval.likelihood import probe, probe_items
-    from trace_realign.model import load_for_eval, load_tokenizer, resolve_model_path
-    from trace_realign.prealign import prealigned_model
-    from trace_realign.sequences import SequenceLimits
+    from trace_realign.models.loading import load_for_eval, load_tokenizer, resolve_model_path
+    from trace_realign.models.prealign import prealigned_model
     from trace_realign.train import run
 
     with initialize_config_dir(config_dir=str(Path(trace_realign.conf.__file__).parent), version_base="1.3"):
@@ -71,7 +71,7 @@ def static_table(seed: int, overrides: list[str], work: Path) -> dict[str, dict[
 
 
 def run_method(method: str, seed: int, out: Path, steps: int, every: int, overrides: list[str]) -> Path:
-    from trace_realign.rundir import RunFailed, launch
+    from trace_realign.core.rundir import RunFailed, launch
 
     run_dir = out / method / f"seed{seed}"
     job = [f"seed={seed}", "logger=csv", "select.enabled=false", "probe.enabled=true", f"probe.every_n_steps={every}",

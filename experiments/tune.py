@@ -49,7 +49,7 @@ def composed_method(method: str, overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
 
     import trace_realign.conf
-    from trace_realign.ablation import ablate
+    from trace_realign.method.ablation import ablate
 
     with initialize_config_dir(config_dir=str(Path(trace_realign.conf.__file__).parent), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"method={method}", "paths.output_dir=.", *overrides])
@@ -82,7 +82,7 @@ def run_trial(method: str, seeds: list[int], settings: dict[str, Any], folder: P
               jobs: int) -> list[dict[str, Any]]:
     """One trial: a `trace-realign` run per seed, `jobs` side by side. A failed run is no verdict on the
     settings: the tuning stops and says why."""
-    from trace_realign.rundir import RunFailed, launch_all
+    from trace_realign.core.rundir import RunFailed, launch_all
 
     job = lambda s: [f"method={method}", f"seed={s}", *TUNING_EVAL, *(f"{k}={v}" for k, v in settings.items()),  # noqa: E731
                      *overrides]

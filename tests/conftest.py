@@ -51,7 +51,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
     """The config an app sees: composed, and its ablation applied to the method (as the apps do first)."""
-    from trace_realign.ablation import ablate
+    from trace_realign.method.ablation import ablate
 
     extra = [f"paths.output_dir={output_dir}"] if output_dir is not None else []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

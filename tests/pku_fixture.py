@@ -8,7 +8,7 @@ import json
 import random
 from pathlib import Path
 
-from trace_realign.pku import HARM_CATEGORIES
+from trace_realign.data.pku import HARM_CATEGORIES
 
 
 def harm_dict(*flagged: str) -> dict[str, bool]:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import compose_cfg
+from omegaconf import OmegaConf
 
 
 def test_an_ablation_of_trace_is_named_as_table_4_names_it_and_changes_only_its_component(tmp_path):
@@ -35,7 +34,7 @@ def test_an_ablation_of_a_method_without_its_component_is_refused_naming_both(me
 
 
 def test_applying_an_ablation_twice_changes_nothing_more(tmp_path):
-    from trace_realign.ablation import ablate
+    from trace_realign.method.ablation import ablate
 
     once = compose_cfg(["ablation=no_triage"], tmp_path)
     again = OmegaConf.to_container(ablate(once), resolve=True)
@@ -43,7 +42,7 @@ def test_applying_an_ablation_twice_changes_nothing_more(tmp_path):
 
 
 def test_the_stages_that_build_m_old_never_see_the_runs_ablation(tmp_path):
-    from trace_realign.prealign import stage_config
+    from trace_realign.models.prealign import stage_config
 
     cfg = compose_cfg(["ablation=no_kl"], tmp_path)
     stage = stage_config(cfg, "sft", cfg.model.prealign.stages.sft, "m", tmp_path)

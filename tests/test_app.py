@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF, FAST, ROOT, compose_cfg
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import CONF, FAST, ROOT, compose_cfg
-from trace_realign.data import NoConflictsError
+from trace_realign.data.sources import NoConflictsError
 from trace_realign.train import run
 
 REQUIRED_KEYS = [
@@ -53,8 +53,8 @@ EXPECTED_CHOICE = {
     ("oracle", "labels"): "LabelOracle", ("oracle", "openai"): "OpenAIOracle", ("oracle", "programmatic"): "WorldJudge",
     ("logger", "csv"): ["csv"], ("logger", "wandb"): ["wandb"], ("logger", "none"): [],
     ("trainer", "default"): ("auto", "auto"), ("trainer", "cpu"): ("cpu", "auto"), ("trainer", "gpu"): ("gpu", "auto"),
-    ("trainer", "ddp"): ("gpu", "ddp"), ("trainer", "fsdp"): ("gpu", "trace_realign.strategies.fsdp2"),
-    ("trainer", "fsdp1"): ("gpu", "trace_realign.strategies.fsdp"),
+    ("trainer", "ddp"): ("gpu", "ddp"), ("trainer", "fsdp"): ("gpu", "trace_realign.method.strategies.fsdp2"),
+    ("trainer", "fsdp1"): ("gpu", "trace_realign.method.strategies.fsdp"),
     ("model", "tiny"): "llama", ("model", "llama-3.1-8b"): "meta-llama/Llama-3.1-8B",
     ("model", "qwen2.5-7b"): "Qwen/Qwen2.5-7B-Instruct", ("model", "gemma-2-9b"): "google/gemma-2-9b-it",
     ("model", "smollm2-135m"): "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -225,7 +225,7 @@ def test_a_models_recipe_sets_lr_beta_and_alpha_kl_unless_overridden(tmp_path):
 def test_fsdp_strategies_instantiate(tmp_path):
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from trace_realign.strategies import FSDPTrainableCheckpoints, ShardedDataParallel, is_sharded
+    from trace_realign.method.strategies import FSDPTrainableCheckpoints, ShardedDataParallel, is_sharded
 
     fsdp1 = instantiate(compose_cfg(["trainer=fsdp1"], tmp_path).trainer.strategy)
     fsdp2 = instantiate(compose_cfg(["trainer=fsdp"], tmp_path).trainer.strategy)
@@ -255,7 +255,7 @@ def test_a_trainer_that_cannot_carry_the_run_is_refused_before_any_work(override
 
 
 def test_trainers_that_can_carry_the_run_pass_the_start_up_check(tmp_path):
-    from trace_realign.strategies import check_distributed
+    from trace_realign.method.strategies import check_distributed
 
     for overrides in (["trainer=fsdp"], ["trainer=ddp"], ["trainer=fsdp1", "ablation=no_impact", "select.enabled=false"],
                       ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"], ["trainer=fsdp", "method=dpo_gold_retrain"]):
@@ -330,7 +330,7 @@ def test_two_step_run_per_method(method, make_cfg):
 def test_each_methods_loss_is_its_formula_by_hand(tmp_path):
     """Every method's objective, built from its config, on hand-chosen log-probabilities at one pair:
     the value its paper or its file writes down."""
-    from trace_realign.objective import TERM_RESPONSES, category_losses
+    from trace_realign.method.objective import TERM_RESPONSES, category_losses
     from trace_realign.train import build_datamodule
 
     # log pi and log pi_ref of the responses of one pair: chosen, rejected, correction
@@ -430,8 +430,8 @@ def test_full_finetuning_switch(make_cfg):
     M_old (the model realignment starts from, not the random base), and the first KL is 0."""
     from transformers import AutoModelForCausalLM
 
-    from trace_realign.model import resolve_model_path
-    from trace_realign.prealign import prealigned_model
+    from trace_realign.models.loading import resolve_model_path
+    from trace_realign.models.prealign import prealigned_model
 
     cfg = make_cfg("model.lora.enabled=false", "eval.enabled=false")
     m = run(cfg)
@@ -481,7 +481,7 @@ def test_wandb_offline_without_credentials_and_no_key_in_outputs(make_cfg, tmp_p
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("OPENAI_API_KEY", secret)  # a key in the environment must never be written anywhere
-    from trace_realign.loggers import wandb_credentials_present
+    from trace_realign.report.loggers import wandb_credentials_present
 
     assert not wandb_credentials_present()
     cfg = make_cfg("logger=wandb", "eval.enabled=false")
@@ -500,7 +500,7 @@ def test_wandb_groups_a_sweep_by_task_and_types_each_job_by_method(tmp_path):
 
 
 def test_wandb_with_key_in_environment_counts_as_credentials(monkeypatch, tmp_path):
-    from trace_realign.loggers import wandb_credentials_present
+    from trace_realign.report.loggers import wandb_credentials_present
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
@@ -554,7 +554,7 @@ def test_multirun_sweep_writes_one_folder_per_job(tmp_path):
 
 
 def test_bad_dataset_file_fails_before_training(make_cfg, tmp_path):
-    from trace_realign.records import DataError
+    from trace_realign.core.records import DataError
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
@@ -577,7 +577,7 @@ def test_ddp_and_fsdp2_on_two_cpu_processes_match_one_process(tmp_path):
     adapter, which loads back. Tolerances: 1e-5 relative (FSDP2's gathered layers sum in another order)."""
     from safetensors.torch import load_file
 
-    from trace_realign.model import load_for_eval
+    from trace_realign.models.loading import load_for_eval
 
     exe = str(Path(sys.executable).parent / "trace-realign")
     common = [*FAST, "eval.enabled=false", "trainer.accelerator=cpu", "trainer.precision=32-true",
@@ -652,7 +652,7 @@ def test_selection_by_oracle_runs_and_reports(make_cfg, caplog):
     import ast
 
     cfg = make_cfg("select.enabled=true", "select.every_n_steps=1", "select.prompts=4", "trainer.max_steps=3")
-    with caplog.at_level("INFO", logger="trace_realign.select"):
+    with caplog.at_level("INFO", logger="trace_realign.method.select"):
         m = run(cfg)
     assert m["select/checks"] == 4  # theta_ref and each of the three steps
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("select: kept step"))
@@ -686,10 +686,10 @@ def test_eval_last_is_the_run_without_selection_from_the_same_run(tmp_path):
 
 @pytest.mark.slow
 def test_oracle_noise_reaches_triage_not_evaluation(tmp_path):
-    from trace_realign.oracle import NoisyOracle
-    from trace_realign.records import load_pairs
-    from trace_realign.triage import triage
-    from trace_realign.world import WorldJudge
+    from trace_realign.core.records import load_pairs
+    from trace_realign.data.world import WorldJudge
+    from trace_realign.oracle.base import NoisyOracle
+    from trace_realign.oracle.triage import triage
 
     cfg = compose_cfg([*FAST, "oracle.noise=0.3", "dataset.pairs_per_axis=24"], tmp_path / "noisy")
     m = run(cfg)

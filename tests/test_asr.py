@@ -6,7 +6,7 @@ import pytest
 
 from trace_realign.eval import EvalInputs, run_evaluators, wilson_interval
 from trace_realign.eval.asr import ASR, PLAIN, apply_attack, load_attacks, select_prompts
-from trace_realign.oracle import Oracle, Policy
+from trace_realign.oracle.base import Oracle, Policy
 
 NEW = Policy("new", "")
 
@@ -123,7 +123,7 @@ def test_attacks_are_data_and_users_add_their_own(tmp_path):
 
 
 def test_the_world_marks_the_prompts_where_pi_new_asks_for_a_refusal():
-    from trace_realign.world import SyntheticWorld
+    from trace_realign.data.world import SyntheticWorld
 
     world = SyntheticWorld(pairs_per_axis=8, test_prompts_per_axis=2, utility_in_data=4, utility_eval=2)
     expects = {it["axis"]: it.get("expects") for it in world.eval_prompts()}

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from trace_realign.core.sequences import encode_prompt
+from trace_realign.data.world import SyntheticWorld, WorldJudge
+from trace_realign.data.world.synthetic import UTILITY_ANSWER, UTILITY_PROMPT
 from trace_realign.eval.base import EvalInputs
 from trace_realign.eval.capability import Capability, metric_key
 from trace_realign.eval.generation import GenerationSettings, generate
-from trace_realign.model import build_tokenizer
-from trace_realign.sequences import encode_prompt
-from trace_realign.world import SyntheticWorld, WorldJudge
-from trace_realign.world.synthetic import UTILITY_ANSWER, UTILITY_PROMPT
+from trace_realign.models.loading import build_tokenizer
 
 pytest.importorskip("lm_eval")
 
@@ -256,6 +256,7 @@ def test_without_lm_eval_the_package_imports_and_the_evaluator_says_what_to_inst
 
 def test_default_measures_the_sums_offline_and_paper_adds_its_benchmarks():
     from conftest import compose_cfg
+
     from trace_realign.eval import build_evaluators
 
     default = build_evaluators(compose_cfg([]).eval.evaluators)

@@ -10,9 +10,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from trace_realign.core.sequences import SequenceLimits, encode_pair, encode_prompt, stop_token_ids, turn_end_token_id
 from trace_realign.eval.generation import generate
-from trace_realign.model import build_tokenizer
-from trace_realign.sequences import SequenceLimits, encode_pair, encode_prompt, stop_token_ids, turn_end_token_id
+from trace_realign.models.loading import build_tokenizer
 
 CORPUS = ["How do I bake bread at home?", "Mix flour, water and yeast, then bake it.", "I cannot help with that."]
 

@@ -11,19 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from trace_realign.data import (
-    TRIAGE_METRICS_FILE,
-    TRIAGED_FILE,
-    JsonlSource,
-    NoConflictsError,
-    TriagedDataModule,
-)
-from trace_realign.model import build_tokenizer
-from trace_realign.objective import TRACE_TERMS
-from trace_realign.oracle import Oracle
-from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, load_pairs
-from trace_realign.sequences import IGNORE_INDEX, SequenceLimits, encode_pair, encode_prompt
-from trace_realign.world import SyntheticWorld, WorldJudge
+from trace_realign.core.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, load_pairs
+from trace_realign.core.sequences import IGNORE_INDEX, SequenceLimits, encode_pair, encode_prompt
+from trace_realign.data.pipeline import TRIAGE_METRICS_FILE, TRIAGED_FILE
+from trace_realign.data.sources import JsonlSource, NoConflictsError
+from trace_realign.data.world import SyntheticWorld, WorldJudge
+from trace_realign.method.datamodule import TriagedDataModule
+from trace_realign.method.objective import TRACE_TERMS
+from trace_realign.models.loading import build_tokenizer
+from trace_realign.oracle.base import Oracle
 
 B = {INVERT: 3, PUNISH: 2, RETAIN: 4}
 
@@ -347,7 +343,7 @@ def test_oracle_punish_uses_corrections(tmp_path, world, tokenizer):
 
 
 def test_pairs_that_label_noise_makes_punished_get_corrections_too(tmp_path, world, tokenizer):
-    from trace_realign.pipeline import DataPlan
+    from trace_realign.data.pipeline import DataPlan
 
     judge = WorldJudge()
     dm = make_dm(tmp_path, world, tokenizer, judge, terms=ORACLE_PUNISH, plan=DataPlan(label_noise=0.3))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trace_realign.eval import TPA, JudgeFailed, Utility, agreement, percent_with_ci, verdict, wilson_interval
-from trace_realign.oracle import Oracle, Policy
+from trace_realign.oracle.base import Oracle, Policy
 
 POLICY = Policy(name="p", text="")
 
@@ -236,7 +236,7 @@ class Echo(torch.nn.Module):
 
 def test_generate_answers_in_the_prompts_order_whatever_the_batching():
     from trace_realign.eval import generate
-    from trace_realign.model import build_tokenizer
+    from trace_realign.models.loading import build_tokenizer
 
     prompts = ["How do I bake bread at home today?", "Hi", "What is 3 plus 4?", "Tell me a story about a dog.", "Why?"]
     tok = build_tokenizer(prompts, 300)
@@ -258,7 +258,7 @@ def test_sampling_is_seeded_leaves_the_callers_random_stream_alone_and_groups_sa
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from trace_realign.eval import generate
-    from trace_realign.model import build_tokenizer
+    from trace_realign.models.loading import build_tokenizer
 
     prompts = ["How do I bake bread at home today?", "Hi", "What is 3 plus 4?"]
     tok = build_tokenizer(prompts * 3, 300)

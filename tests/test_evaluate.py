@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import CONF, FAST, compose_cfg
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, FAST, compose_cfg
 from trace_realign.evaluate import Target, resolve_target
 from trace_realign.evaluate import run as evaluate
 from trace_realign.train import run as train
@@ -122,7 +122,7 @@ def test_export_merges_the_adapter_into_a_folder_transformers_loads_alone(traine
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trace_realign.export import ExportError, export, hub_token, main
-    from trace_realign.model import load_for_eval
+    from trace_realign.models.loading import load_for_eval
 
     out = tmp_path / "merged"
     assert main([str(trained), "--out", str(out)]) == 0 and f"wrote {out}" in capsys.readouterr().out

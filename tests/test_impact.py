@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trace_realign.data import collate
-from trace_realign.impact import (
+from trace_realign.core.records import INVERT, PUNISH, RETAIN, PreferencePair
+from trace_realign.core.sequences import SequenceLimits, encode_pair
+from trace_realign.method.datamodule import collate
+from trace_realign.method.impact import (
     clip_and_normalise,
     flat_grad,
     gold_batch,
@@ -19,10 +21,8 @@ from trace_realign.impact import (
     impact_scores,
     uniform_weights,
 )
-from trace_realign.model import build_tiny_model_dir, load_policy, load_tokenizer, trainable_parameters
-from trace_realign.objective import TRACE_TERMS, ObjectiveConfig, category_losses, policy_and_reference_logps
-from trace_realign.records import INVERT, PUNISH, RETAIN, PreferencePair
-from trace_realign.sequences import SequenceLimits, encode_pair
+from trace_realign.method.objective import TRACE_TERMS, ObjectiveConfig, category_losses, policy_and_reference_logps
+from trace_realign.models.loading import build_tiny_model_dir, load_policy, load_tokenizer, trainable_parameters
 
 
 def pairs(tag: str, n: int, category: str) -> list[PreferencePair]:
@@ -325,7 +325,7 @@ def conflict_rows():
 
 
 def hand_loss(category, pol, ref, oracle_punish=False):
-    """The per-sample losses written out directly (not via trace_realign.losses), summed over the batch."""
+    """The per-sample losses written out directly (not via trace_realign.method.losses), summed over the batch."""
     b = pol.shape[0] // 2
     r1, r2 = pol[:b] - ref[:b], pol[b:] - ref[b:]
     if category == PUNISH and not oracle_punish:
@@ -350,7 +350,7 @@ def closure(policy, reference, tok, rows, category, cfg):
     def make():
         pol, ref = policy_and_reference_logps(policy, reference, stacked_batch(tok, rows))
         if category == "gold":
-            from trace_realign.losses import relational_loss
+            from trace_realign.method.losses import relational_loss
 
             b = len(rows)
             return relational_loss(pol[:b], pol[b:], ref[:b], ref[b:], cfg.beta, cfg.relational).sum()
@@ -495,7 +495,13 @@ def test_uniform_fallback_and_no_impact_weigh_only_served_samples():
 
 # ---------------------------------------------------------------- batched scores (impact.method=batched)
 
-from trace_realign.impact import ImpactBatch, ImpactTaps, batched_impact_scores, gold_slices, plan_batches  # noqa: E402
+from trace_realign.method.impact import (  # noqa: E402
+    ImpactBatch,
+    ImpactTaps,
+    batched_impact_scores,
+    gold_slices,
+    plan_batches,
+)
 
 # Responses of clearly different lengths, so a batch pads some rows and not others.
 MORE_PUNISH = [
@@ -617,7 +623,7 @@ def test_a_fresh_lora_policy_is_its_reference_bit_for_bit(tiny_dir, tokenizer):
     """What lets the batched method skip the reference's forward at theta_ref: with every B factor zero the
     adapted policy's log-probs equal the disabled adapters' exactly; once B moves, or under DoRA-like extra
     parameters, it is no longer the reference."""
-    from trace_realign.model import policy_is_reference
+    from trace_realign.models.loading import policy_is_reference
 
     policy, reference = load_policy(tiny_dir, {"lora": {"enabled": True, "r": 4, "alpha": 8}})
     assert reference is None and policy_is_reference(policy, None)

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-
 from fake_openai import FakeOpenAI
-from trace_realign.llm_oracle import OpenAIOracle, OracleAuthError, OracleConfigError, parse_verdict
-from trace_realign.oracle import Policy
-from trace_realign.verdicts import VerdictStore
+
+from trace_realign.oracle.base import Policy
+from trace_realign.oracle.llm import OpenAIOracle, OracleAuthError, OracleConfigError, parse_verdict
+from trace_realign.oracle.verdicts import VerdictStore
 
 POLICY = Policy(name="pi_new", text="Answer medical questions.")
 ITEMS = [(f"prompt {i}", "COMPLY please" if i % 2 == 0 else "no way") for i in range(20)]
@@ -216,8 +216,8 @@ def test_corrections_are_keyed_by_the_writers_own_temperature(server, tmp_path):
 
 
 def test_pair_mode_failures_are_counted_and_asked_again(server, tmp_path):
-    from trace_realign.records import PreferencePair
-    from trace_realign.triage import triage
+    from trace_realign.core.records import PreferencePair
+    from trace_realign.oracle.triage import triage
 
     pairs = [PreferencePair(f"p{i}", "COMPLY w", "l") for i in range(3)]
     server.script = ["500"]
@@ -270,8 +270,8 @@ def test_parse_verdict(text, expected):
 
 
 def test_corrections_are_judged_and_retried_a_bounded_number_of_times(server, tmp_path):
-    from trace_realign.records import PreferencePair
-    from trace_realign.triage import triage
+    from trace_realign.core.records import PreferencePair
+    from trace_realign.oracle.triage import triage
 
     pairs = [PreferencePair(p, "no A", "no B") for p in ("FLAKY prompt", "prompt 1", "prompt 2")]  # all punish
     o = oracle(server, tmp_path, concurrency=1)
@@ -290,8 +290,8 @@ def test_corrections_are_judged_and_retried_a_bounded_number_of_times(server, tm
 
 
 def test_pair_mode_halves_the_calls_and_triages_the_same(server, tmp_path):
-    from trace_realign.records import PreferencePair
-    from trace_realign.triage import triage
+    from trace_realign.core.records import PreferencePair
+    from trace_realign.oracle.triage import triage
 
     pairs = [PreferencePair(f"p{i}", "COMPLY w" if i % 3 == 0 else "w", "COMPLY l" if i % 2 == 0 else "l")
              for i in range(12)]
@@ -307,8 +307,8 @@ def test_pair_mode_halves_the_calls_and_triages_the_same(server, tmp_path):
 
 JUDGE_RUN = """
 import sys
-from trace_realign.llm_oracle import OpenAIOracle
-from trace_realign.oracle import Policy
+from trace_realign.oracle.llm import OpenAIOracle
+from trace_realign.oracle.base import Policy
 o = OpenAIOracle(model="judge", base_url=sys.argv[1], cache_path=sys.argv[2], concurrency=4, progress=False)
 items = [(f"prompt {i}", "COMPLY" if i % 2 else "no") for i in range(int(sys.argv[3]))]
 print(sum(v is True for v in o.judge_batch(items, Policy(name="p", text="t"))), flush=True)
@@ -320,7 +320,8 @@ def test_killed_run_resumes_without_asking_twice_or_losing_answers(tmp_path):
     import sys
 
     from conftest import kill_after_lines
-    from trace_realign.verdicts import VerdictStore
+
+    from trace_realign.oracle.verdicts import VerdictStore
 
     n = 120
     server = FakeOpenAI(latency=0.02)
@@ -369,8 +370,8 @@ def test_timeouts_are_retried_then_counted_as_failed_and_not_kept(tmp_path):
 
 
 def test_a_triage_with_failed_calls_counts_them_apart_and_the_next_run_asks_only_them(server, tmp_path):
-    from trace_realign.records import PreferencePair
-    from trace_realign.triage import triage
+    from trace_realign.core.records import PreferencePair
+    from trace_realign.oracle.triage import triage
 
     pairs = [PreferencePair(f"p{i}", "COMPLY w" if i % 2 else "w", "l") for i in range(6)]
     server.script = ["500", "429", "ok", "drop"]  # retries=0: three chosen responses fail

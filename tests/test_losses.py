@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from trace_realign.losses import kl_anchor, log_ratio_margin, npo_loss, relational_loss
-from trace_realign.objective import TRACE_TERMS, ObjectiveConfig, category_losses
-from trace_realign.records import INVERT, PUNISH, RETAIN
+from trace_realign.core.records import INVERT, PUNISH, RETAIN
+from trace_realign.method.losses import kl_anchor, log_ratio_margin, npo_loss, relational_loss
+from trace_realign.method.objective import TRACE_TERMS, ObjectiveConfig, category_losses
 
 # Per-sequence log-probabilities for three samples; Delta is positive, negative and zero in turn.
 POL_POS = [-3.0, -6.0, -2.0]
@@ -287,7 +287,7 @@ def test_term_table_validation_and_dpo_term():
 
 
 def test_nll_is_mean_token_negative_log_likelihood_of_the_response():
-    from trace_realign.objective import nll
+    from trace_realign.method.objective import nll
 
     class Fixed(torch.nn.Module):
         """A 'model' whose logits are given, to check nll against a hand computation."""
@@ -310,7 +310,7 @@ def test_nll_is_mean_token_negative_log_likelihood_of_the_response():
 
 
 def test_reference_cache_computes_each_row_once_and_returns_the_same_values():
-    from trace_realign.objective import ReferenceCache, reference_logps
+    from trace_realign.method.objective import ReferenceCache, reference_logps
 
     class Counting(torch.nn.Module):
         """A fixed 'reference': logits from a seeded table, counting its forward passes."""
@@ -345,7 +345,7 @@ def test_reference_cache_computes_each_row_once_and_returns_the_same_values():
 
 
 def test_response_logps_are_each_responses_batch_mean_and_its_ratio_to_the_reference():
-    from trace_realign.objective import response_logps
+    from trace_realign.method.objective import response_logps
 
     # a relational_flip batch of two samples: rows [rejected0, rejected1, chosen0, chosen1]
     pol, ref = t([-1.0, -3.0, -10.0, -20.0]), t([-2.0, -2.0, -9.0, -9.0])
@@ -357,7 +357,7 @@ def test_response_logps_are_each_responses_batch_mean_and_its_ratio_to_the_refer
 
 
 def test_the_nll_term_adds_the_winners_mean_token_nll_to_its_categorys_loss():
-    from trace_realign.objective import winner_nll
+    from trace_realign.method.objective import winner_nll
 
     # two pairs stacked [winner0, winner1, loser0, loser1]; the winners have 2 and 4 response tokens
     labels = torch.full((4, 6), -100)

@@ -10,7 +10,7 @@ import sys
 
 SCRIPT = r"""
 import json, sys
-from trace_realign.model import ModelNotFoundError, load_policy, load_tokenizer
+from trace_realign.models.loading import ModelNotFoundError, load_policy, load_tokenizer
 
 cfg = {"revision": None, "lora": {"enabled": False}}
 out = {}
@@ -44,7 +44,7 @@ def test_unloadable_models_are_named_with_the_fix(tmp_path):
 
 
 def test_gguf_file_is_read_where_it_is_and_ordinary_weights_elsewhere(tmp_path):
-    from trace_realign.model import gguf_file_at
+    from trace_realign.models.loading import gguf_file_at
 
     cfg = {"gguf_file": "model.Q4_1.gguf"}
     assert gguf_file_at("some-org/some-model", cfg) == "model.Q4_1.gguf"  # a hub repository holds it

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from trace_realign.data import collate
-from trace_realign.module import TraceModule
-from trace_realign.objective import TRACE_TERMS, ObjectiveConfig
-from trace_realign.records import INVERT, PUNISH, RETAIN
-from trace_realign.sequences import IGNORE_INDEX
+from trace_realign.core.records import INVERT, PUNISH, RETAIN
+from trace_realign.core.sequences import IGNORE_INDEX
+from trace_realign.method.datamodule import collate
+from trace_realign.method.module import TraceModule
+from trace_realign.method.objective import TRACE_TERMS, ObjectiveConfig
 
 VOCAB, PAD = 7, 6
 # The step logs through self.log, which says it has no trainer to log to: expected here.
@@ -194,7 +194,7 @@ def test_a_fused_step_runs_one_policy_forward_and_at_most_one_reference_forward_
 def test_fused_logits_of_right_padded_batches_are_each_batchs_own():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trace_realign.objective import forward_logits, fused_logits
+    from trace_realign.method.objective import forward_logits, fused_logits
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -221,7 +221,7 @@ def test_trainable_state_and_checkpoint_keys_use_the_unwrapped_names():
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from trace_realign.model import load_trainable
+    from trace_realign.models.loading import load_trainable
 
     def lora_llama():
         torch.manual_seed(0)
@@ -260,7 +260,7 @@ def test_unfused_forward_runs_one_pass_per_category_with_the_same_losses():
 
 
 def test_a_step_reports_the_log_probabilities_of_every_response_it_trains():
-    from trace_realign.objective import ReferenceCache, sequence_logps, step_terms
+    from trace_realign.method.objective import ReferenceCache, sequence_logps, step_terms
 
     parts = {INVERT: batch(INVERT_ROWS), PUNISH: batch(PUNISH_ROWS), RETAIN: batch(RETAIN_ROWS)}
     policy, reference = Counting(0), Counting(1)
@@ -290,7 +290,7 @@ def test_a_step_reports_the_log_probabilities_of_every_response_it_trains():
 
 
 def test_the_nll_term_adds_the_winners_token_nll_to_its_categorys_per_sample_loss():
-    from trace_realign.objective import ReferenceCache, sequence_logps, step_terms
+    from trace_realign.method.objective import ReferenceCache, sequence_logps, step_terms
 
     parts = {INVERT: batch(INVERT_ROWS), PUNISH: batch(PUNISH_ROWS)}
     policy, reference = Counting(0), Counting(1)

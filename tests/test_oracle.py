@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trace_realign.oracle import NoisyOracle, Oracle, Policy, build_oracles
-from trace_realign.world import WorldJudge
+from trace_realign.data.world import WorldJudge
+from trace_realign.oracle.base import NoisyOracle, Oracle, Policy, build_oracles
 
 POLICY = Policy(name="p", text="")
 
@@ -44,12 +44,12 @@ def test_edges_and_undecided():
 
 
 def test_build_oracles_keeps_evaluation_clean():
-    noisy, clean = build_oracles({"_target_": "trace_realign.world.WorldJudge", "seed": 0, "noise": 0.2}, seed=3)
+    noisy, clean = build_oracles({"_target_": "trace_realign.data.world.WorldJudge", "seed": 0, "noise": 0.2}, seed=3)
     assert isinstance(noisy, NoisyOracle) and isinstance(clean, WorldJudge) and noisy.base is clean
     assert (noisy.p, noisy.seed) == (0.2, 3)  # the configured noise, seeded by the run's seed
-    plain, clean2 = build_oracles({"_target_": "trace_realign.world.WorldJudge", "seed": 0, "noise": 0.0}, seed=0)
+    plain, clean2 = build_oracles({"_target_": "trace_realign.data.world.WorldJudge", "seed": 0, "noise": 0.0}, seed=0)
     assert plain is clean2 and isinstance(plain, WorldJudge)
-    unset, _ = build_oracles({"_target_": "trace_realign.world.WorldJudge", "seed": 0}, seed=0)
+    unset, _ = build_oracles({"_target_": "trace_realign.data.world.WorldJudge", "seed": 0}, seed=0)
     assert isinstance(unset, WorldJudge)
 
 

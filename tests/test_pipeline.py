@@ -7,12 +7,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, compose_cfg
 from pku_fixture import awkward_rows, regular_rows, write_jsonl
-from trace_realign.pipeline import read_jsonl
+
+from trace_realign.core.records import CATEGORIES, load_pairs
+from trace_realign.data.pipeline import read_jsonl
 from trace_realign.prepare import prepare
-from trace_realign.records import CATEGORIES, load_pairs
 
 N_REGULAR = 300
 MIX = {"retain": 150, "invert": 90, "punish": 60}
@@ -168,6 +168,7 @@ def test_the_llm_oracle_reads_the_same_policy_as_text_and_agrees(tmp_path, pku_f
 
 def test_trace_realign_trains_on_train1_and_evaluates_on_the_test_split(tmp_path, pku_file):
     from conftest import FAST
+
     from trace_realign.train import run
 
     fast = [o for o in FAST if not o.startswith(("dataset.", "model.prealign"))]
@@ -186,16 +187,17 @@ def test_trace_realign_trains_on_train1_and_evaluates_on_the_test_split(tmp_path
 
 
 def test_label_oracle_on_a_dataset_without_annotations_is_refused(tmp_path):
-    from trace_realign.oracle import build_oracles
-    from trace_realign.world import SyntheticWorld
+    from trace_realign.data.world import SyntheticWorld
+    from trace_realign.oracle.base import build_oracles
 
     with pytest.raises(ValueError, match="oracle=labels needs a dataset with response annotations"):
-        build_oracles({"_target_": "trace_realign.pku.LabelOracle", "noise": 0.0}, 0, source=SyntheticWorld())
+        build_oracles({"_target_": "trace_realign.data.pku.LabelOracle", "noise": 0.0}, 0, source=SyntheticWorld())
 
 
 def test_labels_triage_with_a_text_judge_for_selection_and_evaluation(tmp_path, pku_file):
     from conftest import FAST
     from fake_openai import FakeOpenAI
+
     from trace_realign.train import run
 
     fast = [o for o in FAST if not o.startswith(("dataset.", "model.prealign", "select."))]
@@ -263,7 +265,7 @@ def test_failed_calls_exclude_their_pairs_for_this_run_only_and_the_next_run_ask
 
 
 def test_too_many_failed_calls_stop_the_run_and_a_rerun_asks_only_those(tmp_path, small_pku, server):
-    from trace_realign.oracle import OracleFailuresError
+    from trace_realign.oracle.base import OracleFailuresError
 
     server.script = ["500"] * 3 + ["drop"] * 3  # 6 of 50 pairs: 12% > oracle.max_failed_fraction (5%)
     with pytest.raises(OracleFailuresError, match=r"failed for 6 of 50 pairs \(12.0%; failed calls by reason: "
@@ -286,7 +288,7 @@ def jsonl_pairs(path: Path, pairs: list[dict]) -> Path:
 
 
 def world_pairs(n: int) -> list[dict]:
-    from trace_realign.world import SyntheticWorld
+    from trace_realign.data.world import SyntheticWorld
 
     world = SyntheticWorld(pairs_per_axis=n, test_prompts_per_axis=1, utility_in_data=0)
     return [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in world.train_pairs()]
@@ -297,7 +299,7 @@ OTHER = [{"prompt": f"How do I bake loaf {i}?", "chosen": f"Knead it {i} times."
 
 
 def test_the_world_judge_on_other_data_stops_triage_naming_the_fixes(tmp_path):
-    from trace_realign.pipeline import UndecidedError
+    from trace_realign.data.pipeline import UndecidedError
 
     pairs = jsonl_pairs(tmp_path / "pairs.jsonl", world_pairs(1) + OTHER)  # 4 readable pairs, 12 not
     cfg = compose_cfg(["dataset=jsonl", f"dataset.train_path={pairs}", f"paths.cache_dir={tmp_path / 'cache'}"],
@@ -317,7 +319,7 @@ def test_a_few_undecided_pairs_are_excluded_with_a_warning(tmp_path, caplog):
     pairs = jsonl_pairs(tmp_path / "pairs.jsonl", world_pairs(3) + OTHER[:2])  # 12 readable, 2 not
     cfg = compose_cfg(["dataset=jsonl", f"dataset.train_path={pairs}", f"paths.cache_dir={tmp_path / 'cache'}"],
                       tmp_path / "run")
-    with caplog.at_level("WARNING", logger="trace_realign.pipeline"):
+    with caplog.at_level("WARNING", logger="trace_realign.data.pipeline"):
         m = prepare(cfg)
     assert m["triage/excluded/undecided"] == 2 and m["data/pairs"] == 14
     assert sum(m[f"triage/{c}"] for c in CATEGORIES) == 12
@@ -325,9 +327,9 @@ def test_a_few_undecided_pairs_are_excluded_with_a_warning(tmp_path, caplog):
 
 
 def test_check_undecided_bounds():
-    from trace_realign.oracle import NoisyOracle
-    from trace_realign.pipeline import UndecidedError, check_undecided
-    from trace_realign.world import WorldJudge
+    from trace_realign.data.pipeline import UndecidedError, check_undecided
+    from trace_realign.data.world import WorldJudge
+    from trace_realign.oracle.base import NoisyOracle
 
     judge = NoisyOracle(WorldJudge(), 0.1)
     check_undecided(0, 10, judge)
@@ -337,8 +339,8 @@ def test_check_undecided_bounds():
 
 
 def test_ground_truth_agreement_counts_by_hand():
-    from trace_realign.pipeline import ground_truth_agreement
-    from trace_realign.records import PreferencePair
+    from trace_realign.core.records import PreferencePair
+    from trace_realign.data.pipeline import ground_truth_agreement
 
     def pair(i, category, truth):
         return PreferencePair(f"p{i}", "w", "l", category=category, meta={"gt_category": truth} if truth else {})
@@ -359,8 +361,8 @@ def test_ground_truth_agreement_counts_by_hand():
 
 
 def test_a_method_without_triage_must_name_a_category_to_serve_its_pairs_as():
-    from trace_realign.pipeline import Stages
-    from trace_realign.stages import StageCache
+    from trace_realign.data.pipeline import Stages
+    from trace_realign.data.stages import StageCache
 
     assert Stages(StageCache(None), use_triage=False, untriaged="retain").untriaged == "retain"
     with pytest.raises(ValueError, match=r"method.untriaged: 'everything'"):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from pku_fixture import awkward_rows, regular_rows, row, write_jsonl, write_parquet
-from trace_realign.oracle import Policy
-from trace_realign.pku import (
+
+from trace_realign.core.records import DataError
+from trace_realign.data.pku import (
     HARM_CATEGORIES,
     HarmLabels,
     LabelOracle,
@@ -18,7 +18,7 @@ from trace_realign.pku import (
     load_label_policy,
     read_labels,
 )
-from trace_realign.records import DataError
+from trace_realign.oracle.base import Policy
 
 NEW = load_label_policy("pku_new")
 OLD = load_label_policy("pku_old")
@@ -123,7 +123,7 @@ def test_label_oracle_triages_like_the_fixture_says():
 
     oracle = LabelOracle()
     oracle.bind(Source())
-    from trace_realign.triage import triage
+    from trace_realign.oracle.triage import triage
 
     result = triage(pairs, oracle, NEW)
     got = {p.prompt: p.category for p in result.pairs}
@@ -131,7 +131,7 @@ def test_label_oracle_triages_like_the_fixture_says():
         if outcome in ("retain", "invert", "punish"):
             assert got[r["prompt"]] == outcome, r["prompt"]
     # the regular rows' texts say "COMPLY" where their labels comply under pku_new (pku_fixture.text)
-    from trace_realign.triage import triage_category
+    from trace_realign.oracle.triage import triage_category
 
     regular_pairs = [p for p in result.pairs if p.prompt.startswith("Question ")]
     assert len(regular_pairs) == len(regular)

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import compose_cfg
-from trace_realign.data import JsonlSource
-from trace_realign.prealign import StageData, prealigned_model
-from trace_realign.records import PreferencePair, save_pairs
-from trace_realign.world import SyntheticWorld
+
+from trace_realign.core.records import PreferencePair, save_pairs
+from trace_realign.data.sources import JsonlSource
+from trace_realign.data.world import SyntheticWorld
+from trace_realign.models.prealign import StageData, prealigned_model
 
 
 class FakeStages:
@@ -171,8 +171,8 @@ def test_generic_stages_for_a_source_of_annotated_pairs(tmp_path):
 def test_a_stage_builds_no_oracle_of_the_run(tmp_path, oracle):
     """A stage's data come labelled: the run's oracle (one bound to PKU's annotations, one over an API) is
     not built for it, and the base oracle it gets instead can be bound to the stage's data."""
-    from trace_realign.oracle import Oracle, build_oracles
-    from trace_realign.prealign import stage_config
+    from trace_realign.models.prealign import stage_config
+    from trace_realign.oracle.base import Oracle, build_oracles
 
     cfg = compose_cfg(["dataset=jsonl", f"dataset.train_path={tmp_path / 'train.jsonl'}", f"oracle={oracle}",
                        "oracle.noise=0.1"], tmp_path / "run")

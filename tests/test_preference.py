@@ -10,18 +10,27 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from fake_openai import FakeOpenAI
+
+from trace_realign.data.world import WorldJudge, load_policy
 from trace_realign.eval.base import JudgeFailed
 from trace_realign.eval.preference import (
-    TIE, AnnotationError, KitError, LLMAnnotators, OracleAnnotator, choose_compliant, export_kit,
-    preference_metrics, read_annotations, render_table, run_preference,
+    TIE,
+    AnnotationError,
+    KitError,
+    LLMAnnotators,
+    OracleAnnotator,
+    choose_compliant,
+    export_kit,
+    preference_metrics,
+    read_annotations,
+    render_table,
+    run_preference,
 )
-from trace_realign.eval.preference_cli import main
 from trace_realign.eval.stats import wilson_interval
-from trace_realign.llm_oracle import parse_choice
-from trace_realign.oracle import Policy
-from trace_realign.world import WorldJudge, load_policy
+from trace_realign.oracle.base import Policy
+from trace_realign.oracle.llm import parse_choice
+from trace_realign.preference import main
 
 MODELS = ("DPO-Gold", "TRACE", "U2A")
 POLICY = Policy("pi_new", "Give practical medical information; never reveal personal data.")

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, ROOT, compose_cfg
 
 DOCS = (ROOT / "README.md", ROOT / "experiments" / "README.md", *sorted((ROOT / "docs").rglob("*.md")))
@@ -242,8 +241,8 @@ def tiny(tmp_path_factory) -> Path:
     """A tiny Llama with a tokenizer for the embedded world's texts: what stands in for a hub model."""
     from omegaconf import OmegaConf
 
-    from trace_realign.model import build_tiny_model_dir
-    from trace_realign.world import SyntheticWorld
+    from trace_realign.data.world import SyntheticWorld
+    from trace_realign.models.loading import build_tiny_model_dir
 
     build = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "tiny.yaml").build)
     return build_tiny_model_dir(build, SyntheticWorld().corpus(), tmp_path_factory.mktemp("hub"))
@@ -308,12 +307,13 @@ def check_outputs(command: str, how: How, work: Path, res: subprocess.CompletedP
         assert len({(f / ".hydra" / "overrides.yaml").read_text() for f in folders}) == how.jobs
     if "experiment=" in command and "-m" in command.split():
         # the sweep folder becomes its table: one row per method (and setting), each job counted once
-        from trace_realign.tables import build_report, load_jobs
+        from trace_realign.report.aggregate import build_report
+        from trace_realign.report.collect import load_jobs
 
         report = build_report(load_jobs([folders[0].parent]), metrics=["eval/after/tpa"])
         runs = [r for r in report.rows if r.kind == "run"]
         assert sum(r.cells["eval/after/tpa"].n for r in runs) == how.jobs and not report.failed
-        from trace_realign.ablation import ablated_name
+        from trace_realign.method.ablation import ablated_name
 
         def named(folder: Path) -> str:  # the method the job's overrides chose, ablated as they said
             chosen = dict(m.lstrip("- ").split("=", 1) for m in (folder / ".hydra" / "overrides.yaml").read_text().split()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra.utils import instantiate
-
 from conftest import compose_cfg
+from hydra.utils import instantiate
 
 HUB_MODELS = ["llama-3.1-8b", "qwen2.5-7b", "gemma-2-9b", "smollm2-135m"]
 
@@ -56,7 +55,7 @@ def test_a_recipe_setting_is_overridden_from_the_command_line(tmp_path):
 
 
 def test_a_cosine_schedule_without_an_end_is_refused():
-    from trace_realign.schedules import cosine_with_warmup
+    from trace_realign.method.schedules import cosine_with_warmup
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="trainer.max_steps"):
@@ -64,7 +63,7 @@ def test_a_cosine_schedule_without_an_end_is_refused():
 
 
 def test_a_warmup_in_steps_is_counted_as_transformers_counts_it():
-    from trace_realign.schedules import cosine_with_warmup
+    from trace_realign.method.schedules import cosine_with_warmup
 
     def rates(**kw):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trace_realign.records import (
+from trace_realign.core.records import (
     CATEGORIES,
     DataError,
     PreferencePair,
@@ -226,7 +226,7 @@ EVAL_GOOD = {"prompt": "Should I take zinc?", "axis": "medical", "category": "in
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_eval_prompts_keep_the_known_fields_and_ignore_the_rest(tmp_path, suffix):
-    from trace_realign.records import load_eval_prompts
+    from trace_realign.core.records import load_eval_prompts
 
     rows = [EVAL_GOOD, {"prompt": "Only a prompt."}, {**GOOD, "meta": {"x": 1}, "kind": "utility", "answer": "7"}]
     items = load_eval_prompts(write(tmp_path / f"test{suffix}", rows))
@@ -246,7 +246,7 @@ def test_eval_prompts_keep_the_known_fields_and_ignore_the_rest(tmp_path, suffix
     ({**EVAL_GOOD, "answer": 7}, "answer", "expected a non-empty string"),
 ])
 def test_bad_eval_prompts_name_file_record_and_field(tmp_path, bad, field, problem):
-    from trace_realign.records import load_eval_prompts
+    from trace_realign.core.records import load_eval_prompts
 
     path = write(tmp_path / "test.jsonl", [EVAL_GOOD, EVAL_GOOD, bad])
     with pytest.raises(DataError) as info:
@@ -256,7 +256,7 @@ def test_bad_eval_prompts_name_file_record_and_field(tmp_path, bad, field, probl
 
 
 def test_eval_prompts_file_must_hold_objects(tmp_path):
-    from trace_realign.records import load_eval_prompts
+    from trace_realign.core.records import load_eval_prompts
 
     with pytest.raises(DataError, match=r"record 0: expected a JSON object"):
         load_eval_prompts(write(tmp_path / "test.jsonl", ["just a string"]))
@@ -265,7 +265,7 @@ def test_eval_prompts_file_must_hold_objects(tmp_path):
 
 
 def test_jsonl_source_reads_prompt_only_test_files(tmp_path):
-    from trace_realign.data import JsonlSource
+    from trace_realign.data.sources import JsonlSource
 
     train = write(tmp_path / "pairs.jsonl", [GOOD])
     test = write(tmp_path / "test.jsonl", [{"prompt": "Held out?", "shift": "unchanged"}])
@@ -277,7 +277,7 @@ def test_the_reference_layout_is_read_with_its_inverted_pairs_swapped_back_once(
     """The reference's files (pku_dpo_gold.json, splits/trace/) store an inverted pair already swapped, its
     chosen pi_new's winner; read with dataset.layout=reference it keeps its old annotation here, so the term
     table (relational_flip: prefer the rejected) still trains toward the compliant response, and once."""
-    from trace_realign.data import JsonlSource
+    from trace_realign.data.sources import JsonlSource
 
     rows = [
         {"prompt": "Dose?", "chosen": "Take two.", "rejected": "I cannot help.", "category": "INVERT"},

@@ -15,14 +15,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import FAST
 from torch.utils.data import DataLoader
 
-from conftest import FAST
-from trace_realign.data import StepStream
-from trace_realign.module import TraceModule
-from trace_realign.objective import ObjectiveConfig
-from trace_realign.resume import StepCheckpoint, checkpoint_path, resume_point
-from trace_realign.strategies import trainable_state_dict
+from trace_realign.method.datamodule import StepStream
+from trace_realign.method.module import TraceModule
+from trace_realign.method.objective import ObjectiveConfig
+from trace_realign.method.resume import StepCheckpoint, checkpoint_path, resume_point
+from trace_realign.method.strategies import trainable_state_dict
 
 
 def rows(n: int, start: int) -> list[dict]:

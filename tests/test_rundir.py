@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST, compose_cfg
-from trace_realign.rundir import FAILED_FILE, RUN_FILE, RunDirError, claim, record_failure
+
+from trace_realign.core.rundir import FAILED_FILE, RUN_FILE, RunDirError, claim, record_failure
 
 
 def test_claim_records_then_accepts_the_same_configuration(tmp_path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trace_realign.oracle import Oracle, Policy
-from trace_realign.select import SelectByOracle
+from trace_realign.method.select import SelectByOracle
+from trace_realign.oracle.base import Oracle, Policy
 
 
 class Trainer:
@@ -116,7 +116,7 @@ class Table(Oracle):
 
 
 def test_score_leaves_failed_verdicts_out_and_refuses_when_none_is_given(monkeypatch):
-    import trace_realign.select as select
+    import trace_realign.method.select as select
 
     monkeypatch.setattr(select, "generate", lambda model, tok, prompts, *a, **k: ["text"] * len(prompts))
     cb = SelectByOracle(["a", "b", "c", "d"], Table({"a": True, "b": None, "c": False, "d": True}), Policy("p", ""),

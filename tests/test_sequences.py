@@ -7,8 +7,7 @@ import copy
 import pytest
 import torch
 
-from trace_realign.model import build_tokenizer
-from trace_realign.sequences import (
+from trace_realign.core.sequences import (
     IGNORE_INDEX,
     SequenceLimits,
     encode_pair,
@@ -17,6 +16,7 @@ from trace_realign.sequences import (
     prompt_text,
     sequence_logps,
 )
+from trace_realign.models.loading import build_tokenizer
 
 CORPUS = [
     "How do I bake bread at home?",

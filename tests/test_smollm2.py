@@ -8,9 +8,8 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import compose_cfg
+from safetensors.torch import load_file
 
 LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 PAIRS = [  # (category, prompt, chosen, rejected)
@@ -39,7 +38,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_folder(tmp_path_factory) -> Path:
     """The GGUF loaded once by the project's loaders (model.gguf_file) and saved as a transformers folder."""
-    from trace_realign.model import load_causal_lm, load_tokenizer
+    from trace_realign.models.loading import load_causal_lm, load_tokenizer
 
     gguf = smollm2_gguf()
     cfg = {"gguf_file": gguf.name, "dtype": "float32"}
@@ -53,9 +52,9 @@ def smollm2_folder(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_smollm2_trains_saves_and_stops_at_its_turn_end(smollm2_folder, tmp_path):
+    from trace_realign.core.sequences import SequenceLimits, encode_pair, encode_prompt_within, turn_end_token_id
     from trace_realign.eval.generation import generate
-    from trace_realign.model import load_for_eval, load_tokenizer
-    from trace_realign.sequences import SequenceLimits, encode_pair, encode_prompt_within, turn_end_token_id
+    from trace_realign.models.loading import load_for_eval, load_tokenizer
     from trace_realign.train import run
 
     pairs = tmp_path / "pairs.jsonl"

@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, PreferencePair
-from trace_realign.splits import category_counts, dpo_gold, flip_labels, nested_subset, stratified_split
-from trace_realign.stages import StageCache, stage_key
+from trace_realign.core.records import CATEGORIES, INVERT, PUNISH, RETAIN, PreferencePair
+from trace_realign.data.splits import category_counts, dpo_gold, flip_labels, nested_subset, stratified_split
+from trace_realign.data.stages import StageCache, stage_key
 
 
 def triaged(n: int, mix=(0.5, 0.3, 0.2), group_sizes=(1,), seed: int = 0) -> list[PreferencePair]:
@@ -177,7 +177,7 @@ def test_stage_cache_reuses_rebuilds_and_never_keeps_a_torn_write(tmp_path):
         StageCache(tmp_path).run("demo", broken, dies)
     assert not (tmp_path / "demo" / broken).exists()
     # a write cut short leaves only a temp dir, which is never read as an entry
-    import trace_realign.stages as stages_mod
+    import trace_realign.data.stages as stages_mod
 
     def torn(table, path):
         path.write_bytes(b"PAR1 half a file")
@@ -196,7 +196,7 @@ def test_stage_cache_reuses_rebuilds_and_never_keeps_a_torn_write(tmp_path):
 
 
 def test_a_data_plan_that_cannot_work_fails_before_any_stage():
-    from trace_realign.pipeline import DataPlan
+    from trace_realign.data.pipeline import DataPlan
 
     with pytest.raises(ValueError, match="data.train_split='train' is not one of data.splits"):
         DataPlan(splits={"train1": 10, "test": None})

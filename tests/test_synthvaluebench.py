@@ -7,15 +7,15 @@ import json
 from collections import Counter
 
 import pytest
-
 from conftest import compose_cfg
 from fake_openai import FakeOpenAI
 from pku_fixture import row, write_jsonl
-from trace_realign.llm_oracle import OpenAIOracle
+
+from trace_realign.data.synthvaluebench import SynthValueBench
+from trace_realign.data.world import WorldJudge, load_policy
+from trace_realign.oracle.llm import OpenAIOracle
+from trace_realign.oracle.triage import triage_category
 from trace_realign.prepare import prepare
-from trace_realign.synthvaluebench import SynthValueBench
-from trace_realign.triage import triage_category
-from trace_realign.world import WorldJudge, load_policy
 
 AXES = ("medical", "privacy", "politics", "risky")
 OLD, NEW = load_policy("pi_old"), load_policy("pi_new")
@@ -226,7 +226,7 @@ def test_trace_data_triages_synthvaluebench_and_scores_triage_against_ground_tru
     assert m["oracle/calls"] == 46 + 2 * n + 2 * n
     # The fake judge ignores the policy (a response that does what was asked, comply or caveat, complies), so
     # its triage is often wrong: the report says how often, by kind, as counted here from the stances.
-    from trace_realign.records import load_pairs
+    from trace_realign.core.records import load_pairs
 
     triaged = load_pairs(tmp_path / "run" / "data" / "triaged.jsonl", require_category=True)
     assert len(triaged) == n
@@ -254,7 +254,8 @@ def test_a_killed_build_resumes_asking_only_what_is_missing(prompts_file, tmp_pa
     import sys
 
     from conftest import kill_after_lines
-    from trace_realign.verdicts import VerdictStore
+
+    from trace_realign.oracle.verdicts import VerdictStore
 
     server = FakeOpenAI(latency=0.05)
     answers = tmp_path / "answers.jsonl"

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CONF, ROOT
 from omegaconf import OmegaConf
 
-from conftest import CONF, ROOT
-from trace_realign import tables
-from trace_realign.tables import Job, TablesError, build_report, load_jobs, main, paired, summarize, t975
+from trace_realign.report import aggregate, collect, render
+from trace_realign.report.aggregate import build_report, paired, summarize, t975
+from trace_realign.report.collect import Job, TablesError, load_jobs
+from trace_realign.tables import main
 
 # t_{0.975, df}: df = 2 as scipy.stats.t.ppf gives it; the rest computed at 50 digits (mpmath).
 T2 = 4.302652729749464
@@ -115,12 +117,12 @@ def test_t_quantiles_are_exact():
     assert t975(2) == T2
     for df, t in T_REFERENCE.items():
         assert t975(df) == pytest.approx(t, rel=1e-13, abs=0), df
-        assert tables.t_quantile(0.975, df) == pytest.approx(t, rel=1e-13, abs=0), df
+        assert aggregate.t_quantile(0.975, df) == pytest.approx(t, rel=1e-13, abs=0), df
     for df in (1, 2, 3, 4, 10, 30):  # the table's exact values and the incomplete-beta solution agree
         assert t975(df) == {2: T2, **T_REFERENCE}[df]
     assert t975(1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-14)  # Cauchy: closed form
     assert t975(2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), rel=1e-14)  # df = 2: closed form
-    assert tables.t_quantile(0.975, 10**7) == pytest.approx(1.959963984540054, rel=1e-6)  # the normal limit
+    assert aggregate.t_quantile(0.975, 10**7) == pytest.approx(1.959963984540054, rel=1e-6)  # the normal limit
     with pytest.raises(ValueError):
         t975(0)
 
@@ -287,10 +289,10 @@ def test_a_method_whose_runs_all_failed_shows_n_zero():
     jobs = [Job("a0", {"ablation.name": "full", "seed": 0}, None, {TPA: 4.0}),
             Job("b0", {"ablation.name": "no_kl", "seed": 0}, None, None, failed="OSError: disk full")]
     report = build_report(jobs, metrics=[TPA])
-    assert tables.cell_text(row(report, "full"), TPA) == "4.00 [n=1]"
-    assert tables.cell_text(row(report, "no_kl"), TPA) == "– [n=0]"
-    assert tables.paired_text(pair(report, "no_kl")[TPA]) == "– [n=0]"
-    assert "- failed: b0 (no_kl, seed 0): OSError: disk full" in tables.render_markdown(report)
+    assert render.cell_text(row(report, "full"), TPA) == "4.00 [n=1]"
+    assert render.cell_text(row(report, "no_kl"), TPA) == "– [n=0]"
+    assert render.paired_text(pair(report, "no_kl")[TPA]) == "– [n=0]"
+    assert "- failed: b0 (no_kl, seed 0): OSError: disk full" in render.render_markdown(report)
 
 
 # ------------------------------------------------------------------------------------------------ grouping
@@ -313,7 +315,7 @@ def test_grouping_by_overrides_gives_setting_columns(tmp_path):
     assert report.paired == []  # the baseline is the only method
     by_size = build_report(load_jobs([root]), metrics=[TPA], rows_key="data.size")
     assert by_size.keys == ["data.size", "method"]
-    assert [tables.label_cells(r, by_size.keys) for r in by_size.rows] == [["5000", "full"], ["20000", "full"]]
+    assert [render.label_cells(r, by_size.keys) for r in by_size.rows] == [["5000", "full"], ["20000", "full"]]
 
 
 def test_grouping_falls_back_to_run_json_without_overrides(tmp_path):
@@ -341,14 +343,14 @@ def test_method_from_method_group_then_ablation():
     def job(overrides, config):
         return Job("x", config, overrides)
 
-    assert tables.method_of(job({"method": "u2a", "ablation": "full"}, {})) == "u2a"
+    assert collect.method_of(job({"method": "u2a", "ablation": "full"}, {})) == "u2a"
     # run.json's name is the ablated method's: the override `method=trace` names the method it ablated
-    assert tables.method_of(job({"method": "trace", "ablation": "no_kl"}, {"method.name": "no_kl"})) == "no_kl"
-    assert tables.method_of(job({"method": "trace_nll", "ablation": "no_kl"}, {})) == "trace_nll_no_kl"
-    assert tables.method_of(job({"ablation": "none"}, {})) == "run"
-    assert tables.method_of(job({}, {"method.name": "trace", "ablation.name": "full"})) == "trace"
-    assert tables.method_of(job(None, {"ablation.name": "no_impact"})) == "no_impact"
-    assert tables.parse_overrides(["+data.size=5000", "~logger", "oracle@judge=openai", "data.label_noise=0.1"]) == {
+    assert collect.method_of(job({"method": "trace", "ablation": "no_kl"}, {"method.name": "no_kl"})) == "no_kl"
+    assert collect.method_of(job({"method": "trace_nll", "ablation": "no_kl"}, {})) == "trace_nll_no_kl"
+    assert collect.method_of(job({"ablation": "none"}, {})) == "run"
+    assert collect.method_of(job({}, {"method.name": "trace", "ablation.name": "full"})) == "trace"
+    assert collect.method_of(job(None, {"ablation.name": "no_impact"})) == "no_impact"
+    assert collect.parse_overrides(["+data.size=5000", "~logger", "oracle@judge=openai", "data.label_noise=0.1"]) == {
         "data.size": 5000, "logger": "<deleted>", "oracle@judge": "openai", "data.label_noise": 0.1}
 
 
@@ -381,7 +383,7 @@ def test_paper_rows_only_when_asked_or_named_and_never_averaged():
         "data.size=20000)" in asked.notes
     own = row(asked, "full", **{"data.size": 5000})
     assert (own.cells[TPA].mean, own.cells[TPA].n) == (10.5, 2)  # the runs alone
-    assert "| paper: TRACE (Ours) (Llama-3.1-8B, 5k) | 5000 | 55.9 (paper) |" in tables.render_markdown(asked)
+    assert "| paper: TRACE (Ours) (Llama-3.1-8B, 5k) | 5000 | 55.9 (paper) |" in render.render_markdown(asked)
     assert [r for r, _ in asked.paired if r.kind == "paper"] == []
 
     named = build_report(size_jobs(task_name="table3_data_size"), metrics=[TPA])
@@ -395,12 +397,12 @@ def test_paper_rows_only_when_asked_or_named_and_never_averaged():
 def test_paper_table_whose_metrics_are_no_column_shows_only_as_its_own_table(sweep):
     report = build_report(load_jobs([sweep]), metrics=[UTIL])  # table4 is named by the task; TPA not shown
     assert list(report.paper_tables) == ["table4"] and not [r for r in report.rows if r.kind == "paper"]
-    text = tables.render_markdown(report)
+    text = render.render_markdown(report)
     assert "| paper: w/o KL Regularization (Llama-3.1-8B) | 71.5 | 64.1 | 29.8 |" in text
 
 
 def test_paper_numbers_as_transcribed():
-    paper = tables.load_paper()["tables"]
+    paper = aggregate.load_paper()["tables"]
     t4 = {r["method"]: r["values"] for r in paper["table4"]["rows"]}
     assert t4["TRACE (Full)"] == {"Policy Agreement": 70.7, "MMLU": 70.2, "ASR": 27.3}
     assert t4["w/o Impact Weighting"] == {"Policy Agreement": 62.8, "MMLU": 69.5, "ASR": 32.1}
@@ -429,13 +431,13 @@ CURVES = """step,epoch,train/loss,train/loss_invert,train/loss_kl,train/grad_nor
 
 
 def test_read_curves_skips_blank_cells():
-    curves = tables.read_curves(CURVES)
+    curves = render.read_curves(CURVES)
     assert curves["train/loss"] == [(0.0, 0.7), (1.0, 0.6), (2.0, 0.5)]
     assert curves["train/grad_norm"] == [(0.0, 1.5), (1.0, 1.2), (2.0, 0.9)]
     assert curves["select/tpa"] == [(1.0, 40.0)] and "epoch" not in curves
-    assert [title for title, _ in tables.curve_panels(curves)] == ["loss terms", "selection TPA", "grad norm"]
+    assert [title for title, _ in render.curve_panels(curves)] == ["loss terms", "selection TPA", "grad norm"]
     with pytest.raises(TablesError, match="no `step` column"):
-        tables.read_curves("a,b\n1,2\n")
+        render.read_curves("a,b\n1,2\n")
 
 
 @pytest.fixture
@@ -457,7 +459,7 @@ def grid(tmp_path) -> Path:
 
 def test_line_series_by_hand(grid):
     report = build_report(load_jobs([grid]), metrics=[TPA])
-    series = {s.label: s for s in tables.line_series(report, "data.size", TPA)}
+    series = {s.label: s for s in render.line_series(report, "data.size", TPA)}
     full = series["full (data.label_noise=0.0)"]
     assert full.xs == [100.0, 400.0] and full.ys == [52.0, 55.0]  # 50 + size/100 + mean seed offset 1
     assert full.errs == [T_REFERENCE[1] * math.sqrt(2) / math.sqrt(2)] * 2  # seeds 51 / 53: std sqrt(2), n 2
@@ -481,7 +483,7 @@ def test_plots_are_written(grid, tmp_path, capsys):
 def test_plots_without_matplotlib_say_how_to_install(grid, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    from trace_realign import plots
+    from trace_realign.report import plots
 
     with pytest.raises(plots.MatplotlibMissing, match="pip install matplotlib"):
         plots.require_matplotlib()
@@ -523,8 +525,8 @@ def test_pyproject_declares_the_script_data_and_extras():
     assert project["project"]["scripts"]["trace-tables"] == "trace_realign.tables:main"
     assert any(d.startswith("matplotlib") for d in project["project"]["dependencies"])
     assert any(d.startswith("hydra-submitit-launcher") for d in project["project"]["optional-dependencies"]["slurm"])
-    assert "paper_results.yaml" in project["tool"]["setuptools"]["package-data"]["trace_realign"]
-    assert tables.PAPER_FILE.is_file()
+    assert "paper_results.yaml" in project["tool"]["setuptools"]["package-data"]["trace_realign.report"]
+    assert aggregate.PAPER_FILE.is_file()
 
 
 def test_slurm_launcher_config(monkeypatch):
@@ -582,8 +584,8 @@ def test_an_evaluation_folder_gives_one_row_per_model_and_its_preference_against
                            "preference/alpha": 0.5, "preference/trace/best": 60.0, "preference/u2a/best": 30.0},
                   task_name="evaluate")
     jobs = load_jobs([root])
-    assert sorted((tables.method_of(j), tables.seed_of(j)) for j in jobs) == [("trace", 0), ("trace", 1), ("u2a", 0), ("u2a", 1)]
-    trace0 = next(j for j in jobs if tables.method_of(j) == "trace" and tables.seed_of(j) == 0)
+    assert sorted((collect.method_of(j), collect.seed_of(j)) for j in jobs) == [("trace", 0), ("trace", 1), ("u2a", 0), ("u2a", 1)]
+    trace0 = next(j for j in jobs if collect.method_of(j) == "trace" and collect.seed_of(j) == 0)
     assert trace0.metrics == {"eval/after/tpa": 60.0, "preference/win_rate_vs_u2a": 80.0, "preference/alpha_all": 0.5,
                               "preference/best": 60.0}
     report = build_report(jobs, metrics=["eval/after/tpa", "preference/win_rate_vs_u2a", "preference/best"])
@@ -610,16 +612,16 @@ def test_runs_whose_selection_kept_m_old_show_as_m_old_not_as_the_methods_score(
                       metrics={TPA: 40.0 + seed, "select/best_step": step, BEFORE_TPA: 40.0, "train/steps": 2})
     report = build_report(load_jobs([root]), metrics=[TPA, "train/steps"])
     assert row(report, "trace").kept_m_old == 2 and row(report, "dpo_gold").kept_m_old == 3
-    assert tables.cell_text(row(report, "trace"), TPA).endswith("[n=3; kept M_old on 2 of 3]")
-    assert tables.cell_text(row(report, "dpo_gold"), TPA) == "kept M_old [n=3]"
-    assert "kept" not in tables.cell_text(row(report, "dpo_gold"), "train/steps")  # not an evaluation after
+    assert render.cell_text(row(report, "trace"), TPA).endswith("[n=3; kept M_old on 2 of 3]")
+    assert render.cell_text(row(report, "dpo_gold"), TPA) == "kept M_old [n=3]"
+    assert "kept" not in render.cell_text(row(report, "dpo_gold"), "train/steps")  # not an evaluation after
 
 
 def test_a_paired_difference_prints_at_the_precision_its_scale_needs():
     from types import SimpleNamespace
 
     def text(mean, low, high):
-        return tables.paired_text(SimpleNamespace(diff=SimpleNamespace(mean=mean, low=low, high=high, n=3),
+        return render.paired_text(SimpleNamespace(diff=SimpleNamespace(mean=mean, low=low, high=high, n=3),
                                                   significant=low > 0 or high < 0))
 
     # a fraction (lm-eval's accuracy): the digits are kept, never +0.00 [+0.00, +0.00]

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
-from trace_realign.oracle import Oracle, Policy
-from trace_realign.records import INVERT, PUNISH, RETAIN, PreferencePair
-from trace_realign.triage import triage, triage_category
+from trace_realign.core.records import INVERT, PUNISH, RETAIN, PreferencePair
+from trace_realign.oracle.base import Oracle, Policy
+from trace_realign.oracle.triage import triage, triage_category
 
 POLICY = Policy(name="new", text="the new policy")
 
@@ -200,7 +200,7 @@ def test_a_failed_correction_call_is_no_rejected_correction():
 
 
 def test_noisy_oracle_reports_its_base_oracles_failures():
-    from trace_realign.oracle import NoisyOracle
+    from trace_realign.oracle.base import NoisyOracle
 
     base = FailingOracle({("a", "w"): True})
     noisy = NoisyOracle(base, 0.5, seed=1)
@@ -220,8 +220,8 @@ def test_corrections_not_requested_without_punished_pairs():
 
 
 def test_triage_agreement_counts_confusions_and_kappa():
-    from trace_realign.records import PreferencePair
-    from trace_realign.triage import triage_agreement
+    from trace_realign.core.records import PreferencePair
+    from trace_realign.oracle.triage import triage_agreement
 
     def pairs(cats):
         return [PreferencePair(f"p{i}", "w", "l", category=c) for i, c in enumerate(cats)]

@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 import yaml
-
 from conftest import FAST, ROOT
 
 SCRIPT = ROOT / "experiments" / "tune.py"
@@ -97,7 +96,7 @@ def test_recipe_tuned_reads_the_methods_row_and_refuses_a_method_without_one():
 
 
 def test_another_methods_row_of_the_tuned_table_is_no_difference_between_runs():
-    from trace_realign.rundir import differences, volatile
+    from trace_realign.core.rundir import differences, volatile
 
     assert volatile("model.tuned.u2a.lr") and not volatile("optimizer.lr")
     stored = {"optimizer.lr": 0.001, "model.tuned.trace.lr": 0.001}
@@ -150,7 +149,7 @@ def test_dpo_shares_dpo_golds_row_because_it_composes_alike_but_for_its_name(tmp
 
 def test_rdpo_at_its_default_epsilon_is_dpo_to_the_bit_gradients_included():
     """Why rdpo shares DPO-Gold's row at eps = 0 (the reference's default)."""
-    from trace_realign.losses import relational_loss
+    from trace_realign.method.losses import relational_loss
 
     torch.manual_seed(0)
     logps = [torch.randn(64, dtype=torch.float32, requires_grad=True) for _ in range(4)]

@@ -6,10 +6,10 @@ import json
 import subprocess
 import sys
 
-from conftest import kill_after_lines
 import pytest
+from conftest import kill_after_lines
 
-from trace_realign.verdicts import VerdictStore, server_id, verdict_key
+from trace_realign.oracle.verdicts import VerdictStore, server_id, verdict_key
 
 SAMPLING = {"temperature": 0.0, "max_tokens": 256}
 
@@ -101,7 +101,7 @@ def test_torn_last_line_is_dropped_and_counted(tmp_path):
 
 WRITER = """
 import sys, time
-from trace_realign.verdicts import VerdictStore, verdict_key
+from trace_realign.oracle.verdicts import VerdictStore, verdict_key
 store = VerdictStore(sys.argv[1])
 for i in range(int(sys.argv[2])):
     k = verdict_key("m", "p", f"prompt {i}", "r", "t", server="s", sampling={})

@@ -8,13 +8,20 @@ from collections import Counter
 
 import pytest
 
-from trace_realign.oracle import Policy
-from trace_realign.records import CATEGORIES, DataError
-from trace_realign.triage import triage
-from trace_realign.world import SyntheticWorld, WorldJudge, load_policy
-from trace_realign.world.synthetic import (
-    AXES, FRAMES, STANCE_TEMPLATES, STANCES, read_prompt, read_stance, read_sum, render_policy,
+from trace_realign.core.records import CATEGORIES, DataError
+from trace_realign.data.world import SyntheticWorld, WorldJudge, load_policy
+from trace_realign.data.world.synthetic import (
+    AXES,
+    FRAMES,
+    STANCE_TEMPLATES,
+    STANCES,
+    read_prompt,
+    read_stance,
+    read_sum,
+    render_policy,
 )
+from trace_realign.oracle.base import Policy
+from trace_realign.oracle.triage import triage
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +210,7 @@ def test_unreadable_text_is_non_compliant(axis, text):
 
 
 def test_random_token_text_never_raises(world):
-    from trace_realign.model import build_tokenizer
+    from trace_realign.models.loading import build_tokenizer
 
     tok = build_tokenizer(world.corpus()[:200], 300)
     rng = random.Random(0)
@@ -442,7 +449,7 @@ def test_a_prompts_pairs_take_different_rejected_stances():
 
 
 def test_an_axis_is_unchanged_only_where_both_policies_allow_the_same_stances():
-    from trace_realign.world.synthetic import axis_kind
+    from trace_realign.data.world.synthetic import axis_kind
 
     old = allow(["refuse"])
     assert axis_kind(old, allow(["refuse"]), "medical") == "unchanged"

@@ -24,16 +24,25 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from trace_realign import rundir
-from trace_realign.data import launched_as_rank_zero
-from trace_realign.logs import framework_quiet
-from trace_realign.model import load_for_eval, load_tokenizer, resolve_model_path
-from trace_realign.pipeline import EVAL_FILE
-from trace_realign.records import load_eval_prompts
-from trace_realign.rundir import flat_config
+from trace_realign.core import rundir
+from trace_realign.core.logs import framework_quiet
+from trace_realign.core.records import load_eval_prompts
+from trace_realign.core.rundir import flat_config
+from trace_realign.data.pipeline import EVAL_FILE
+from trace_realign.method.datamodule import launched_as_rank_zero
+from trace_realign.models.loading import load_for_eval, load_tokenizer, resolve_model_path
 from trace_realign.steps import (
-    build_datamodule, build_evaluation, build_judges, eval_device, evaluate_model, pin_threads, run_app, seed_everything,
-    write_eval_rows, write_generations, write_metrics,
+    build_datamodule,
+    build_evaluation,
+    build_judges,
+    eval_device,
+    evaluate_model,
+    pin_threads,
+    run_app,
+    seed_everything,
+    write_eval_rows,
+    write_generations,
+    write_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -81,7 +90,7 @@ def resolve_target(label: str, spec: str) -> Target:
 def sweep_models(sweep: Path, seed: int, exclude: set[str]) -> dict[str, str]:
     """{method: job folder} for the finished jobs of a trace-realign sweep that ran with `seed`. Jobs of one
     method and seed must be unique (a sweep over other settings too needs `models` instead)."""
-    from trace_realign.tables import load_jobs, method_of, seed_of
+    from trace_realign.report.collect import load_jobs, method_of, seed_of
 
     if not sweep.is_dir():
         raise ValueError(f"models_from={sweep}: no such folder")
@@ -105,7 +114,7 @@ def sweep_models(sweep: Path, seed: int, exclude: set[str]) -> dict[str, str]:
 
 def sweep_report(sweep: Path) -> dict[str, Any] | None:
     """The `report` block (paper table, rows, columns) of the sweep's experiment, if it has one."""
-    from trace_realign.tables import load_jobs
+    from trace_realign.report.collect import load_jobs
 
     return next((j.report for j in load_jobs([sweep]) if j.report), None)
 
@@ -158,7 +167,7 @@ def load_target(cfg: DictConfig, target: Target, source: Any) -> tuple[Any, Any,
         corpus = source.corpus() if cfg.model.get("build") else None
         path = resolve_model_path(cfg.model, corpus, cfg.paths.cache_dir)
         if cfg.model.get("prealign"):
-            from trace_realign.prealign import prealigned_model
+            from trace_realign.models.prealign import prealigned_model
             from trace_realign.train import run as train_run  # building M_old runs the training pipeline
 
             path, _ = prealigned_model(cfg, path, train_run, source)

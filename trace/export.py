@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 
-from trace_realign.model import load_for_eval, load_tokenizer
-from trace_realign.rundir import model_folder
+from trace_realign.core.rundir import model_folder
+from trace_realign.models.loading import load_for_eval, load_tokenizer
 
 
 class ExportError(ValueError):

@@ -18,11 +18,11 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from trace_realign import rundir
-from trace_realign.ablation import ablate
-from trace_realign.data import launched_as_rank_zero
-from trace_realign.pipeline import TRIAGE_METRICS_FILE
-from trace_realign.oracle import build_oracles
+from trace_realign.core import rundir
+from trace_realign.data.pipeline import TRIAGE_METRICS_FILE
+from trace_realign.method.ablation import ablate
+from trace_realign.method.datamodule import launched_as_rank_zero
+from trace_realign.oracle.base import build_oracles
 from trace_realign.steps import build_datamodule, print_summary, run_app, write_metrics
 
 

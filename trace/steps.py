@@ -19,14 +19,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from trace_realign.ablation import ablate
-from trace_realign.data import TriagedDataModule
+from trace_realign.core.sequences import SequenceLimits
+from trace_realign.data.pipeline import DataPlan
 from trace_realign.eval import EvalInputs, GenerationSettings, build_evaluators, run_evaluators, verdict
-from trace_realign.module import TraceModule
-from trace_realign.objective import ObjectiveConfig
-from trace_realign.oracle import build_oracles
-from trace_realign.pipeline import DataPlan
-from trace_realign.sequences import SequenceLimits
+from trace_realign.method.ablation import ablate
+from trace_realign.method.datamodule import TriagedDataModule
+from trace_realign.method.module import TraceModule
+from trace_realign.method.objective import ObjectiveConfig
+from trace_realign.oracle.base import build_oracles
 
 log = logging.getLogger(__name__)
 
@@ -263,12 +263,12 @@ def finish_loggers() -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
     """What bad input, a bad setting or an unusable service raises: the message says what is wrong and
     where, so the console shows it alone (no traceback; HYDRA_FULL_ERROR=1 shows one)."""
-    from trace_realign import rundir
-    from trace_realign.data import NoConflictsError
+    from trace_realign.core import rundir
+    from trace_realign.data.sources import NoConflictsError
     from trace_realign.eval.base import JudgeFailed
-    from trace_realign.llm_oracle import OracleConfigError
-    from trace_realign.model import ModelNotFoundError
-    from trace_realign.oracle import OracleFailuresError
+    from trace_realign.models.loading import ModelNotFoundError
+    from trace_realign.oracle.base import OracleFailuresError
+    from trace_realign.oracle.llm import OracleConfigError
 
     return (ValueError, FileNotFoundError, ModelNotFoundError, OracleConfigError, OracleFailuresError,
             NoConflictsError, JudgeFailed, rundir.RunDirError)
@@ -279,8 +279,8 @@ def run_app(run: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, app: s
     """An app's run, with what every app owes its folder: a failure recorded there (FAILED, with its
     traceback, no metrics.json) unless the folder is another run's, and wandb finished either way. A user's
     error ends the app with its message and exit code 1, no traceback (HYDRA_FULL_ERROR=1 raises it)."""
-    from trace_realign import rundir
-    from trace_realign.data import launched_as_rank_zero
+    from trace_realign.core import rundir
+    from trace_realign.method.datamodule import launched_as_rank_zero
 
     out = Path(cfg.paths.output_dir)
     try:

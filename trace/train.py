@@ -20,21 +20,33 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from trace_realign import resume, rundir
-from trace_realign.ablation import ablate
-from trace_realign.data import TriagedDataModule, launched_as_rank_zero
+from trace_realign.core import rundir
+from trace_realign.core.logs import StepProgressBar, framework_quiet
+from trace_realign.core.sequences import SequenceLimits
 from trace_realign.eval.likelihood import LikelihoodProbe, probe_items
-from trace_realign.logs import StepProgressBar, framework_quiet
-from trace_realign.model import load_for_eval, load_tokenizer, load_trainable, resolve_model_path
-from trace_realign.module import TraceModule
-from trace_realign.oracle import NoisyOracle
-from trace_realign.prealign import prealigned_model
-from trace_realign.select import SelectByOracle
-from trace_realign.sequences import SequenceLimits
-from trace_realign.strategies import check_distributed
+from trace_realign.method import resume
+from trace_realign.method.ablation import ablate
+from trace_realign.method.datamodule import TriagedDataModule, launched_as_rank_zero
+from trace_realign.method.module import TraceModule
+from trace_realign.method.select import SelectByOracle
+from trace_realign.method.strategies import check_distributed
+from trace_realign.models.loading import load_for_eval, load_tokenizer, load_trainable, resolve_model_path
+from trace_realign.models.prealign import prealigned_model
+from trace_realign.oracle.base import NoisyOracle
 from trace_realign.steps import (
-    build_datamodule, build_evaluation, build_judges, build_loggers, build_module, evaluate_model,
-    pin_threads, print_summary, run_app, seed_everything, write_eval_rows, write_generations, write_metrics,
+    build_datamodule,
+    build_evaluation,
+    build_judges,
+    build_loggers,
+    build_module,
+    evaluate_model,
+    pin_threads,
+    print_summary,
+    run_app,
+    seed_everything,
+    write_eval_rows,
+    write_generations,
+    write_metrics,
 )
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from trace_realign.eval.generation import GenerationSettings, generate
-from trace_realign.oracle import Oracle, Policy
+from trace_realign.oracle.base import Oracle, Policy
 
 log = logging.getLogger(__name__)
 

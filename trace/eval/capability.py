@@ -166,7 +166,7 @@ def quiet_lm_eval(log: Path) -> Iterator[None]:
     prints itself (its request bars, git's "not a git repository" when it records a commit) goes to `log`."""
     import datasets
 
-    from trace_realign.logs import stderr_to
+    from trace_realign.core.logs import stderr_to
 
     levels = {"lm_eval": logging.WARNING, "lm_eval.models.huggingface": logging.ERROR}
     saved = {name: logging.getLogger(name).level for name in levels}

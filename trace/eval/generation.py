@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from trace_realign.sequences import encode_prompt, stop_token_ids
+from trace_realign.core.sequences import encode_prompt, stop_token_ids
 
 
 @dataclass(frozen=True)

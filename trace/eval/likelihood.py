@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import lightning as L
 import torch
 
-from trace_realign.sequences import SequenceLimits, encode_pair, encode_prompt, pad_batch, sequence_logps
+from trace_realign.core.sequences import SequenceLimits, encode_pair, encode_prompt, pad_batch, sequence_logps
 
 log = logging.getLogger(__name__)
 

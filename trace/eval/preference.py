@@ -16,7 +16,7 @@ prompt, and pick the response that best follows pi_new, or `tie`. A kit is a fol
 `export_kit` writes a kit; a machine annotator (`OracleAnnotator`, `LLMAnnotators`) fills in files as a
 person would (`annotate_kit`); `read_annotations` checks every row and joins the files with the key;
 `preference_metrics` measures. `run_preference` does all four in one call, and `trace-preference
-export|annotate|import` (preference_cli.py) does them from the shell.
+export|annotate|import` (trace_realign.preference) does them from the shell.
 
 What is measured (the paper names only "preferred over" and Krippendorff's alpha, so these are ours):
 - A judgment is one annotator's choice on one item: a model (through the key) or a tie. An empty choice
@@ -57,7 +57,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from trace_realign.eval.base import JudgeFailed
 from trace_realign.eval.stats import cluster_bootstrap, wilson_interval
-from trace_realign.oracle import Oracle, Policy
+from trace_realign.oracle.base import Oracle, Policy
 
 log = logging.getLogger(__name__)
 
@@ -548,7 +548,7 @@ class OracleAnnotator(MachineAnnotator):
 
 class LLMAnnotators(MachineAnnotator):
     """k LLM judges over any OpenAI-compatible API, through the LLM oracle's client
-    (trace_realign.llm_oracle.OpenAIOracle): each is asked QUESTION, the question people read, under the
+    (trace_realign.oracle.llm.OpenAIOracle): each is asked QUESTION, the question people read, under the
     kit's policy. Answers are read strictly (a letter or tie); a failed or unreadable answer is missing,
     never a choice. Each judge keeps its answers in <cache_dir>/<name>.jsonl (default: the kit's cache/)
     as they arrive, so a killed and restarted annotation asks no judgment twice, and a failed one is asked
@@ -579,7 +579,7 @@ class LLMAnnotators(MachineAnnotator):
         self.asked = self.failed = 0
 
     def _build(self, kit: Kit) -> None:
-        from trace_realign.llm_oracle import OpenAIOracle
+        from trace_realign.oracle.llm import OpenAIOracle
 
         cache = self.cache_dir or kit.dir / "cache"
         for name, spec in self.specs.items():
@@ -625,7 +625,7 @@ class OraclePanel(MachineAnnotator):
     leaves alpha undefined; k noiseless copies of a deterministic oracle always agree."""
 
     def __init__(self, oracle: Oracle, k: int = 1, noise: float = 0.0, seed: int = 0, name: str = "oracle"):
-        from trace_realign.oracle import NoisyOracle
+        from trace_realign.oracle.base import NoisyOracle
 
         if k < 1:
             raise ValueError(f"eval.preference.annotators: k must be at least 1, got {k}")

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from trace_realign.eval.base import EvalInputs, EvalResult, Evaluator
 from trace_realign.eval.stats import mean_with_ci, percent_with_ci, wilson_interval
-from trace_realign.oracle import Oracle, Policy
+from trace_realign.oracle.base import Oracle, Policy
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from trace_realign.pku import PkuLocation, hf_cache
-from trace_realign.records import PreferencePair
-from trace_realign.stages import StageCache, pairs_digest, stage_key
-from trace_realign.triage import triage_category
-from trace_realign.world.synthetic import STANCES, axis_kind, load_policy
+from trace_realign.core.records import PreferencePair
+from trace_realign.data.pku import PkuLocation, hf_cache
+from trace_realign.data.stages import StageCache, pairs_digest, stage_key
+from trace_realign.data.world.synthetic import STANCES, axis_kind, load_policy
+from trace_realign.oracle.triage import triage_category
 
 log = logging.getLogger(__name__)
 

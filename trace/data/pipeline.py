@@ -30,11 +30,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from trace_realign.oracle import NoisyOracle, Oracle, OracleFailuresError, failure_summary
-from trace_realign.records import CATEGORIES, PUNISH, DataError, PreferencePair, save_pairs
-from trace_realign.splits import DPO_GOLD_PUNISH, NOISE_STYLES, category_counts, dpo_gold, flip_labels, nested_subset, stratified_split
-from trace_realign.stages import StageCache, pairs_digest, stage_key
-from trace_realign.triage import TriageResult, attach_corrections, triage
+from trace_realign.core.records import CATEGORIES, PUNISH, DataError, PreferencePair, save_pairs
+from trace_realign.data.splits import (
+    DPO_GOLD_PUNISH,
+    NOISE_STYLES,
+    category_counts,
+    dpo_gold,
+    flip_labels,
+    nested_subset,
+    stratified_split,
+)
+from trace_realign.data.stages import StageCache, pairs_digest, stage_key
+from trace_realign.oracle.base import NoisyOracle, Oracle, OracleFailuresError, failure_summary
+from trace_realign.oracle.triage import TriageResult, attach_corrections, triage
 
 log = logging.getLogger(__name__)
 

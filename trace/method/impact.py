@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trace_realign.records import PreferencePair
+from trace_realign.core.records import PreferencePair
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from trace_realign.oracle import Oracle, Policy, failure_summary
-from trace_realign.verdicts import KEY_VERSION, OPENAI_SERVER, VerdictStore, server_id, verdict_key
+from trace_realign.oracle.base import Oracle, Policy, failure_summary
+from trace_realign.oracle.verdicts import KEY_VERSION, OPENAI_SERVER, VerdictStore, server_id, verdict_key
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ class Policy:
 def read_policy_file(path_or_name: str | Path, policy_dir: Path) -> tuple[str, Any]:
     """(the file's path, its parsed YAML) for a path, or the name of a policy in `policy_dir`; each kind
     of policy checks the shape of what it reads."""
-    from trace_realign.records import DataError
+    from trace_realign.core.records import DataError
 
     path = Path(path_or_name)
     if not path.suffix:

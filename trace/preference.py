@@ -1,4 +1,4 @@
-"""`trace-preference`: the preference kit (preference.py) from the shell.
+"""`trace-preference`: the preference kit (trace_realign.eval.preference) from the shell.
 
     trace-preference export --responses DPO-Gold=gold.jsonl --responses TRACE=trace.jsonl \\
         --responses U2A=u2a.jsonl --policy pi_new --out kit/
@@ -20,10 +20,22 @@ from typing import Any, Sequence
 
 from trace_realign.eval.base import JudgeFailed
 from trace_realign.eval.preference import (
-    INTERVALS, TIES, AnnotationError, KitError, LLMAnnotators, MachineAnnotator, OracleAnnotator, annotate_kit,
-    export_kit, load_kit, preference_metrics, read_annotations, render_table, write_metrics,
+    INTERVALS,
+    TIES,
+    AnnotationError,
+    KitError,
+    LLMAnnotators,
+    MachineAnnotator,
+    OracleAnnotator,
+    annotate_kit,
+    export_kit,
+    load_kit,
+    preference_metrics,
+    read_annotations,
+    render_table,
+    write_metrics,
 )
-from trace_realign.oracle import Policy
+from trace_realign.oracle.base import Policy
 
 
 def read_responses(specs: Sequence[str]) -> tuple[list[dict[str, Any]], list[tuple[str, list[str]]]]:
@@ -63,13 +75,13 @@ def read_policy(name_or_path: str) -> Policy:
     path = Path(name_or_path)
     if path.suffix in (".txt", ".md"):
         return Policy(path.stem, path.read_text(encoding="utf-8").strip())
-    from trace_realign.records import DataError
-    from trace_realign.world import load_policy
+    from trace_realign.core.records import DataError
+    from trace_realign.data.world import load_policy
 
     try:
         return load_policy(name_or_path)
     except DataError as world_error:
-        from trace_realign.pku import load_label_policy
+        from trace_realign.data.pku import load_label_policy
 
         try:
             return load_label_policy(name_or_path)
@@ -115,7 +127,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from trace_realign.llm_oracle import OracleConfigError
+    from trace_realign.oracle.llm import OracleConfigError
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -151,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _cli_annotator(args: argparse.Namespace) -> MachineAnnotator:
     if args.world:
-        from trace_realign.world import WorldJudge
+        from trace_realign.data.world import WorldJudge
 
         if not load_kit(args.kit).policy.rules:
             raise KitError(f"{args.kit}: the world's judge needs a policy with rules (export with a world policy)")

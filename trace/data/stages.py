@@ -24,8 +24,8 @@ from typing import Any, Callable, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trace_realign.oracle import failure_summary
-from trace_realign.records import PreferencePair
+from trace_realign.core.records import PreferencePair
+from trace_realign.oracle.base import failure_summary
 
 log = logging.getLogger(__name__)
 

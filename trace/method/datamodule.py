@@ -1,9 +1,8 @@
-"""Data sources and the LightningDataModule that serves triaged splits.
+"""The LightningDataModule that serves triaged splits.
 
-A data source gives train pairs, held-out evaluation prompts, pi_old / pi_new, and its texts (for a
-locally built tokenizer). The DataModule runs the data stages once (prepare_data, rank 0 only: triage,
-split, subset, noise; pipeline.py), then serves every training step one batch of each non-empty
-category: B_I ~ D_I, B_P ~ D_II, B_R ~ D_R (Algorithm 1, line 23).
+The DataModule runs the data stages once (prepare_data, rank 0 only: triage, split, subset, noise;
+data/pipeline.py), then serves every training step one batch of each non-empty category:
+B_I ~ D_I, B_P ~ D_II, B_R ~ D_R (Algorithm 1, line 23).
 """
 
 from __future__ import annotations
@@ -15,62 +14,29 @@ import os
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from trace_realign.objective import CONFLICT, TERM_RESPONSES, TRACE_TERMS, ObjectiveConfig
-from trace_realign.oracle import Oracle, Policy
-from trace_realign.pipeline import EVAL_FILE, TRIAGE_METRICS_FILE, TRIAGED_FILE, DataPlan, Stages, prepare, read_jsonl
-from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, PreferencePair, load_eval_prompts, load_pairs
-from trace_realign.sequences import SequenceLimits, encode_pair, pad_batch
-from trace_realign.stages import StageCache
-from trace_realign.world.synthetic import load_policy
+from trace_realign.core.records import CATEGORIES, INVERT, PUNISH, RETAIN, DataError, PreferencePair, load_pairs
+from trace_realign.core.sequences import SequenceLimits, encode_pair, pad_batch
+from trace_realign.data.pipeline import (
+    EVAL_FILE,
+    TRIAGE_METRICS_FILE,
+    TRIAGED_FILE,
+    DataPlan,
+    Stages,
+    prepare,
+    read_jsonl,
+)
+from trace_realign.data.sources import DataSource, NoConflictsError
+from trace_realign.data.stages import StageCache
+from trace_realign.method.objective import CONFLICT, TERM_RESPONSES, TRACE_TERMS, ObjectiveConfig
+from trace_realign.oracle.base import Oracle
 
 log = logging.getLogger(__name__)
-
-
-class NoConflictsError(RuntimeError):
-    """Triage found no pair to invert or punish: there is nothing to re-align."""
-
-
-class DataSource(Protocol):
-    old: Policy
-    new: Policy
-
-    def train_pairs(self) -> list[PreferencePair]: ...
-
-    def eval_prompts(self) -> list[dict[str, Any]]: ...
-
-    def corpus(self) -> list[str]: ...
-
-
-class JsonlSource:
-    """Preference pairs from local .json/.jsonl files; categories, if present, can stand in for triage.
-
-    train_path: records {prompt, chosen, rejected[, category, correction, meta]} (records.validate_record);
-    layout="reference" reads the reference implementation's files (records.from_reference_layout).
-    test_path: held-out prompts {prompt[, axis, category, shift, kind]}; other keys are ignored
-    (records.validate_eval_prompt), so a pair file or a run's data/eval.jsonl serves as well.
-    """
-
-    def __init__(self, train_path: str, test_path: str | None, policy_old: str, policy_new: str, triaged: bool = False,
-                 layout: str = "trace"):
-        self.train_path, self.test_path, self.triaged, self.layout = train_path, test_path, triaged, layout
-        self.old, self.new = load_policy(policy_old), load_policy(policy_new)
-
-    def train_pairs(self) -> list[PreferencePair]:
-        return load_pairs(self.train_path, require_category=self.triaged, layout=self.layout)
-
-    def eval_prompts(self) -> list[dict[str, Any]]:
-        if not self.test_path:
-            return []
-        return load_eval_prompts(self.test_path)
-
-    def corpus(self) -> list[str]:
-        return [t for p in self.train_pairs() for t in (p.prompt, p.chosen, p.rejected)]
 
 
 def launched_as_rank_zero() -> bool:

@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from dataclasses import replace
 from typing import Mapping, Sequence
 
-from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, PreferencePair
+from trace_realign.core.records import CATEGORIES, INVERT, PUNISH, RETAIN, PreferencePair
 
 DPO_GOLD_PUNISH = ("keep", "drop", "correction")
 

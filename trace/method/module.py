@@ -17,8 +17,10 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-from trace_realign.data import collate
-from trace_realign.impact import (
+from trace_realign.core.records import INVERT, PUNISH, RETAIN
+from trace_realign.core.sequences import sequence_logps
+from trace_realign.method.datamodule import collate
+from trace_realign.method.impact import (
     METHODS,
     ImpactBatch,
     batched_impact_scores,
@@ -30,8 +32,8 @@ from trace_realign.impact import (
     plan_batches,
     uniform_weights,
 )
-from trace_realign.model import load_policy, load_trainable, policy_is_reference, trainable_parameters, whole_tensor
-from trace_realign.objective import (
+from trace_realign.method.losses import relational_loss
+from trace_realign.method.objective import (
     ObjectiveConfig,
     ReferenceCache,
     category_losses,
@@ -40,11 +42,15 @@ from trace_realign.objective import (
     reduce,
     step_terms,
 )
-from trace_realign.losses import relational_loss
-from trace_realign.records import INVERT, PUNISH, RETAIN
-from trace_realign.resume import rng_states, set_rng_states
-from trace_realign.sequences import sequence_logps
-from trace_realign.strategies import is_sharded, trainable_state_dict, unwrapped_name
+from trace_realign.method.resume import rng_states, set_rng_states
+from trace_realign.method.strategies import is_sharded, trainable_state_dict, unwrapped_name
+from trace_realign.models.loading import (
+    load_policy,
+    load_trainable,
+    policy_is_reference,
+    trainable_parameters,
+    whole_tensor,
+)
 
 log = logging.getLogger(__name__)
 

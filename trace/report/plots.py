@@ -1,6 +1,6 @@
 """PNG plots for `trace-tables`: a metric against a swept setting, and a run's training curves.
 
-The data come ready from tables.py (Series, curve panels); this module only draws. matplotlib is imported
+The data come ready from render.py (Series, curve panels); this module only draws. matplotlib is imported
 when a plot is asked for, through its object interface (no pyplot, no global backend or state).
 """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trace_realign.sequences import at_least_float32
+from trace_realign.core.sequences import at_least_float32
 
 RELATIONAL_LOSSES = ("sigmoid", "ipo", "robust")
 

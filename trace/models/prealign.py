@@ -32,8 +32,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from trace_realign.records import RETAIN, PreferencePair
-from trace_realign.stages import pairs_digest
+from trace_realign.core.records import RETAIN, PreferencePair
+from trace_realign.data.stages import pairs_digest
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
     # Stage data come labelled (StageData.triaged) and a stage neither evaluates nor selects: no oracle is
     # asked anything, so none is built. The run's own could not serve: one bound to the dataset's
     # annotations (oracle=labels) cannot be bound to a stage's data, and one over an API needs no key here.
-    s.oracle = {"_target_": "trace_realign.oracle.Oracle"}
+    s.oracle = {"_target_": "trace_realign.oracle.base.Oracle"}
     s.logger = {}
     s.seed = int(stage.get("seed", 0))
     s.paths.output_dir = str(out_dir)

@@ -22,9 +22,9 @@ import lightning as L
 import torch
 
 from trace_realign.eval import generate
-from trace_realign.model import load_trainable
-from trace_realign.oracle import Oracle, Policy
-from trace_realign.strategies import is_sharded
+from trace_realign.method.strategies import is_sharded
+from trace_realign.models.loading import load_trainable
+from trace_realign.oracle.base import Oracle, Policy
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-
-from trace_realign.oracle import Oracle, Policy, read_policy_file
-from trace_realign.records import DataError, PreferencePair
-from trace_realign.triage import triage_category
+from trace_realign.core.records import DataError, PreferencePair
+from trace_realign.oracle.base import Oracle, Policy, read_policy_file
+from trace_realign.oracle.triage import triage_category
 
 STANCES: tuple[str, ...] = ("refuse", "comply", "caveat", "neutral")
 POLICY_DIR = Path(__file__).parent / "policies"

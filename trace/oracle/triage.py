@@ -17,8 +17,8 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from trace_realign.oracle import Oracle, Policy
-from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN, PreferencePair
+from trace_realign.core.records import CATEGORIES, INVERT, PUNISH, RETAIN, PreferencePair
+from trace_realign.oracle.base import Oracle, Policy
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-
-from trace_realign.oracle import Oracle, Policy, read_policy_file
-from trace_realign.records import DataError, PreferencePair
-from trace_realign.stages import StageCache, file_digest, stage_key
+from trace_realign.core.records import DataError, PreferencePair
+from trace_realign.data.stages import StageCache, file_digest, stage_key
+from trace_realign.oracle.base import Oracle, Policy, read_policy_file
 
 log = logging.getLogger(__name__)
 

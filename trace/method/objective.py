@@ -22,10 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trace_realign.losses import RELATIONAL_LOSSES, kl_anchor, kl_from_log_probs, npo_loss, npo_single, relational_loss
-from trace_realign.model import reference_of
-from trace_realign.records import CATEGORIES, INVERT, PUNISH, RETAIN
-from trace_realign.sequences import IGNORE_INDEX, at_least_float32, sequence_logps, shift_for_loss
+from trace_realign.core.records import CATEGORIES, INVERT, PUNISH, RETAIN
+from trace_realign.core.sequences import IGNORE_INDEX, at_least_float32, sequence_logps, shift_for_loss
+from trace_realign.method.losses import (
+    RELATIONAL_LOSSES,
+    kl_anchor,
+    kl_from_log_probs,
+    npo_loss,
+    npo_single,
+    relational_loss,
+)
+from trace_realign.models.loading import reference_of
 
 REDUCTIONS = ("mean", "sum")
 # Which fields of a record feed each term, in row order.
