@@ -2,7 +2,11 @@
 
 from omegaconf import OmegaConf
 
+from trace_realign.core import moved
+
 __version__ = "0.1.0"
+
+moved.install()
 
 # data.dpo_gold_punish (keep | drop | correction) as the DPO-Gold method's term for punished pairs.
 _GOLD_PUNISH_TERMS = {"keep": "relational", "drop": None, "correction": "relational_correction"}
