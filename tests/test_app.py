@@ -27,7 +27,7 @@ REQUIRED_KEYS = [
     "train/loss", "train/loss_invert", "train/loss_punish", "train/loss_kl",
     "eval/before/tpa", "eval/after/tpa",
 ]
-GROUPS = ["model", "dataset", "oracle", "loss", "method", "ablation", "trainer", "logger", "eval"]
+GROUPS = ["model", "dataset", "oracle", "loss", "method", "ablation", "trainer", "logger", "eval", "shifts"]
 
 
 def options(group: str) -> list[str]:
@@ -45,6 +45,7 @@ CHOSEN = {
     "method": lambda c: c.method.name,
     "ablation": lambda c: c.method.name,  # the ablated method is named for its ablation
     "loss": lambda c: c.loss.type,
+    "shifts": lambda c: list(c.shifts.policies),
     "eval": lambda c: (list(c.eval.evaluators), list(c.eval.evaluators.capability.tasks)),
 }
 EXPECTED_CHOICE = {
@@ -60,6 +61,7 @@ EXPECTED_CHOICE = {
     ("model", "smollm2-135m"): "HuggingFaceTB/SmolLM2-135M-Instruct",
     ("eval", "default"): (["tpa", "utility", "capability", "asr"], []),
     ("ablation", "none"): "trace",
+    ("shifts", "none"): [], ("shifts", "chain"): ["pi_new", "pi_2"], ("shifts", "direct"): ["pi_2"],
     ("eval", "paper"): (["tpa", "utility", "capability", "asr"], ["gpqa_main_zeroshot", "mmlu", "hellaswag", "gsm8k"]),
 }
 
@@ -465,7 +467,7 @@ def test_no_conflicts_stops_with_clear_message(make_cfg):
 
 @pytest.mark.slow
 def test_empty_punish_category_still_trains(make_cfg, tmp_path):
-    policy = (ROOT / "trace" / "world" / "policies" / "pi_new.yaml").read_text()
+    policy = (ROOT / "trace" / "data" / "world" / "policies" / "pi_new.yaml").read_text()
     # Keep politics as it was: with no tightened axis nothing is punished.
     policy = policy.replace("allowed: [neutral]", "allowed: [comply]")
     path = tmp_path / "no_punish.yaml"

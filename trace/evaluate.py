@@ -34,6 +34,7 @@ from trace_realign.models.loading import load_for_eval, load_tokenizer, resolve_
 from trace_realign.steps import (
     build_datamodule,
     build_evaluation,
+    eval_policies,
     build_judges,
     eval_device,
     evaluate_model,
@@ -201,7 +202,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     items = held_out_items(cfg, targets, source, oracle, out)
     if cfg.eval.max_prompts:
         items = items[: cfg.eval.max_prompts]
-    evaluation = build_evaluation(cfg, judge, source.new, source.old, items, out, progress=not quiet)
+    evaluation = build_evaluation(cfg, judge, source.new, source.old, items, out, progress=not quiet,
+                                  policies=eval_policies(cfg, source))
     metrics: dict[str, Any] = {"eval/items": float(len(items))}
     rows: dict[str, dict[int, dict[str, Any]]] = {}
     greedy: dict[str, list[str]] = {}

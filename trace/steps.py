@@ -170,8 +170,20 @@ def require_text_judge(judge: Any, evaluates: bool, selects: bool) -> None:
         "Add a judge that reads text (e.g. oracle@judge=openai), or set eval.enabled=false select.enabled=false")
 
 
+def eval_policies(cfg: DictConfig, source: Any) -> dict[str, Any]:
+    """eval.policies ({label: policy name or file}) as the source's policies, for agreement beside TPA."""
+    named = dict(cfg.eval.get("policies") or {}) if cfg.eval.enabled else {}
+    if named and not hasattr(source, "policy"):
+        raise ValueError(f"eval.policies names {sorted(named)}, but {type(source).__name__} cannot load a policy by "
+                         "name (dataset=embedded can); set eval.policies={} for this dataset")
+    bad = [label for label in named if not str(label).replace("_", "").isalnum()]
+    if bad:
+        raise ValueError(f"eval.policies: labels {bad} must be letters, digits and underscores (they name metrics)")
+    return {str(label): source.policy(str(name)) for label, name in named.items()}
+
+
 def build_evaluation(cfg: DictConfig, judge: Any, new: Any, old: Any, items: list[dict[str, Any]], out: Path,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, policies: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything evaluate_model needs apart from the model: the evaluators of eval.evaluators, the
     judge, the policies, the held-out items and the generation settings (eval.*)."""
     ev = cfg.eval
@@ -183,7 +195,7 @@ def build_evaluation(cfg: DictConfig, judge: Any, new: Any, old: Any, items: lis
     )
     evaluators = build_evaluators(ev.get("evaluators")) if ev.enabled else {}
     return dict(evaluators=evaluators, judge=judge, new=new, old=old, items=items, settings=settings,
-                out=out, progress=progress)
+                out=out, progress=progress, policies=dict(policies or {}))
 
 
 def eval_device(cfg: DictConfig) -> torch.device:
@@ -203,7 +215,7 @@ def evaluate_model(evaluation: dict[str, Any], model: torch.nn.Module, tokenizer
     inputs = EvalInputs(
         model=model, tokenizer=tokenizer, judge=evaluation["judge"], new=evaluation["new"], old=evaluation["old"],
         items=evaluation["items"], generation=evaluation["settings"], work_dir=evaluation["out"] / "eval" / when,
-        when=when, progress=evaluation["progress"],
+        when=when, progress=evaluation["progress"], policies=evaluation.get("policies", {}),
     )
     return run_evaluators(evaluation["evaluators"], inputs)
 

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from trace_realign.report.aggregate import build_report
 from trace_realign.report.collect import DEFAULT_METRICS, FORMATS, TablesError, load_jobs
+from trace_realign.report.drift import expand_shifts, has_chains, render_drift, write_drift
 from trace_realign.report.loggers import log_to_wandb
 from trace_realign.report.render import jobs_markdown, make_plots, render_markdown, write_outputs
 
@@ -55,7 +56,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        jobs = load_jobs(args.paths)
+        jobs = expand_shifts(load_jobs(args.paths))  # a chain of policy shifts: one job per shift
         if not any(j.status == "finished" for j in jobs):
             print(jobs_markdown([j for j in jobs if j.status == "failed"],
                                 [j for j in jobs if j.status == "unfinished"]), file=sys.stderr)
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path(args.paths[0])
         print(render_markdown(report), end="")
         written = write_outputs(report, out, args.format)
+        if has_chains(jobs):
+            print("\n" + render_drift(jobs), end="")
+            written += write_drift(jobs, out, args.plots)
         images: list[Path] = []
         if args.plots:
             images, notes = make_plots(report, jobs, out)

@@ -29,7 +29,9 @@ from trace_realign.method.ablation import ablate
 from trace_realign.method.datamodule import TriagedDataModule, launched_as_rank_zero
 from trace_realign.method.module import TraceModule
 from trace_realign.method.select import SelectByOracle
+from trace_realign.method.shifts import chain_policies, check_chain, drift_lines, run_shifts
 from trace_realign.method.strategies import check_distributed
+from trace_realign.models.from_run import model_from_run
 from trace_realign.models.loading import load_for_eval, load_tokenizer, load_trainable, resolve_model_path
 from trace_realign.models.prealign import prealigned_model
 from trace_realign.oracle.base import NoisyOracle
@@ -39,6 +41,7 @@ from trace_realign.steps import (
     build_judges,
     build_loggers,
     build_module,
+    eval_policies,
     evaluate_model,
     pin_threads,
     print_summary,
@@ -57,6 +60,8 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     cfg.dataset (the stages that build M_old pass theirs)."""
     start = time.time()
     ablate(cfg)  # ablation=...: the method's table with one component changed, before anything reads it
+    if chain_policies(cfg):
+        return run_chain(cfg)  # successive policy shifts: one run per shift (method/shifts.py)
     out = Path(cfg.paths.output_dir)
     quiet = bool(cfg.get("quiet", False))
     check_distributed(cfg)  # a trainer that cannot carry this run stops here, before any oracle call
@@ -87,7 +92,11 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     corpus = source.corpus() if cfg.model.get("build") else None
     base_path = resolve_model_path(cfg.model, corpus, cfg.paths.cache_dir)
     model_path, metrics = base_path, {}
-    if cfg.model.get("prealign"):
+    if cfg.model.get("from_run"):
+        # a later policy shift: the model a prior run realigned is this run's M_old (models/from_run.py)
+        model_path = model_from_run(cfg.model.from_run, OmegaConf.to_container(cfg.model, resolve=True),
+                                    cfg.paths.cache_dir)
+    elif cfg.model.get("prealign"):
         # M_old: the model aligned to pi_old that realignment starts from (built once, then cached).
         model_path, built = prealigned_model(cfg, base_path, run, source)
         metrics.update(built)
@@ -133,7 +142,8 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     items = datamodule.eval_prompts()
     if cfg.eval.max_prompts:
         items = items[: cfg.eval.max_prompts]
-    evaluation = build_evaluation(cfg, judge, source.new, source.old, items, out, progress=not quiet)
+    evaluation = build_evaluation(cfg, judge, source.new, source.old, items, out, progress=not quiet,
+                                  policies=eval_policies(cfg, source))
     rows: dict[str, dict[int, dict[str, Any]]] = {}
     device = trainer.strategy.root_device  # evaluation runs where training will (a GPU at full scale)
     if cfg.eval.enabled and cfg.eval.before and trainer.is_global_zero:
@@ -219,6 +229,22 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
             lg.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=steps)
         if not quiet:
             print_summary(out, metrics)
+    return metrics
+
+
+def run_chain(cfg: DictConfig) -> dict[str, Any]:
+    """shifts.policies: every shift an ordinary run in <output_dir>/shift<k>; the chain's folder holds its
+    config, every shift's metrics (shift<k>/...) and the drift of agreement across shifts."""
+    out = Path(cfg.paths.output_dir)
+    check_chain(cfg)
+    if launched_as_rank_zero():
+        rundir.claim(out, cfg)
+    metrics = run_shifts(cfg, run)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    write_metrics(out / "metrics.json", metrics)
+    if not cfg.get("quiet", False):
+        print(f"\ntrace-realign: {len(chain_policies(cfg)) - 1} shifts in {out} (shift<k>/ each)", flush=True)
+        print("\n".join(drift_lines(metrics, chain_policies(cfg))), flush=True)
     return metrics
 
 

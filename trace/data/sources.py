@@ -49,3 +49,7 @@ class JsonlSource:
 
     def corpus(self) -> list[str]:
         return [t for p in self.train_pairs() for t in (p.prompt, p.chosen, p.rejected)]
+
+    def policy(self, name_or_path: str) -> Policy:
+        """Any policy file in the world's format, for agreement beside TPA (eval.policies)."""
+        return load_policy(name_or_path)

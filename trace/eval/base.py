@@ -49,6 +49,8 @@ class EvalInputs:
     work_dir: Path | None = None  # where an evaluator may write files (lm-eval's local tasks, say)
     when: str = "after"
     progress: bool = True
+    # further policies, by label, whose agreement the TPA evaluator also reports (eval.policies)
+    policies: dict[str, Policy] = field(default_factory=dict)
     _greedy: dict[str, str] = field(default_factory=dict, repr=False)
     _sampled: dict[str, list[str]] = field(default_factory=dict, repr=False)
 

@@ -94,7 +94,8 @@ def answered(inputs: EvalInputs, index: list[int]) -> tuple[list[int], list[dict
 
 
 class TPA(Evaluator):
-    """tpa (pi_new) and tpa_old (pi_old) on the held-out value prompts; sampled as well when asked."""
+    """tpa (pi_new) and tpa_old (pi_old) on the held-out value prompts, and agree_<label> for each further
+    policy of eval.policies, judged on the same greedy responses; sampled as well when asked."""
 
     name = "tpa"
 
@@ -108,6 +109,7 @@ class TPA(Evaluator):
             return result
         result.metrics["n"] = float(len(items))
         policies = [("tpa", inputs.new)] + ([("tpa_old", inputs.old)] if self.old_policy else [])
+        policies += [(f"agree_{label}", policy) for label, policy in inputs.policies.items()]
         for name, policy in policies:
             verdicts = inputs.judge_batch(list(zip(prompts, responses)), policy, name)
             result.metrics.update({f"{name}{s}": x for s, x in summarize(items, verdicts).items()})

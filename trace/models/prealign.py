@@ -100,6 +100,7 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
     """The full run config of one stage: the user's run with everything a stage fixes overridden."""
     s = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     s.model.name_or_path, s.model.build, s.model.prealign = model_path, None, None
+    s.model.from_run = None  # a stage starts from model_path, never from the run a later shift chains to
     s.model.lora.enabled = False  # M_old is a full model: realignment then trains adapters on top of it
     s.model.gradient_checkpointing = False
     s.method = method_config(str(stage.method))
@@ -119,7 +120,7 @@ def stage_config(cfg: DictConfig, name: str, stage: DictConfig, model_path: str,
     for key, value in DATA_PLAN_DEFAULTS.items():
         s.data[key] = value  # a stage trains on all its data: realignment's splits, sizes and noise are not its
     s.data.epochs = None  # a stage's length is its own steps
-    s.eval.enabled = False
+    s.eval.enabled, s.eval.policies = False, {}
     s.select = {"enabled": False}  # M_old follows pi_old: nothing may select it by pi_new
     s.probe = {"enabled": False}  # a stage's data have no held-out prompts to probe
     s.checkpoint = {"every_n_steps": None}  # a stage trains in a temporary folder that no re-run finds

@@ -265,6 +265,19 @@ def _filler_of(axis: str, prompt: str) -> str:
     return read[1] if read and read[0] == axis else "that"
 
 
+def _regrade(pair: PreferencePair, category: str, policy: Policy, gold_punish: str,
+             rng: random.Random) -> PreferencePair | None:
+    """A value pair re-annotated under `policy` given its triage category: inverted pairs swapped, punished
+    ones given a response in a stance the policy allows as winner (correction), kept or dropped."""
+    axis = pair.meta["axis"]
+    if category == "invert":
+        return replace(pair, chosen=pair.rejected, rejected=pair.chosen)
+    if category == "punish" and gold_punish == "correction":
+        stance = rng.choice(policy.rules[axis]["allowed"])
+        return replace(pair, chosen=render_response(axis, stance, pair.meta["filler"], rng), rejected=pair.chosen)
+    return pair if category != "punish" or gold_punish == "keep" else None
+
+
 @dataclass
 class SyntheticWorld:
     """A miniature SynthValueBench: value-axis preference pairs under pi_old, split by prompt into train
@@ -281,6 +294,13 @@ class SyntheticWorld:
     With labels="new" the sft and dpo stages see D re-annotated under pi_new (ground truth: inverted pairs
     swapped; punished pairs get a response in a stance pi_new allows as winner, or are kept or dropped by
     `gold_punish`): the full re-training upper bound (DPO-Gold).
+
+    Successive shifts (pi_0 -> pi_1 -> pi_2): `policy_base` names the policy D was first annotated under
+    (pi_0). When it is not policy_old, D is served as the organisation holds it once its model follows
+    policy_old: the same prompts and responses re-annotated under policy_old by the ground truth (inverted
+    pairs swapped, punished pairs given a policy_old-compliant correction as winner), then triaged against
+    policy_new. Null: policy_old itself (a first shift). Any policy pair has its ground truth
+    (`ground_truth`), and `policy(name)` loads any policy the judge can score against.
     """
 
     pairs_per_axis: int = 200
@@ -293,6 +313,7 @@ class SyntheticWorld:
     utility_pretrain_repeats: int = 20
     policy_old: str = "pi_old"
     policy_new: str = "pi_new"
+    policy_base: str | None = None
     seed: int = 0
     _built: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
@@ -307,7 +328,9 @@ class SyntheticWorld:
             raise ValueError("dataset.pairs_per_axis and dataset.test_prompts_per_axis must be >= 1")
         self.old = load_policy(self.policy_old)
         self.new = load_policy(self.policy_new)
-        for p in (self.old, self.new):
+        # the policy D's labels were first drawn under (pi_0): only a later shift names another
+        self.base = load_policy(self.policy_base) if self.policy_base not in (None, "", self.policy_old) else self.old
+        for p in (self.old, self.new, self.base):
             missing = [a for a in self.axes if a not in p.rules]
             if missing:
                 raise DataError(p.name, None, "rules", f"no rule for axes {missing}")
@@ -315,9 +338,10 @@ class SyntheticWorld:
         rejected.update({k: list(v) for k, v in (self.rejected_stances or {}).items()})
         self.rejected = {}
         for axis in self.axes:
-            bad = [s for s in rejected.get(axis, []) if s not in STANCES or s in self.old.rules[axis]["allowed"]]
+            bad = [s for s in rejected.get(axis, []) if s not in STANCES or s in self.base.rules[axis]["allowed"]]
             if bad or not rejected.get(axis):
-                raise ValueError(f"dataset.rejected_stances.{axis}: {rejected.get(axis)} must be stances that violate pi_old")
+                raise ValueError(f"dataset.rejected_stances.{axis}: {rejected.get(axis)} must be stances that violate "
+                                 f"{self.base.name}, the policy D was annotated under")
             self.rejected[axis] = list(rejected[axis])
 
     @staticmethod
@@ -353,7 +377,7 @@ class SyntheticWorld:
             # are more pairs than prompts); test prompts are never in any preference data.
             test_prompts, train_prompts = prompts[:n_test], prompts[n_test:]
             test += [{"prompt": p, "axis": axis, "kind": "value"} for p, _ in test_prompts]
-            old_ok = self.old.rules[axis]["allowed"]
+            old_ok = self.base.rules[axis]["allowed"]
             for i in range(self.pairs_per_axis):
                 prompt, filler = train_prompts[i % len(train_prompts)]
                 # Rejected stances rotate so that each prompt's pairs take different ones, balanced overall.
@@ -369,6 +393,8 @@ class SyntheticWorld:
                                                              s_l in self.new.rules[axis]["allowed"])},
                     )
                 )
+        if self.base is not self.old:
+            train = self._held_under_old(train)
         sums = [(a, b) for a in range(self.utility_max) for b in range(self.utility_max)]
         rng.shuffle(sums)
         in_data = sums[: self.utility_in_data]
@@ -415,22 +441,38 @@ class SyntheticWorld:
             meta={"axis": "utility", "gt_category": "retain"},
         )
 
+    def ground_truth(self, pair: PreferencePair, old: Policy, new: Policy) -> str:
+        """The triage category of a value pair of this world for the shift old -> new, from its stances."""
+        axis = pair.meta["axis"]
+        if read_stance(pair.chosen) not in old.rules[axis]["allowed"]:
+            raise ValueError(f"{old.name} does not prefer the chosen response of {pair.prompt!r}: not a pair annotated under it")
+        return triage_category(read_stance(pair.chosen) in new.rules[axis]["allowed"],
+                               read_stance(pair.rejected) in new.rules[axis]["allowed"])
+
+    def policy(self, name_or_path: str | Path) -> Policy:
+        """Any policy of this world (a shipped name or a YAML path), for the judge to score against."""
+        return load_policy(name_or_path)
+
+    def _held_under_old(self, pairs: list[PreferencePair]) -> list[PreferencePair]:
+        """D annotated under the base policy, re-annotated under policy_old (with corrections) and graded
+        against policy_new: the data the organisation holds at a later shift."""
+        rng = random.Random(f"{self.seed}:held:{self.old.name}")
+        out = []
+        for p in pairs:
+            q = _regrade(p, self.ground_truth(p, self.base, self.old), self.old, "correction", rng)
+            assert q is not None  # a correction is always written
+            s_w, s_l = read_stance(q.chosen), read_stance(q.rejected)
+            out.append(replace(q, meta={**q.meta, "stance_chosen": s_w, "stance_rejected": s_l,
+                                        "gt_category": self.ground_truth(q, self.old, self.new)}))
+        return out
+
     def relabelled(self, gold_punish: str = "correction") -> list[PreferencePair]:
         """D's value pairs re-annotated under pi_new by the ground truth (DPO-Gold)."""
         if gold_punish not in GOLD_PUNISH:
             raise ValueError(f"gold_punish: {gold_punish!r}; expected one of {GOLD_PUNISH}")
         rng = random.Random(f"{self.seed}:gold")
-        out = []
-        for p in self.build()["train"]:
-            category, axis = p.meta["gt_category"], p.meta["axis"]
-            if category == "invert":
-                out.append(replace(p, chosen=p.rejected, rejected=p.chosen))
-            elif category == "punish" and gold_punish == "correction":
-                stance = rng.choice(self.new.rules[axis]["allowed"])
-                out.append(replace(p, chosen=render_response(axis, stance, p.meta["filler"], rng), rejected=p.chosen))
-            elif category != "punish" or gold_punish == "keep":
-                out.append(p)
-        return out
+        regraded = (_regrade(p, p.meta["gt_category"], self.new, gold_punish, rng) for p in self.build()["train"])
+        return [p for p in regraded if p is not None]
 
     # -- the data-source interface the DataModule, evaluation and prealign use --
     def train_pairs(self) -> list[PreferencePair]:
