@@ -133,6 +133,14 @@ COMMANDS: dict[str, How] = {
     "trace-realign -m experiment=table2_capability": How("app", (*FAST_EMBEDDED, "seed=0"), jobs=3),
     "trace-realign -m experiment=table6_asr": How("app", (*FAST_EMBEDDED, "seed=0"), jobs=3),
     "trace-realign -m experiment=table1_preference": How("app", (*FAST_EMBEDDED, "seed=0"), jobs=3),
+    # docs/shifts.md
+    "trace-realign shifts=chain": How(
+        "elsewhere", why="test_shifts.py's test_the_chain_runs_each_shift_from_the_model_the_one_before_realigned "
+                         "runs it with few steps and checks each shift starts where the one before ended"),
+    "trace-realign shifts=direct": How("app", (*FAST_EMBEDDED,)),
+    "trace-realign -m experiment=successive_shifts": How(
+        "elsewhere", why="six chains of one or two runs each; every job composes in test_app.py's "
+                         "test_every_job_of_every_experiment_file_composes, and test_shifts.py runs a chain"),
 }
 
 
@@ -289,6 +297,11 @@ def check_outputs(command: str, how: How, work: Path, res: subprocess.CompletedP
     assert not list(work.rglob("FAILED")), [p.read_text()[:2000] for p in work.rglob("FAILED")]
     folders = run_folders(work)
     assert len(folders) == how.jobs, (command, folders)
+    for chain in [f for f in folders if "shifts/count" in json.loads((f / "metrics.json").read_text())]:
+        # a chain of policy shifts: each shift is a run folder of its own inside the chain's
+        shifts = sorted(chain.glob("shift*/metrics.json"))
+        assert len(shifts) == json.loads((chain / "metrics.json").read_text())["shifts/count"] >= 1
+        folders[folders.index(chain):folders.index(chain) + 1] = [f.parent for f in shifts]
     for folder in folders:
         m = json.loads((folder / "metrics.json").read_text())
         assert m["data/train_pairs"] > 0 and sum(m[f"triage/{c}"] for c in ("invert", "punish", "retain")) > 0

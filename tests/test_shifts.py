@@ -113,6 +113,7 @@ def test_a_shift_config_chains_policies_models_and_data(tmp_path):
     assert (two.dataset.policy_base, two.dataset.policy_old, two.dataset.policy_new) == ("pi_old", "pi_new", "pi_2")
     assert one.model.from_run is None and two.model.from_run == str(tmp_path / "chain" / "shift1")
     assert two.paths.output_dir == str(tmp_path / "chain" / "shift2") and not two.shifts.policies
+    assert two.logger.csv.save_dir == str(tmp_path / "chain" / "shift2")  # every output of a shift in its folder
     assert dict(two.eval.policies) == {"pi_old": "pi_old", "pi_new": "pi_new", "pi_2": "pi_2"}
     assert chain_policies(compose_cfg(["shifts=direct"])) == ["pi_old", "pi_2"]
     assert chain_policies(compose_cfg([])) == []

@@ -54,7 +54,8 @@ def check_chain(cfg: DictConfig) -> None:
 
 def shift_config(cfg: DictConfig, k: int, policies: list[str], out: Path) -> DictConfig:
     """The run of shift k (1-based): pi_{k-1} -> pi_k, from M_old or the run of shift k-1."""
-    s = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    # unresolved: what follows paths.output_dir (the logger's folder, say) follows it into the shift's folder
+    s = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     s.shifts.policies = []  # a shift is one run, not a chain of its own
     s.dataset.policy_base = policies[0] if k > 1 else None
     s.dataset.policy_old, s.dataset.policy_new = policies[k - 1], policies[k]
