@@ -112,6 +112,8 @@ def test_every_job_of_every_experiment_file_composes(name, tmp_path):
                 assert cfg.ablation.name == value, (name, override)
             elif key == "loss":
                 assert cfg.loss.type == value, (name, override)
+            elif key == "shifts":
+                assert list(cfg.shifts.policies) == OmegaConf.load(CONF / "shifts" / f"{value}.yaml").policies, override
             else:
                 assert str(OmegaConf.select(cfg, key)) == value, (name, override)
 
