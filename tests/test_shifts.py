@@ -154,6 +154,7 @@ def test_tables_read_a_chain_as_one_job_per_shift_and_compare_it_with_one_shift(
         for kind, policies, extra in (("chain", ["pi_new", "pi_2"], 0.0), ("direct", ["pi_2"], -2.0 - seed)):
             count = len(policies)
             jobs.append(Job(path=str(tmp_path / f"{kind}{seed}"), config={"method.name": "trace", "seed": seed,
+                                                                         "dataset.policy_old": "pi_old",
                                                                          "shifts.policies": policies},
                             overrides={"shifts": kind, "method": "trace", "seed": seed},
                             metrics=chain_metrics(count, seed, policies, extra)))

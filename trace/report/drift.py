@@ -15,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from trace_realign.report.aggregate import Paired, Report, build_report, order_value, paired
+from trace_realign.report.aggregate import Paired, Report, Summary, build_report, order_value, paired
 from trace_realign.report.collect import Job, method_of, seed_of
-from trace_realign.report.render import Series, paired_text, render_markdown
+from trace_realign.report.render import Series, label_cells, markdown_table, paired_text
 
 SHIFT = "shift"
 CHAIN = "shifts.count"  # how many shifts the job's chain made (1: shifts=direct)
@@ -52,11 +52,18 @@ def chain_length(job: Job) -> int:
     return int(job.config.get(CHAIN, 0))
 
 
+def label_of(policy: object) -> str:
+    return re.sub(r"\W", "_", Path(str(policy)).stem)  # as method/shifts.py labels a policy
+
+
 def policy_labels(jobs: Sequence[Job]) -> list[str]:
-    """Every policy the chains report agreement with (agree_<label>), in the order first seen."""
+    """Every policy the chains report agreement with (agree_<label>): in chain order (the dataset's
+    policy_old, then shifts.policies), then any other the metrics name."""
+    chained = [label_of(p) for j in jobs for p in [j.config.get("dataset.policy_old"), *(j.config.get("shifts.policies") or [])]
+               if p is not None]
     found = [k.split("/")[2][len("agree_"):] for j in jobs for k in (j.metrics or {})
              if k.startswith("eval/after/agree_") and k.count("/") == 2 and "_ci95" not in k]
-    return list(dict.fromkeys(found))
+    return [label for label in dict.fromkeys(chained + found) if label in found]
 
 
 def axes_of(jobs: Sequence[Job], label: str) -> list[str]:
@@ -79,7 +86,7 @@ def drift_reports(jobs: Sequence[Job]) -> dict[str, Report]:
 def target_of(job: Job) -> str | None:
     """The policy a chain job's last shift realigned to (its last agreement label is not it: read the config)."""
     names = job.config.get("shifts.policies")
-    return re.sub(r"\W", "_", Path(str(names[-1])).stem) if isinstance(names, list) and names else None
+    return label_of(names[-1]) if isinstance(names, list) and names else None
 
 
 def chain_against_direct(jobs: Sequence[Job]) -> list[tuple[str, str, Paired]]:
@@ -102,15 +109,27 @@ def chain_against_direct(jobs: Sequence[Job]) -> list[tuple[str, str, Paired]]:
     return out
 
 
+def interval_text(s: Summary | None) -> str:
+    """'52.4 [47.1, 57.7] n=3 min 49.0': the mean, its 95 % t-interval, the seeds and the worst of them."""
+    if s is None or s.n == 0:
+        return "—"
+    if s.n == 1:
+        return f"{s.mean:.1f} n=1"
+    return f"{s.mean:.1f} [{s.low:.1f}, {s.high:.1f}] n={s.n} min {s.min:.1f}"
+
+
 def render_drift(jobs: Sequence[Job]) -> str:
     """The drift tables (one per policy of the chains) and the chain-against-direct comparison, markdown."""
     parts = ["# Agreement with each policy across successive shifts",
              "",
              "Shift 0 is the model each chain started from; shift k the model after the k-th realignment. "
-             "Cells: mean ± standard deviation over seeds [n]."]
+             "Cells: the mean over seeds [its 95 % t-interval] (n seeds; worst seed after `min`)."]
     for label, report in drift_reports(jobs).items():
-        report = replace(report, paired=[], rows=[r for r in report.rows if r.kind != "before"])
-        parts += ["", f"## Agreement with {label}", "", render_markdown(report).rstrip()]
+        metrics = report.metrics
+        header = [*report.keys, *(m.rsplit("/", 1)[-1] if m.count("/") > 2 else "all" for m in metrics)]
+        body = [[*label_cells(r, report.keys), *(interval_text(r.cells.get(m)) for m in metrics)]
+                for r in report.rows if r.kind == "run"]
+        parts += ["", f"## Agreement with {label}", "", markdown_table(header, body).rstrip()]
     pairs = chain_against_direct(jobs)
     if pairs:
         parts += ["", "## The chain's last shift against the same policy reached in one shift",
