@@ -1,4 +1,6 @@
-"""experiments/gpu_check.sh --dry-run: every GPU check's steps, at toy sizes on the CPU."""
+"""experiments/gpu_check.sh --dry-run: every GPU check's steps, at toy sizes on the CPU. Its step check runs
+the training-cost benchmark (experiments/benchmark_train.py) in smoke mode, fused and per category: its
+tables and measurements are checked here too (their verdicts are not: the script reports, never fails)."""
 
 from __future__ import annotations
 
@@ -23,3 +25,23 @@ def test_the_gpu_checks_run_as_one_step_and_write_one_report(tmp_path):
     assert results["impact"]["passed"]
     report = (tmp_path / "gpu_check.md").read_text()
     assert "dry run" in report and all(f"| {name} |" in report for name in results)
+    for fused in ("true", "false"):
+        check_training_cost_benchmark(tmp_path / f"train_fused_{fused}")
+
+
+def check_training_cost_benchmark(out) -> None:
+    """benchmark_train.py --smoke: two timed steps per configuration, memory, references counted, two checks."""
+    data = json.loads(out.with_suffix(".json").read_text())
+    results = data["results"]
+    assert set(results) == {"trace_lora", "dpo_lora", "policy_lora"}
+    for r in results.values():
+        assert len(r["times_s"]) == 2 and all(t > 0 for t in r["times_s"])
+        assert r["peak_bytes"] >= r["start_bytes"] > 0 and r["lifetime_peak_bytes"] >= r["peak_bytes"]
+    # cold cache: every TRACE and DPO step runs the reference; the policy alone never does
+    assert results["trace_lora"]["reference_forwards"] > 0 and results["dpo_lora"]["reference_forwards"] == 2
+    assert results["policy_lora"]["reference_forwards"] == 0 and results["policy_lora"]["terms"]["retain"] == "nll"
+    # DPO serves the same pairs per step as TRACE (3B), as one category
+    assert results["dpo_lora"]["batch_sizes"]["retain"] == 3 * results["trace_lora"]["batch_sizes"]["invert"]
+    assert [c["limit"] for c in data["checks"]] == [1.1, 1.3]
+    text = out.with_suffix(".md").read_text()
+    assert text.count("PASS") + text.count("FAIL") == 2 and "| trace_lora |" in text

@@ -83,7 +83,9 @@ COMMANDS: dict[str, How] = {
     "trace-realign ablation=no_kl": How("app", (*FAST_EMBEDDED,)),
     "trace-realign optimizer.lr=5e-4 loss.beta=0.1 objective.alpha_kl=0.5 impact.gamma=10": How("app", (*FAST_EMBEDDED,)),
     "trace-realign model.lora.enabled=false": How("app", (*FAST_EMBEDDED,)),
-    "trace-realign -m ablation=none,no_triage,no_impact,no_kl seed=0,1,2": How("app", (*FAST_EMBEDDED,), jobs=12),
+    "trace-realign -m ablation=none,no_triage,no_impact,no_kl seed=0,1,2": How(
+        "app", (*FAST_EMBEDDED, "seed=0"), jobs=4, replaces=("seed",),
+        why="seed=0: one seed of the three, every ablation of the sweep (the seeds' jobs differ by their seed alone)"),
     "trace-realign -m experiment=table4_ablation": How("app", (*FAST_EMBEDDED, "seed=0"), jobs=5),
     "trace-realign logger=wandb": How("app", (*FAST_EMBEDDED,)),
     "trace-realign recipe=reference": How(
