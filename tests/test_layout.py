@@ -161,6 +161,7 @@ def test_a_module_path_of_an_earlier_release_imports_the_moved_module_with_a_war
     with pytest.warns(FutureWarning, match=f"{old} moved to {new}"):
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
+    assert module.__name__ == module.__spec__.name == new  # the moved module is still itself
 
 
 def test_targets_of_an_earlier_release_still_locate():

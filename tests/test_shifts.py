@@ -124,6 +124,8 @@ def test_a_chain_is_refused_where_it_cannot_run(tmp_path):
         check_chain(compose_cfg(["shifts=chain", f"model.from_run={tmp_path}"]))
     with pytest.raises(ValueError, match="needs a dataset that holds D under a later policy"):
         check_chain(compose_cfg(["shifts=chain", "dataset=jsonl", "dataset.train_path=x.jsonl"]))
+    with pytest.raises(ValueError, match="needs a dataset that holds D under a later policy"):
+        chain_policies(compose_cfg(["shifts=chain", "dataset=pku_saferlhf"]))  # no policy_old at all: named
 
 
 def chain_metrics(count: int, seed: int, targets: list[str], shift: float = 0.0) -> dict[str, float]:

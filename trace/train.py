@@ -60,7 +60,7 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     cfg.dataset (the stages that build M_old pass theirs)."""
     start = time.time()
     ablate(cfg)  # ablation=...: the method's table with one component changed, before anything reads it
-    if chain_policies(cfg):
+    if (cfg.get("shifts") or {}).get("policies"):
         return run_chain(cfg)  # successive policy shifts: one run per shift (method/shifts.py)
     out = Path(cfg.paths.output_dir)
     quiet = bool(cfg.get("quiet", False))

@@ -34,10 +34,14 @@ class _Alias(importlib.abc.Loader):
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
         warnings.warn(f"{spec.name} moved to {self.new}; import it from there", FutureWarning, stacklevel=3)
-        return importlib.import_module(self.new)
+        module = importlib.import_module(self.new)
+        self.spec = module.__spec__
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        pass  # the module at its new path is already executed
+        # the module at its new path is already executed; the import machinery has just given it the old
+        # path's spec, and it keeps its own
+        module.__spec__ = self.spec
 
 
 class MovedModules(importlib.abc.MetaPathFinder):

@@ -31,6 +31,8 @@ SHIFT_DIR = "shift{k}"
 def chain_policies(cfg: DictConfig) -> list[str]:
     """pi_0 then each policy of shifts.policies, as names or files; empty when no chain is asked."""
     policies = [str(p) for p in ((cfg.get("shifts") or {}).get("policies") or [])]
+    if policies:
+        check_chain(cfg)  # a dataset without policy_old is named, not a KeyError
     return [str(cfg.dataset.policy_old)] + policies if policies else []
 
 
