@@ -110,7 +110,7 @@ def chain_against_direct(jobs: Sequence[Job]) -> list[tuple[str, str, Paired]]:
 
 
 def interval_text(s: Summary | None) -> str:
-    """'52.4 [47.1, 57.7] n=3 min 49.0': the mean, its 95 % t-interval, the seeds and the worst of them."""
+    """'52.4 [47.1, 57.7] n=3 min 49.0': the mean, its 95 % t-interval, the seeds and the lowest of them."""
     if s is None or s.n == 0:
         return "—"
     if s.n == 1:
@@ -123,7 +123,7 @@ def render_drift(jobs: Sequence[Job]) -> str:
     parts = ["# Agreement with each policy across successive shifts",
              "",
              "Shift 0 is the model each chain started from; shift k the model after the k-th realignment. "
-             "Cells: the mean over seeds [its 95 % t-interval] (n seeds; worst seed after `min`)."]
+             "Cells: the mean over seeds [its 95 % t-interval] (n seeds; the lowest seed after `min`)."]
     for label, report in drift_reports(jobs).items():
         metrics = report.metrics
         header = [*report.keys, *(m.rsplit("/", 1)[-1] if m.count("/") > 2 else "all" for m in metrics)]
