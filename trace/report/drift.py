@@ -127,8 +127,9 @@ def render_drift(jobs: Sequence[Job]) -> str:
     for label, report in drift_reports(jobs).items():
         metrics = report.metrics
         header = [*report.keys, *(m.rsplit("/", 1)[-1] if m.count("/") > 2 else "all" for m in metrics)]
+        # a row that never measured this policy (a direct shift skips the middle one) is left out
         body = [[*label_cells(r, report.keys), *(interval_text(r.cells.get(m)) for m in metrics)]
-                for r in report.rows if r.kind == "run"]
+                for r in report.rows if r.kind == "run" and any((c := r.cells.get(m)) and c.n for m in metrics)]
         parts += ["", f"## Agreement with {label}", "", markdown_table(header, body).rstrip()]
     pairs = chain_against_direct(jobs)
     if pairs:

@@ -49,6 +49,9 @@ def plot_lines(series: Sequence[Any], x_key: str, metric: str, path: Path) -> Pa
         ticks = sorted({x for s in series for x in s.xs})
         ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
         ax.minorticks_off()
+    elif x_key == "shift" and series:  # shifts are counted: whole numbers only
+        ticks = sorted({x for s in series for x in s.xs})
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
     ax.set_xlabel(x_key)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} against {x_key} (error bars: 95 % t-interval over seeds)", fontsize=9)
