@@ -1,18 +1,7 @@
-"""
-    trace-tables multirun/table4_ablation/2026-01-01_12-00-00-000000
-    trace-tables multirun/table3_data_size/... --plots --paper table3 --out tables/table3
-
-Jobs are grouped by their overrides less the seed (.hydra/overrides.yaml; without it by the settings of
-run.json that differ between the runs). A row is a method (run.json's method.name; an ablated one is
-named for its ablation) in one setting of the other varying keys; a column is a metric. Each cell
-aggregates the seeds: mean ± standard deviation and n, with the 95 % t-interval in table.csv. A `before`
-row is the starting model M_old (eval/before/*).
-Each row is compared with the baseline method paired by seed. Failed and unfinished jobs are listed and
-never averaged; the paper's own numbers appear as marked reference rows, never mixed with runs.
-
-The statistics, grouping jobs into rows, pairing rows with the baseline by seed, and the
-paper's numbers as reference rows: plain data in, plain data out, testable without files.
-"""
+"""Aggregating jobs into `trace-tables`' report: rows of a method in one setting of the other varying keys,
+each cell the seeds' mean, standard deviation, 95 % t-interval and extremes; each row paired by seed with
+the baseline method; the paper's numbers as marked reference rows. Plain data in, plain data out, testable
+without files (the grouping rules are in trace_realign.tables' docstring)."""
 
 from __future__ import annotations
 

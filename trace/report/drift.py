@@ -10,11 +10,11 @@ evaluation before training), so a drift line starts where the method started.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from trace_realign.method.shifts import policy_label
 from trace_realign.report.aggregate import Paired, Report, Summary, build_report, order_value, paired
 from trace_realign.report.collect import Job, method_of, seed_of
 from trace_realign.report.render import Series, label_cells, markdown_table, paired_text
@@ -52,14 +52,10 @@ def chain_length(job: Job) -> int:
     return int(job.config.get(CHAIN, 0))
 
 
-def label_of(policy: object) -> str:
-    return re.sub(r"\W", "_", Path(str(policy)).stem)  # as method/shifts.py labels a policy
-
-
 def policy_labels(jobs: Sequence[Job]) -> list[str]:
     """Every policy the chains report agreement with (agree_<label>): in chain order (the dataset's
     policy_old, then shifts.policies), then any other the metrics name."""
-    chained = [label_of(p) for j in jobs for p in [j.config.get("dataset.policy_old"), *(j.config.get("shifts.policies") or [])]
+    chained = [policy_label(str(p)) for j in jobs for p in [j.config.get("dataset.policy_old"), *(j.config.get("shifts.policies") or [])]
                if p is not None]
     found = [k.split("/")[2][len("agree_"):] for j in jobs for k in (j.metrics or {})
              if k.startswith("eval/after/agree_") and k.count("/") == 2 and "_ci95" not in k]
@@ -86,7 +82,7 @@ def drift_reports(jobs: Sequence[Job]) -> dict[str, Report]:
 def target_of(job: Job) -> str | None:
     """The policy a chain job's last shift realigned to (its last agreement label is not it: read the config)."""
     names = job.config.get("shifts.policies")
-    return label_of(names[-1]) if isinstance(names, list) and names else None
+    return policy_label(str(names[-1])) if isinstance(names, list) and names else None
 
 
 def chain_against_direct(jobs: Sequence[Job]) -> list[tuple[str, str, Paired]]:
