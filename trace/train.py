@@ -156,7 +156,9 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
 
     t_fit = time.time()
     on_cuda = device.type == "cuda"
-    if on_cuda:  # this rank's peak over the fit (impact scores, selection and steps), not the evaluation before
+    # this rank's peak over the fit (impact scores, selection and steps), not the evaluation before; CUDA's
+    # allocator refuses a reset before its first allocation (nothing to reset then: a prealign stage)
+    if on_cuda and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats(device)
     final = module.policy
     if method.retrain:
