@@ -1,6 +1,6 @@
 """Every check that only a GPU can make, as one step, into one report (experiments/gpu_check.sh runs it).
 
-    bash experiments/gpu_check.sh                        # one GPU: about 9 minutes; the report in --out
+    bash experiments/gpu_check.sh                        # one GPU: about 8 minutes; the report in --out
     bash experiments/gpu_check.sh --dry-run              # the same steps at toy sizes on a CPU (the test suite)
     bash experiments/gpu_check.sh --only fsdp1 bf16      # some of them
 
@@ -36,6 +36,9 @@ from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = ("step", "memory", "fsdp1", "impact", "bf16")
+# modules a check needs beyond what every run imports, with what installs them: a GPU machine's image may lack
+# one, and a check should say so before it spends minutes building M_old
+NEEDS = {"bf16": {"lm_eval": "lm-eval"}}  # the default run's capability evaluator
 # timings, the resume marker and where M_old came from differ by design between a whole and a resumed run
 VOLATILE = ("seconds", "train/resumed_from_step", "prealign/cached", "prealign/stages_built", "data/cache_hits")
 # few steps of the embedded default, for the runs of the fsdp1 and bf16 checks at toy sizes
@@ -64,8 +67,10 @@ def app(name: str) -> str:
 
 def train_step(args: argparse.Namespace, out: Path, log: Path) -> dict[str, Any]:
     """benchmark_train.py fused and per category: TRACE / DPO step time, and the memory of each."""
+    # 40 steps: on an H200 both methods' steps fell into two modes (about 0.15 s and 0.4 s), and the median
+    # of 10 took whichever held more of them (experiments/results/gpu_check/gpu_check.md)
     size = ["--smoke"] if args.dry_run else ["--hidden-size", "1024", "--layers", "8", "--batch-size", "8",
-                                              "--steps", "10", "--warmup", "2"]
+                                              "--steps", "40", "--warmup", "5"]
     device = ["--device", "cpu" if args.dry_run else "cuda"]
     found = {}
     for fused in ("true", "false"):
@@ -170,6 +175,13 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, seconds
     return "\n".join(lines) + "\n"
 
 
+def missing_modules(check: str) -> dict[str, str]:
+    """The modules `check` needs that this Python cannot import, each with the distribution that holds it."""
+    import importlib.util
+
+    return {m: dist for m, dist in NEEDS.get(check, {}).items() if importlib.util.find_spec(m) is None}
+
+
 def device_name(args: argparse.Namespace) -> str:
     if args.dry_run:
         return "cpu"
@@ -195,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     others: dict[str, Callable[..., dict[str, Any]]] = {"fsdp1": check_fsdp1, "impact": check_impact, "bf16": check_bf16}
     for name in args.only:
         print(f"[{name}] ...", flush=True)
+        missing = missing_modules(name)
         try:
+            if missing:
+                raise ModuleNotFoundError(f"{name} needs {', '.join(missing)}, not installed here: "
+                                          f"pip install {' '.join(missing.values())}")
             if name in ("step", "memory"):
                 found = found or train_step(args, args.out, log)  # one pair of runs serves both checks
                 results[name] = (check_step if name == "step" else check_memory)(found)

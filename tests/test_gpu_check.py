@@ -45,3 +45,20 @@ def check_training_cost_benchmark(out) -> None:
     assert [c["limit"] for c in data["checks"]] == [1.1, 1.3]
     text = out.with_suffix(".md").read_text()
     assert text.count("PASS") + text.count("FAIL") == 2 and "| trace_lora |" in text
+
+
+def test_a_check_whose_module_is_missing_says_what_to_install_and_spends_nothing(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import gpu_check
+
+    monkeypatch.setitem(gpu_check.NEEDS, "bf16", {"no_such_module_xyz": "no-such-dist"})
+    monkeypatch.setattr(gpu_check, "check_bf16", lambda *a: pytest.fail("ran a check whose module is missing"))
+    assert gpu_check.main(["--dry-run", "--only", "bf16", "--out", str(tmp_path)]) == 1
+    result = json.loads((tmp_path / "gpu_check.json").read_text())["bf16"]
+    assert "no_such_module_xyz" in result["error"] and "pip install no-such-dist" in result["error"]
+
+    # a module it names for the real check is one the project installs (lm-eval is a dependency)
+    monkeypatch.undo()
+    assert gpu_check.NEEDS["bf16"] == {"lm_eval": "lm-eval"} and importlib.util.find_spec("lm_eval")
