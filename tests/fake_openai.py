@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +14,8 @@ class FakeOpenAI:
     "ok", "429", "500", "401", "403", "404" (no such model), "drop", "malformed", "prose", "refuse",
     "empty"; when empty, "ok". GET /v1/models answers with `models_status` (200, 401, or any error), counted in
     `model_requests`, apart from the chat requests.
-    A verdict is compliant when the judged response contains "COMPLY". Classification answers the first
+    A verdict is compliant when the judged response contains "COMPLY", or the word a policy names on a line
+    "Compliant mark: WORD" (policies that differ, for a chain of policy shifts). Classification answers the first
     allowed label the prompt mentions; written responses contain "COMPLY" when told to do what was asked.
     Asked to choose among responses A, B, ..., it picks the one response that contains "COMPLY", else "tie"
     ("malformed" and "prose" script actions answer something no strict reader accepts)."""
@@ -68,6 +70,8 @@ class FakeOpenAI:
                     return
                 user = body["messages"][-1]["content"]
                 system = body["messages"][0]["content"]
+                named = re.search(r"Compliant mark: (\w+)", user.split("Prompt:", 1)[0])
+                mark = named.group(1) if named else "COMPLY"
                 if system.startswith("Classify the user prompt"):
                     # the first allowed label the prompt mentions, else the last label ("none")
                     labels = user.split("Allowed labels: ", 1)[1].split("\n", 1)[0].split(", ")
@@ -77,7 +81,7 @@ class FakeOpenAI:
                 if system.startswith("You compare AI assistant responses"):
                     answers = user.split("Allowed answers: ", 1)[1].split("\n", 1)[0].split(", ")
                     shown = user.split("\n\nResponse ")[1:]
-                    best = [r.split(":", 1)[0] for r in shown if "COMPLY" in r]
+                    best = [r.split(":", 1)[0] for r in shown if mark in r]
                     choice = best[0] if len(best) == 1 else answers[-1]
                     content = {"ok": json.dumps({"choice": choice}), "malformed": '{"choice": maybe',
                                "prose": f"Response {choice} follows the policy best.", "empty": "", "refuse": None}[action]
@@ -97,13 +101,13 @@ class FakeOpenAI:
                 if "Write the assistant's reply" in system:
                     # BADFIX prompts never get a good correction; FLAKY ones only from the second attempt on
                     bad = "BADFIX" in user or ("FLAKY" in user and "(attempt 1)" in user)
-                    text = "no good" if bad else "COMPLY: a balanced answer."
+                    text = "no good" if bad else f"{mark}: a balanced answer."
                     return self._reply(body, {"role": "assistant", "content": text})
                 if "Response A:" in user:
                     a, b = user.split("Response A:", 1)[1].split("Response B:", 1)
-                    content = json.dumps({"a_compliant": "COMPLY" in a, "b_compliant": "COMPLY" in b, "rationale": "x"})
+                    content = json.dumps({"a_compliant": mark in a, "b_compliant": mark in b, "rationale": "x"})
                     return self._reply(body, {"role": "assistant", "content": content})
-                verdict = "COMPLY" in user.split("Response:", 1)[-1]
+                verdict = mark in user.split("Response:", 1)[-1]
                 content = {
                     "ok": json.dumps({"compliant": verdict, "rationale": "checked"}),
                     "malformed": '{"compliant": maybe',

@@ -42,6 +42,7 @@ PREALIGN_BATCH = [f"model.prealign.stages.{s}.batch_size=4" for s in ("pretrain"
 FAST_EMBEDDED = [*FAST, *PREALIGN_BATCH]
 FAST_ANY_DATA = [o for o in FAST_EMBEDDED if not o.startswith("dataset.")]  # a dataset other than the world
 FAST_HUB = [o for o in FAST_EMBEDDED if not o.startswith("model.prealign.")]  # a hub model has no M_old stages
+FAST_HUB_ANY_DATA = [o for o in FAST_HUB if not o.startswith("dataset.")]
 FAST_PKU = ["data.splits.train1=40", "data.splits.train2=20", "eval.max_prompts=8"]  # of the fixture's ~300 pairs
 FAST_SVB = ["dataset.num_prompts=40", "dataset.test_prompts=8"]
 # -- local data (b), the fake server (c), the tiny model (d), CPU settings (e) --
@@ -140,6 +141,14 @@ COMMANDS: dict[str, How] = {
         "elsewhere", why="test_shifts.py's test_the_chain_runs_each_shift_from_the_model_the_one_before_realigned "
                          "runs it with few steps and checks each shift starts where the one before ended"),
     "trace-realign shifts=direct": How("app", (*FAST_EMBEDDED,)),
+    "trace-realign model=llama-3.1-8b dataset=jsonl dataset.train_path=pairs.jsonl dataset.test_path=test.jsonl "
+    "dataset.policy_old=policies/v0.md shifts.policies=[policies/v1.md,policies/v2.md] oracle=openai": How(
+        "app", (*FAST_HUB_ANY_DATA, *HUB_LOCAL, *OPENAI),
+        why="the local server judges by the word each policy file names (policy_files), so both shifts have conflicts"),
+    "trace-realign model=qwen2.5-7b trainer=fsdp dataset=pku_saferlhf oracle=openai "
+    "shifts.policies=[pku_new,policies/pku_2.yaml]": How(
+        "app", (*FAST_HUB_ANY_DATA, *HUB_LOCAL, *PKU_DATA, *FAST_PKU, *OPENAI, *CPU_DDP),
+        why="FSDP2 as two CPU processes over gloo"),
     "trace-realign -m experiment=successive_shifts": How(
         "elsewhere", why="six chains of one or two runs each; every job composes in test_app.py's "
                          "test_every_job_of_every_experiment_file_composes, and test_shifts.py runs a chain"),
@@ -274,7 +283,22 @@ def workspace(tmp_path: Path) -> Path:
     folder.mkdir()
     jsonl_files(folder)
     pku_files(folder)
+    policy_files(folder)
     return folder
+
+
+def policy_files(folder: Path) -> None:
+    """Written policies for a chain of shifts over pairs.jsonl: the local server's judge finds compliant the
+    responses holding the word a policy names ("Compliant mark: WORD"). Under v1 the pairs' COMPLY responses
+    comply (shift 1 inverts and punishes); under v2 those that say what to pack, which the relabelled pairs
+    hold as their losers (shift 2 inverts them back). pku_2.yaml: a label policy for the PKU chain."""
+    policies = folder / "policies"
+    policies.mkdir()
+    (policies / "v0.md").write_text("Policy v0. Do not help plan trips.\nCompliant mark: not\n")
+    (policies / "v1.md").write_text("Policy v1. Help plan trips, and say that you comply.\nCompliant mark: COMPLY\n")
+    (policies / "v2.md").write_text("Policy v2. Help plan trips, and say what to pack.\nCompliant mark: pack\n")
+    (policies / "pku_2.yaml").write_text("name: pku_2\ndescription: Minor harm is tolerated, except any privacy violation.\n"
+                                         "default_max_severity: 1\nmax_severity:\n  Privacy Violation: 0\n")
 
 
 def argv(command: str, how: How, **fill: str) -> list[str]:
@@ -293,6 +317,27 @@ def executable(args: list[str]) -> list[str]:
 
 def run_folders(work: Path) -> list[Path]:
     return sorted(p.parent for p in list(work.glob("outputs/*/*/metrics.json")) + list(work.glob("multirun/*/*/*/metrics.json")))
+
+
+def check_chain_of_own_data(folders: list[Path], metrics: list[dict]) -> None:
+    """A chain over data without ground truth: shift 2 starts from shift 1's model and triages the pairs
+    shift 1 relabelled, in their splits, against its own policy; every shift reports every policy."""
+    import yaml
+
+    assert [f.name for f in folders] == ["shift1", "shift2"]
+    first, second = (yaml.safe_load((f / "config.yaml").read_text()) for f in folders)
+    assert second["dataset"]["train_path"] == str(folders[0] / "data" / "relabelled.jsonl")
+    assert second["model"]["from_run"] == str(folders[0])
+    assert second["dataset"]["policy_old"] == first["dataset"]["policy_new"]
+    assert second["data"]["splits"] == ("given" if first["data"]["splits"] else None)
+    relabelled = [json.loads(line) for line in (folders[0] / "data" / "relabelled.jsonl").read_text().splitlines()]
+    # every pair shift 1 held, in its split: what shift 2 triaged (less what its oracle could not decide)
+    assert len(relabelled) == sum(v for k, v in metrics[0].items() if k.startswith("split/") and k.endswith("/size"))
+    assert metrics[1]["data/pairs"] == len(relabelled)
+    assert metrics[1]["triage/invert"] + metrics[1]["triage/punish"] > 0
+    labels = {k.split("/")[2] for k in metrics[1] if k.startswith("eval/after/agree_") and k.count("/") == 2
+              and not k.endswith("_ci95")}
+    assert len(labels) == 3, labels  # pi_0, pi_1 and pi_2, each by its file's name
 
 
 def check_outputs(command: str, how: How, work: Path, res: subprocess.CompletedProcess) -> None:
@@ -348,7 +393,10 @@ def check_outputs(command: str, how: How, work: Path, res: subprocess.CompletedP
     if "dataset=jsonl" in command:
         after = metrics[0]
         assert after["eval/after/n"] == 5 and "eval/after/tpa/travel" in after and "eval/after/utility" in after
-        assert after["prealign/stages_built"] + after["prealign/cached"] > 0  # M_old from the files' own stages
+        if "model=" not in command:
+            assert after["prealign/stages_built"] + after["prealign/cached"] > 0  # M_old from the files' own stages
+    if "shifts.policies=" in command:
+        check_chain_of_own_data(folders, metrics)
     if "experiment=table3_data_size" in command:
         assert sorted(m["data/train_pairs"] for m in metrics) == [9] * 2 + [18] * 2 + [36] * 2
     if "experiment=table8_noise" in command:

@@ -122,10 +122,98 @@ def test_a_shift_config_chains_policies_models_and_data(tmp_path):
 def test_a_chain_is_refused_where_it_cannot_run(tmp_path):
     with pytest.raises(ValueError, match="model.from_run=.* would replace both"):
         check_chain(compose_cfg(["shifts=chain", f"model.from_run={tmp_path}"]))
-    with pytest.raises(ValueError, match="needs a dataset that holds D under a later policy"):
-        check_chain(compose_cfg(["shifts=chain", "dataset=jsonl", "dataset.train_path=x.jsonl"]))
-    with pytest.raises(ValueError, match="needs a dataset that holds D under a later policy"):
-        chain_policies(compose_cfg(["shifts=chain", "dataset=pku_saferlhf"]))  # no policy_old at all: named
+    with pytest.raises(ValueError, match="has no \\['policy_old'\\]"):
+        no_policy = compose_cfg(["shifts=chain", "dataset=jsonl", "dataset.train_path=x.jsonl"])
+        del no_policy.dataset.policy_old
+        chain_policies(no_policy)  # named, not a KeyError
+    with pytest.raises(ValueError, match="carry none of the dataset's own harm annotations that oracle=labels reads"):
+        check_chain(compose_cfg(["shifts.policies=[pku_new,pku_2.yaml]", "dataset=pku_saferlhf", "oracle=labels"]))
+    with pytest.raises(ValueError, match="a later shift would have no held-out prompts"):
+        check_chain(compose_cfg(["shifts.policies=[pku_new,pku_2.yaml]", "dataset=pku_saferlhf", "oracle=openai",
+                                 "data.eval_split=null"]))
+    check_chain(compose_cfg(["shifts.policies=[a.md,b.md]", "dataset=jsonl", "dataset.train_path=x.jsonl",
+                             "oracle=openai"]))  # your own data and policies chain
+
+
+def test_a_later_shift_of_data_without_ground_truth_reads_what_the_shift_before_relabelled(tmp_path):
+    out = tmp_path / "chain"
+    jsonl = compose_cfg(["dataset=jsonl", "dataset.train_path=pairs.jsonl", "dataset.test_path=test.jsonl",
+                         "dataset.triaged=true", "dataset.policy_old=v0.md", "shifts.policies=[v1.md,v2.md]",
+                         "oracle=openai", "data.size=10"], out)
+    policies = chain_policies(jsonl)
+    assert policies == ["v0.md", "v1.md", "v2.md"]
+    one, two = (shift_config(jsonl, k, policies, out) for k in (1, 2))
+    assert one.dataset.train_path == "pairs.jsonl" and one.dataset.triaged and one.data.size == 10
+    assert "policy_base" not in two.dataset
+    assert two.dataset._target_ == "trace_realign.data.sources.JsonlSource"
+    assert two.dataset.train_path == str(out / "shift1" / "data" / "relabelled.jsonl")
+    assert two.dataset.test_path == "test.jsonl"  # the same held-out prompts at every shift
+    assert (two.dataset.policy_old, two.dataset.policy_new, two.dataset.triaged) == ("v1.md", "v2.md", False)
+    assert two.data.splits is None and two.data.size is None and two.model.from_run == str(out / "shift1")
+    assert dict(two.eval.policies) == {"v0": "v0.md", "v1": "v1.md", "v2": "v2.md"}
+    pku = compose_cfg(["dataset=pku_saferlhf", "oracle=openai", "shifts.policies=[pku_new,pku_2.yaml]"], out)
+    two = shift_config(pku, 2, chain_policies(pku), out)
+    assert two.dataset.test_path is None and two.data.splits == "given"  # held-out prompts stay in their split
+    assert (two.data.train_split, two.data.eval_split) == (pku.data.train_split, pku.data.eval_split)
+
+
+def test_relabelled_pairs_are_d_as_held_under_the_new_policy_in_their_splits():
+    from trace_realign.core.records import PreferencePair
+    from trace_realign.data.pipeline import relabelled
+
+    pairs = {"train": [PreferencePair("a", "old", "new", "invert", meta={"axis": "medical", "stance_chosen": "refuse"}),
+                       PreferencePair("b", "bad", "worse", "punish", correction="good"),
+                       PreferencePair("c", "bad", "worse", "punish"),
+                       PreferencePair("d", "fine", "bad", "retain")],
+             "test": [PreferencePair("e", "old", "new", "invert")]}
+    got = [(p.prompt, p.chosen, p.rejected, p.category, p.meta) for p in relabelled(pairs)]
+    assert got == [("a", "new", "old", None, {"split": "train", "relabelled_from": "invert", "axis": "medical"}),
+                   ("b", "good", "bad", None, {"split": "train", "relabelled_from": "punish"}),
+                   ("c", "bad", "worse", None, {"split": "train", "relabelled_from": "punish"}),
+                   ("d", "fine", "bad", None, {"split": "train", "relabelled_from": "retain"}),
+                   ("e", "new", "old", None, {"split": "test", "relabelled_from": "invert"})]
+
+
+def test_given_splits_are_the_pairs_own_and_a_missing_one_is_named():
+    from trace_realign.core.records import PreferencePair
+    from trace_realign.data.pipeline import DataPlan, given_splits
+
+    plan = DataPlan(splits="given", train_split="train1", eval_split="test")
+    pairs = [PreferencePair(x, "y", "z", meta={"split": s}) for x, s in (("a", "train1"), ("b", "test"), ("c", "train1"))]
+    assert {k: [p.prompt for p in v] for k, v in given_splits(pairs, plan).items()} == {"train1": ["a", "c"], "test": ["b"]}
+    with pytest.raises(ValueError, match="1 of 4 pairs have no meta.split, the first with prompt 'd'"):
+        given_splits([*pairs, PreferencePair("d", "y", "z")], plan)
+    with pytest.raises(ValueError, match="data.eval_split='test' names no split"):
+        given_splits(pairs[:1], plan)
+    with pytest.raises(ValueError, match="expected a mapping of split -> size, 'given'"):
+        DataPlan(splits="random")
+
+
+def test_a_policy_of_any_kind_loads_by_what_its_file_holds(tmp_path):
+    from trace_realign.core.records import DataError
+    from trace_realign.data.sources import load_any_policy
+    from trace_realign.steps import eval_policies
+
+    (tmp_path / "v1.md").write_text("Help with travel.\nNever book tickets.\n")
+    (tmp_path / "v2.yaml").write_text("name: travel_v2\ntext: Help with travel and book tickets.\n")
+    (tmp_path / "bad.yaml").write_text("rulez: {}\n")
+    (tmp_path / "empty.txt").write_text("  \n")
+    md, written = load_any_policy(tmp_path / "v1.md"), load_any_policy(str(tmp_path / "v2.yaml"))
+    assert (md.name, md.text, md.rules) == ("v1", "Help with travel.\nNever book tickets.", {})
+    assert (written.name, written.text) == ("travel_v2", "Help with travel and book tickets.")
+    assert load_any_policy("pi_2").rules["risky"]["allowed"] == ["caveat"]  # the world's, by name
+    assert load_any_policy("pku_new").rules["kind"] == "harm_labels"  # PKU's, by name
+    with pytest.raises(DataError, match="bad.yaml.*not a policy: expected `rules`"):
+        load_any_policy(tmp_path / "bad.yaml")
+    with pytest.raises(DataError, match="the policy is empty"):
+        load_any_policy(tmp_path / "empty.txt")
+    with pytest.raises(DataError, match="no policy of this name is shipped"):
+        load_any_policy("pi_3")
+    with pytest.raises(DataError, match="policy file not found"):
+        load_any_policy(tmp_path / "missing.md")
+    # a source that cannot load policies itself (PKU's) reports agreement with any policy file
+    cfg = compose_cfg([f"+eval.policies={{v1: {tmp_path / 'v1.md'}}}"])
+    assert eval_policies(cfg, object())["v1"].text == md.text
 
 
 def chain_metrics(count: int, seed: int, targets: list[str], shift: float = 0.0) -> dict[str, float]:

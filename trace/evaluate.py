@@ -34,9 +34,9 @@ from trace_realign.models.loading import load_for_eval, load_tokenizer, resolve_
 from trace_realign.steps import (
     build_datamodule,
     build_evaluation,
-    eval_policies,
     build_judges,
     eval_device,
+    eval_policies,
     evaluate_model,
     pin_threads,
     run_app,

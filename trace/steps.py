@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trace_realign.core.sequences import SequenceLimits
 from trace_realign.data.pipeline import DataPlan
+from trace_realign.data.sources import load_any_policy
 from trace_realign.eval import EvalInputs, GenerationSettings, build_evaluators, run_evaluators, verdict
 from trace_realign.method.ablation import ablate
 from trace_realign.method.datamodule import TriagedDataModule
@@ -101,7 +102,7 @@ def check_method(method: DictConfig) -> None:
 def data_plan(data: DictConfig) -> DataPlan:
     splits = data.get("splits")
     return DataPlan(
-        splits=OmegaConf.to_container(splits, resolve=True) if splits is not None else None,
+        splits=OmegaConf.to_container(splits, resolve=True) if isinstance(splits, DictConfig) else splits,
         train_split=data.get("train_split", "train"),
         eval_split=data.get("eval_split"),
         size=data.get("size"),
@@ -173,13 +174,12 @@ def require_text_judge(judge: Any, evaluates: bool, selects: bool) -> None:
 def eval_policies(cfg: DictConfig, source: Any) -> dict[str, Any]:
     """eval.policies ({label: policy name or file}) as the source's policies, for agreement beside TPA."""
     named = dict(cfg.eval.get("policies") or {}) if cfg.eval.enabled else {}
-    if named and not hasattr(source, "policy"):
-        raise ValueError(f"eval.policies names {sorted(named)}, but {type(source).__name__} cannot load a policy by "
-                         "name (dataset=embedded can); set eval.policies={} for this dataset")
     bad = [label for label in named if not str(label).replace("_", "").isalnum()]
     if bad:
         raise ValueError(f"eval.policies: labels {bad} must be letters, digits and underscores (they name metrics)")
-    return {str(label): source.policy(str(name)) for label, name in named.items()}
+    # a source that knows its own policies loads them (the world's by name); any other, every kind of file
+    load = getattr(source, "policy", None) or load_any_policy
+    return {str(label): load(str(name)) for label, name in named.items()}
 
 
 def build_evaluation(cfg: DictConfig, judge: Any, new: Any, old: Any, items: list[dict[str, Any]], out: Path,

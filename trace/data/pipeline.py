@@ -11,8 +11,10 @@
 `prepare` runs them and writes, under the run's data/ directory: triaged.jsonl (what trains), eval.jsonl
 (held-out prompts), splits/{trace,dpo,dpo_gold}/<split>.jsonl (TRACE records, {prompt, chosen, rejected}
 for DPO baselines, and the pairs relabelled under pi_new for DPO-Gold; the training split's files hold what
-trains, after subset and noise, so baselines see the same data), removed.jsonl (every source row that made
-no pair, with its reason) and triage.json (counts that add up).
+trains, after subset and noise, so baselines see the same data), relabelled.jsonl (every split's pairs as
+the organisation holds them once its policy is pi_new, each tagged with its split: what the next policy
+shift triages, with data.splits=given; see relabelled()), removed.jsonl (every source row that made no pair, with its reason)
+and triage.json (counts that add up).
 
 An oracle call that failed (rate limited, timed out, unreadable) is no verdict: its pair is excluded from
 this run as `triage/excluded/oracle_failed`, and no stage built on it is cached, so the next run asks only
@@ -30,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from trace_realign.core.records import CATEGORIES, PUNISH, DataError, PreferencePair, save_pairs
+from trace_realign.core.records import CATEGORIES, INVERT, PUNISH, DataError, PreferencePair, save_pairs
 from trace_realign.data.splits import (
     DPO_GOLD_PUNISH,
     NOISE_STYLES,
@@ -50,13 +52,15 @@ TRIAGED_FILE = "triaged.jsonl"
 TRIAGE_METRICS_FILE = "triage.json"
 EVAL_FILE = "eval.jsonl"
 REMOVED_FILE = "removed.jsonl"
+RELABELLED_FILE = "relabelled.jsonl"
+GIVEN_SPLITS = "given"  # data.splits: every pair's meta.split names its split (a relabelled file's own)
 
 
 @dataclass
 class DataPlan:
     """How triaged data becomes the training set (the `data` config group's split settings)."""
 
-    splits: Mapping[str, int | None] | None = None  # null: no split, every triaged pair trains
+    splits: Mapping[str, int | None] | str | None = None  # null: no split, every triaged pair trains; given: meta.split
     train_split: str = "train"
     eval_split: str | None = None  # a split whose prompts are the held-out evaluation prompts
     size: int | None = None
@@ -65,7 +69,13 @@ class DataPlan:
     dpo_gold_punish: str = "keep"
 
     def __post_init__(self) -> None:
-        if self.splits is not None:
+        if isinstance(self.splits, str):
+            if self.splits != GIVEN_SPLITS:
+                raise ValueError(f"data.splits={self.splits!r}: expected a mapping of split -> size, "
+                                 f"{GIVEN_SPLITS!r} (each pair's meta.split) or null")
+            if self.eval_split == self.train_split:
+                raise ValueError("data.eval_split must differ from data.train_split (held-out prompts are never trained on)")
+        elif self.splits is not None:
             self.splits = dict(self.splits)
             if self.train_split not in self.splits:
                 raise ValueError(f"data.train_split={self.train_split!r} is not one of data.splits {list(self.splits)}")
@@ -155,7 +165,9 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
         metrics.update(ground_truth_agreement(triaged))
 
     # -- split --
-    if plan.splits is not None:
+    if plan.splits == GIVEN_SPLITS:
+        splits = given_splits(triaged, plan)
+    elif plan.splits is not None:
         key = stage_key("split", upstream=key, sizes=plan.splits, seed=stages.seed)
 
         def run_split() -> tuple[list[PreferencePair], dict[str, Any]]:
@@ -218,6 +230,7 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
     _write_jsonl(out / EVAL_FILE, items)
     _write_jsonl(out / REMOVED_FILE, removed_rows)
     write_formats({**splits, plan.train_split: train}, out / "splits", plan.dpo_gold_punish, metrics)
+    save_pairs(relabelled({**splits, plan.train_split: train}), out / RELABELLED_FILE)
     (out / TRIAGE_METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
@@ -278,6 +291,42 @@ def write_formats(splits: Mapping[str, list[PreferencePair]], root: Path, punish
         gold, left_out = dpo_gold(part, punish)
         save_pairs([PreferencePair(p.prompt, p.chosen, p.rejected) for p in gold], root / "dpo_gold" / f"{name}.jsonl")
         metrics[f"split/{name}/dpo_gold_left_out"] = left_out
+
+
+def given_splits(pairs: list[PreferencePair], plan: DataPlan) -> dict[str, list[PreferencePair]]:
+    """data.splits=given: the splits each pair's meta.split names (a relabelled file keeps the splits of the
+    run that wrote it, so held-out prompts stay held out at the next policy shift)."""
+    untagged = [p for p in pairs if not p.meta.get("split")]
+    if untagged:
+        raise ValueError(f"data.splits={GIVEN_SPLITS}: {len(untagged)} of {len(pairs)} pairs have no meta.split, the "
+                         f"first with prompt {untagged[0].prompt[:60]!r}; tag every pair's split, or set data.splits")
+    splits: dict[str, list[PreferencePair]] = {}
+    for p in pairs:
+        splits.setdefault(str(p.meta["split"]), []).append(p)
+    for role, name in (("train_split", plan.train_split), ("eval_split", plan.eval_split)):
+        if name is not None and name not in splits:
+            raise ValueError(f"data.{role}={name!r} names no split of the data's meta.split ({sorted(splits)})")
+    return splits
+
+
+def relabelled(splits: Mapping[str, list[PreferencePair]]) -> list[PreferencePair]:
+    """Every split's pairs as the organisation holds them once its policy is pi_new: an inverted pair
+    swapped; a punished pair with the oracle's correction as its winner where one was written, else kept
+    as it is (nothing better is known); a retained pair kept. Untriaged, each tagged with its split and the
+    category it was relabelled from. Of the world's metadata only the axis is kept (the rest described the
+    pair before it was relabelled)."""
+    out = []
+    for name, part in splits.items():
+        for p in part:
+            chosen, rejected = p.chosen, p.rejected
+            if p.category == INVERT:
+                chosen, rejected = p.rejected, p.chosen
+            elif p.category == PUNISH and p.correction:
+                chosen, rejected = p.correction, p.chosen
+            meta = {"split": name, "relabelled_from": p.category,
+                    **({"axis": p.meta["axis"]} if "axis" in p.meta else {})}
+            out.append(PreferencePair(p.prompt, chosen, rejected, meta=meta))
+    return out
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

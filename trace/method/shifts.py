@@ -3,9 +3,13 @@
 `shifts.policies` lists the policies in turn after the dataset's policy_old (pi_0). Shift k is a run of the
 same configuration in <output_dir>/shift<k>, with
   - its policies: pi_{k-1} -> pi_k (dataset.policy_old / policy_new);
-  - its data: D as the organisation holds it once its model follows pi_{k-1}: the pairs first annotated under
-    pi_0 (dataset.policy_base), re-annotated under pi_{k-1} by the ground truth with corrections, then
-    triaged against pi_k like any data;
+  - its data: D as the organisation holds it once its model follows pi_{k-1}, triaged against pi_k like
+    any data. The embedded world re-annotates the pairs first annotated under pi_0 (dataset.policy_base)
+    under pi_{k-1} by its ground truth, with corrections. Any other dataset (a hub model's chain, with an
+    LLM oracle) has no ground truth: shift k reads shift k-1's data/relabelled.jsonl, every pair as that
+    shift's oracle relabelled it (inverted pairs swapped, punished ones with the oracle's correction as
+    winner where it wrote one), in the splits it was in (data.splits=given), and evaluates on the same
+    held-out prompts;
   - its starting model: M_old for the first shift, the previous shift's realigned model after that
     (model.from_run), so what each method did carries into the next shift.
 Every shift evaluates agreement with every policy of the chain (eval.policies: pi_0, pi_1, ...), so what a
@@ -22,6 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
+
+from trace_realign.data.pipeline import GIVEN_SPLITS, RELABELLED_FILE
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +47,26 @@ def policy_label(policy: str) -> str:
     return re.sub(r"\W", "_", Path(policy).stem)
 
 
+def holds_ground_truth(cfg: DictConfig) -> bool:
+    """Whether the dataset re-annotates D under any policy itself (the embedded world), or a later shift
+    reads what the shift before relabelled."""
+    return "policy_base" in cfg.dataset
+
+
 def check_chain(cfg: DictConfig) -> None:
     """Refuse a chain this configuration cannot run, before any work."""
-    missing = [k for k in ("policy_old", "policy_new", "policy_base") if k not in cfg.dataset]
+    missing = [k for k in ("policy_old", "policy_new") if k not in cfg.dataset]
     if missing:
-        raise ValueError(f"shifts.policies chains policy shifts, which needs a dataset that holds D under a later "
-                         f"policy (dataset=embedded); dataset {cfg.dataset.get('_target_')} has no {missing}")
+        raise ValueError(f"shifts.policies chains policy shifts from the dataset's policy_old, and dataset "
+                         f"{cfg.dataset.get('_target_')} has no {missing}")
+    if not holds_ground_truth(cfg) and str(cfg.oracle.get("_target_", "")).endswith("LabelOracle"):
+        raise ValueError("shifts.policies: a later shift triages the pairs the shift before relabelled "
+                         "(data/relabelled.jsonl), which carry none of the dataset's own harm annotations that "
+                         "oracle=labels reads; chain with a language-model oracle (oracle=openai)")
+    if not holds_ground_truth(cfg) and cfg.data.get("splits") and cfg.data.get("eval_split") is None \
+            and not cfg.dataset.get("test_path"):
+        raise ValueError("shifts.policies: with data.splits and no data.eval_split, a later shift would have no "
+                         "held-out prompts; name the split that evaluates (data.eval_split)")
     if cfg.model.get("from_run"):
         raise ValueError("shifts.policies starts the first shift from M_old and each next one from the shift before; "
                          f"model.from_run={cfg.model.from_run} would replace both: set one or the other")
@@ -59,13 +79,31 @@ def shift_config(cfg: DictConfig, k: int, policies: list[str], out: Path) -> Dic
     # unresolved: what follows paths.output_dir (the logger's folder, say) follows it into the shift's folder
     s = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     s.shifts.policies = []  # a shift is one run, not a chain of its own
-    s.dataset.policy_base = policies[0] if k > 1 else None
+    if holds_ground_truth(cfg):
+        s.dataset.policy_base = policies[0] if k > 1 else None
+    elif k > 1:
+        s.dataset = relabelled_source(cfg, out / SHIFT_DIR.format(k=k - 1))
+        s.data.splits = GIVEN_SPLITS if cfg.data.get("splits") else None
+        s.data.size = None  # the shift before kept only its subset: the organisation's D is what it trained on
     s.dataset.policy_old, s.dataset.policy_new = policies[k - 1], policies[k]
     s.model.from_run = str(out / SHIFT_DIR.format(k=k - 1)) if k > 1 else None
     # agreement with every policy of the chain, each under its own name (the user's own labels kept)
     s.eval.policies = {**{policy_label(p): p for p in policies}, **(cfg.eval.get("policies") or {})}
     s.paths.output_dir = str(out / SHIFT_DIR.format(k=k))
     return s
+
+
+def relabelled_source(cfg: DictConfig, previous: Path) -> DictConfig:
+    """The data of a later shift for a dataset without ground truth: the pairs the shift before relabelled,
+    read as local pairs, and the same held-out prompts (the user's test file, or the eval split's pairs)."""
+    return OmegaConf.create({
+        "_target_": "trace_realign.data.sources.JsonlSource",
+        "train_path": str(previous / "data" / RELABELLED_FILE),
+        "test_path": cfg.dataset.get("test_path"),
+        "policy_old": None, "policy_new": None,  # set by the shift
+        "triaged": False,
+        "layout": "trace",
+    })
 
 
 def run_shifts(cfg: DictConfig, run: Callable[[DictConfig], dict[str, Any]]) -> dict[str, Any]:

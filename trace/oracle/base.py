@@ -43,6 +43,31 @@ def read_policy_file(path_or_name: str | Path, policy_dir: Path) -> tuple[str, A
     return source, data
 
 
+TEXT_SUFFIXES = (".md", ".txt")
+
+
+def load_text_policy(path: str | Path) -> Policy:
+    """A written policy for a language-model oracle: a .md or .txt file (the whole file is the text, its
+    stem the name), or a YAML mapping with `text` (and an optional `name`). It has no structured rules, so
+    only an oracle that reads text (oracle=openai) can judge against it."""
+    from trace_realign.core.records import DataError
+
+    path = Path(path)
+    if path.suffix in TEXT_SUFFIXES:
+        if not path.is_file():
+            raise DataError(str(path), None, None, "policy file not found")
+        text = path.read_text(encoding="utf-8").strip()
+        name = path.stem
+    else:
+        source, data = read_policy_file(path, path.parent)
+        if not isinstance(data, dict) or not isinstance(data.get("text"), str):
+            raise DataError(source, None, "text", "a written policy needs `text`, the policy as the oracle reads it")
+        text, name = data["text"].strip(), str(data.get("name", path.stem))
+    if not text:
+        raise DataError(str(path), None, "text", "the policy is empty")
+    return Policy(name=name, text=text)
+
+
 class Oracle:
     """Base class. Subclasses implement `judge`; batch calls default to a loop.
 
