@@ -70,3 +70,16 @@ def test_a_users_error_is_its_message_alone_and_hydra_full_error_shows_the_trace
     assert "Traceback" in (tmp_path / "a" / "FAILED").read_text()
     full = app("trace-realign", *args, f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path, HYDRA_FULL_ERROR="1")
     assert full.returncode == 1 and "Traceback" in full.stderr and "NoConflictsError" in full.stderr
+
+
+def test_progress_bars_are_drawn_on_a_terminal_and_never_into_a_log(capsys):
+    from tqdm import tqdm
+
+    from trace_realign.core.progress import bar_off
+
+    # stderr is captured here, as in a log file: a bar the caller wants stays off, and so does an unwanted one
+    for wanted in (True, False):
+        for _ in tqdm(range(3), desc="bar-under-test", disable=bar_off(wanted)):
+            pass
+    assert "bar-under-test" not in capsys.readouterr().err
+    assert bar_off(True) is None and bar_off(False) is True  # None: tqdm asks the stream whether it is a terminal

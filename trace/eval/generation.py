@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from trace_realign.core.progress import bar_off
 from trace_realign.core.sequences import encode_prompt, stop_token_ids
 
 
@@ -74,7 +75,7 @@ def generate(
         if samples:
             torch.manual_seed(seed)
         desc = f"sample x{samples}" if samples else "generate"
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=bar_off(progress), leave=False):
             idx = order[start : start + batch_size]
             encoded = [encoded_all[i] for i in idx]
             width = max(len(e) for e in encoded)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from trace_realign.core.progress import bar_off
 from trace_realign.core.records import PreferencePair
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def impact_scores(
 ) -> torch.Tensor:
     """w_k = <g_J, g_k> for every sample (lines 12-19); a None entry (another rank's sample) scores 0."""
     scores = torch.zeros(len(sample_losses), dtype=torch.float64)
-    for k, make_loss in enumerate(tqdm(sample_losses, desc="impact", unit="pair", disable=not progress, leave=False)):
+    for k, make_loss in enumerate(tqdm(sample_losses, desc="impact", unit="pair", disable=bar_off(progress), leave=False)):
         if make_loss is None:
             continue
         scores[k] = torch.dot(g_gold.double(), flat_grad(make_loss(), params).double())
@@ -416,7 +417,7 @@ def batched_impact_scores(
     params = [p for p in model.parameters() if p.requires_grad]
     scores = torch.zeros(n, dtype=torch.float64)
     with ImpactTaps(model, gold) as taps:
-        for batch in tqdm(batches, desc="impact", unit="batch", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc="impact", unit="batch", disable=bar_off(progress), leave=False):
             taps.reset()
             loss = batch.loss()
             if sharded:

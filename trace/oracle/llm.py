@@ -31,6 +31,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
+from trace_realign.core.progress import bar_off
 from trace_realign.oracle.base import Oracle, Policy, failure_summary
 from trace_realign.oracle.verdicts import KEY_VERSION, OPENAI_SERVER, VerdictStore, server_id, verdict_key
 
@@ -366,7 +367,7 @@ class OpenAIOracle(Oracle):
         gate = asyncio.Semaphore(self.concurrency)
         unit = {"judge": "verdict", "pair": "pair", "write": "correction", "compose": "response", "classify": "label",
                 "choose": "choice"}[mode]
-        bar = tqdm(total=len(todo), desc=f"oracle {self.model}", unit=unit, disable=not self.progress, leave=False)
+        bar = tqdm(total=len(todo), desc=f"oracle {self.model}", unit=unit, disable=bar_off(self.progress), leave=False)
         failed: dict[str, Answer] = {}
 
         async def one(key: str, prompt: str, extra: Any) -> None:

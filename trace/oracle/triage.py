@@ -17,6 +17,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from trace_realign.core.progress import bar_off
 from trace_realign.core.records import CATEGORIES, INVERT, PUNISH, RETAIN, PreferencePair
 from trace_realign.oracle.base import Oracle, Policy
 
@@ -60,7 +61,7 @@ def triage(
     itself does not judge compliant, or none at all, excludes the pair with a count.
     """
     result = TriageResult(pairs=[])
-    bar = tqdm(total=len(pairs), desc="triage", unit="pair", leave=False)
+    bar = tqdm(total=len(pairs), desc="triage", unit="pair", disable=bar_off(True), leave=False)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         n = len(chunk)
