@@ -184,8 +184,8 @@ def build_m_old(overrides: list[str]) -> str:
 
 
 def build_larger_llama(tokenizer_dir: str, hidden: int, layers: int, heads: int | None, intermediate: int | None) -> str:
-    """A Llama of the given size with random weights (enough for time and memory) and M_old's tokenizer,
-    saved once under the cache so every configuration loads it by the same from_pretrained path."""
+    """A Llama of the given size with random weights (enough for time and memory) and the embedded default's
+    tokenizer, saved once under the cache so every configuration loads it by the same from_pretrained path."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     heads = heads or max(1, hidden // 64)
@@ -534,13 +534,18 @@ def main(argv: list[str] | None = None) -> None:
 
         if not torch.cuda.is_available():
             sys.exit("--device cuda: no CUDA device here")
-    print("M_old of the embedded default (built once, then cached) ...", flush=True)
-    path = build_m_old([*args.overrides, trainer_override(args)])  # built where the runs train (its cache key)
+    if args.hidden_size:
+        # random weights need only the embedded default's tokenizer: its base model, not M_old's stages
+        print("the embedded default's base model, for its tokenizer (built once, then cached) ...", flush=True)
+        path = build_m_old([*args.overrides, trainer_override(args), "model.prealign=null"])
+    else:
+        print("M_old of the embedded default (built once, then cached) ...", flush=True)
+        path = build_m_old([*args.overrides, trainer_override(args)])  # built where the runs train (its cache key)
     model = {"path": path, "description": f"M_old of the embedded default ({path})"}
     if args.hidden_size:
         path = build_larger_llama(path, args.hidden_size, args.layers, args.heads, args.intermediate_size)
         model = {"path": path, "description": f"Llama hidden {args.hidden_size} x {args.layers} layers, random weights, "
-                                              "M_old's tokenizer"}
+                                              "the embedded default's tokenizer"}
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     common = run_overrides(args, path)
     configs = configurations(args)
