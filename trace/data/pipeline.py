@@ -13,8 +13,8 @@
 for DPO baselines, and the pairs relabelled under pi_new for DPO-Gold; the training split's files hold what
 trains, after subset and noise, so baselines see the same data), relabelled.jsonl (every split's pairs as
 the organisation holds them once its policy is pi_new, each tagged with its split: what the next policy
-shift triages, with data.splits=given; see relabelled()), removed.jsonl (every source row that made no pair, with its reason)
-and triage.json (counts that add up).
+shift triages, with data.splits=given; see relabelled()), removed.jsonl (every source row that made no
+pair, with its reason) and triage.json (counts that add up).
 
 An oracle call that failed (rate limited, timed out, unreadable) is no verdict: its pair is excluded from
 this run as `triage/excluded/oracle_failed`, and no stage built on it is cached, so the next run asks only
