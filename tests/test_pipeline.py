@@ -367,3 +367,26 @@ def test_a_method_without_triage_must_name_a_category_to_serve_its_pairs_as():
     assert Stages(StageCache(None), use_triage=False, untriaged="retain").untriaged == "retain"
     with pytest.raises(ValueError, match=r"method.untriaged: 'everything'"):
         Stages(StageCache(None), use_triage=False, untriaged="everything")
+
+
+def test_relabelled_d_follows_the_oracles_verdicts_never_a_methods_one_category(tmp_path, pku_file):
+    # no_triage serves every training pair as punish; what the organisation holds is still the oracle's view
+    _, data = run_data(tmp_path, pku_file, "ablation=no_triage")
+    trace = load_pairs(data / "splits" / "trace" / "train1.jsonl", require_category=True)
+    assert {p.category for p in trace} == {"punish"}
+    held = [json.loads(line) for line in (data / "relabelled.jsonl").read_text().splitlines()]
+    train1 = [r for r in held if r["meta"]["split"] == "train1"]
+    assert len(train1) == len(trace) and {r["meta"]["relabelled_from"] for r in train1} == set(CATEGORIES)
+    for r, p in zip(train1, trace):
+        assert r["prompt"] == p.prompt
+        swapped = (r["chosen"], r["rejected"]) == (p.rejected, p.chosen)
+        assert swapped == (r["meta"]["relabelled_from"] == "invert")
+    # no oracle asked at all (no triage, no splits): D is held as it was annotated
+    cfg = compose_cfg(["method=dpo_old_labels", "dataset.pairs_per_axis=8", "logger=none",
+                       f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "untriaged")
+    prepare(cfg)
+    out = tmp_path / "untriaged" / "data"
+    held = [json.loads(line) for line in (out / "relabelled.jsonl").read_text().splitlines()]
+    served = load_pairs(out / "triaged.jsonl", require_category=True)
+    assert [(r["chosen"], r["rejected"]) for r in held] == [(p.chosen, p.rejected) for p in served]
+    assert all("relabelled_from" not in r["meta"] for r in held)

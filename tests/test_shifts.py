@@ -165,13 +165,14 @@ def test_relabelled_pairs_are_d_as_held_under_the_new_policy_in_their_splits():
                        PreferencePair("b", "bad", "worse", "punish", correction="good"),
                        PreferencePair("c", "bad", "worse", "punish"),
                        PreferencePair("d", "fine", "bad", "retain")],
-             "test": [PreferencePair("e", "old", "new", "invert")]}
+             "test": [PreferencePair("e", "old", "new", "invert"), PreferencePair("f", "as", "annotated")]}
     got = [(p.prompt, p.chosen, p.rejected, p.category, p.meta) for p in relabelled(pairs)]
     assert got == [("a", "new", "old", None, {"split": "train", "relabelled_from": "invert", "axis": "medical"}),
                    ("b", "good", "bad", None, {"split": "train", "relabelled_from": "punish"}),
                    ("c", "bad", "worse", None, {"split": "train", "relabelled_from": "punish"}),
                    ("d", "fine", "bad", None, {"split": "train", "relabelled_from": "retain"}),
-                   ("e", "new", "old", None, {"split": "test", "relabelled_from": "invert"})]
+                   ("e", "new", "old", None, {"split": "test", "relabelled_from": "invert"}),
+                   ("f", "as", "annotated", None, {"split": "test"})]  # no verdict: held as annotated
 
 
 def test_given_splits_are_the_pairs_own_and_a_missing_one_is_named():

@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from trace_realign.core.records import CATEGORIES, INVERT, PUNISH, DataError, PreferencePair, save_pairs
+from trace_realign.core.records import CATEGORIES, PUNISH, DataError, PreferencePair, save_pairs
 from trace_realign.data.splits import (
     DPO_GOLD_PUNISH,
     NOISE_STYLES,
@@ -40,6 +40,7 @@ from trace_realign.data.splits import (
     dpo_gold,
     flip_labels,
     nested_subset,
+    relabel,
     stratified_split,
 )
 from trace_realign.data.stages import StageCache, pairs_digest, stage_key
@@ -200,6 +201,7 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
         train, nstats = stages.cache.run("noise", key, run_noise, store=lambda: complete)
         metrics.update(nstats)
         metrics["data/label_noise"] = plan.label_noise
+    judged = train  # the training pairs' verdicts, before a method without triage replaces them
     if not stages.use_triage:
         # A method without triage (dpo, no_triage) serves every training pair as one category.
         train = [replace(p, category=stages.untriaged) for p in train]
@@ -230,7 +232,10 @@ def prepare(source: Any, oracle: Oracle | None, plan: DataPlan, stages: Stages, 
     _write_jsonl(out / EVAL_FILE, items)
     _write_jsonl(out / REMOVED_FILE, removed_rows)
     write_formats({**splits, plan.train_split: train}, out / "splits", plan.dpo_gold_punish, metrics)
-    save_pairs(relabelled({**splits, plan.train_split: train}), out / RELABELLED_FILE)
+    held = {**splits, plan.train_split: train if stages.use_triage else judged}
+    if not (needs_oracle or stages.trust_labels):  # no oracle was asked: every category is a placeholder
+        held = {name: [replace(p, category=None) for p in part] for name, part in held.items()}
+    save_pairs(relabelled(held), out / RELABELLED_FILE)
     (out / TRIAGE_METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
@@ -312,20 +317,16 @@ def given_splits(pairs: list[PreferencePair], plan: DataPlan) -> dict[str, list[
 def relabelled(splits: Mapping[str, list[PreferencePair]]) -> list[PreferencePair]:
     """Every split's pairs as the organisation holds them once its policy is pi_new: an inverted pair
     swapped; a punished pair with the oracle's correction as its winner where one was written, else kept
-    as it is (nothing better is known); a retained pair kept. Untriaged, each tagged with its split and the
-    category it was relabelled from. Of the world's metadata only the axis is kept (the rest described the
-    pair before it was relabelled)."""
+    as it is (nothing better is known); a retained pair kept; a pair without a verdict (category None) as
+    it was annotated. Untriaged, each tagged with its split and the category it was relabelled from. Of the
+    world's metadata only the axis is kept (the rest described the pair before it was relabelled)."""
     out = []
     for name, part in splits.items():
         for p in part:
-            chosen, rejected = p.chosen, p.rejected
-            if p.category == INVERT:
-                chosen, rejected = p.rejected, p.chosen
-            elif p.category == PUNISH and p.correction:
-                chosen, rejected = p.correction, p.chosen
-            meta = {"split": name, "relabelled_from": p.category,
+            held = p if p.category is None else relabel(p, "correction" if p.correction else "keep")
+            meta = {"split": name, **({"relabelled_from": p.category} if p.category else {}),
                     **({"axis": p.meta["axis"]} if "axis" in p.meta else {})}
-            out.append(PreferencePair(p.prompt, chosen, rejected, meta=meta))
+            out.append(PreferencePair(p.prompt, held.chosen, held.rejected, meta=meta))
     return out
 
 

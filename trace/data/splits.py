@@ -146,6 +146,21 @@ def flip_labels(
     return out, flipped
 
 
+def relabel(p: PreferencePair, punish: str = "keep") -> PreferencePair | None:
+    """One triaged pair as preferred under pi_new: inverted swapped, retained kept; punished kept (`keep`),
+    left out (`drop`: None), or (correction, chosen) where the oracle wrote a correction (`correction`;
+    without one: None)."""
+    if p.category == INVERT:
+        return replace(p, chosen=p.rejected, rejected=p.chosen)
+    if p.category == PUNISH and punish == "drop":
+        return None
+    if p.category == PUNISH and punish == "correction":
+        return replace(p, chosen=p.correction, rejected=p.chosen) if p.correction else None
+    if p.category in (PUNISH, RETAIN):
+        return p
+    raise ValueError(f"dpo_gold: pair with prompt {p.prompt[:60]!r} is not triaged (category {p.category!r})")
+
+
 def dpo_gold(pairs: Sequence[PreferencePair], punish: str = "keep") -> tuple[list[PreferencePair], int]:
     """The pairs relabelled for DPO under pi_new: inverted pairs swapped, retained pairs kept. Punished
     pairs (both responses violate) are kept as they are (`keep`, the reference's behaviour), left out
@@ -153,22 +168,8 @@ def dpo_gold(pairs: Sequence[PreferencePair], punish: str = "keep") -> tuple[lis
     Returns (pairs, punished pairs left out)."""
     if punish not in DPO_GOLD_PUNISH:
         raise ValueError(f"data.dpo_gold_punish: {punish!r}; expected one of {DPO_GOLD_PUNISH}")
-    out, left_out = [], 0
-    for p in pairs:
-        if p.category == INVERT:
-            out.append(replace(p, chosen=p.rejected, rejected=p.chosen))
-        elif p.category == PUNISH and punish == "drop":
-            left_out += 1
-        elif p.category == PUNISH and punish == "correction":
-            if not p.correction:
-                left_out += 1
-                continue
-            out.append(replace(p, chosen=p.correction, rejected=p.chosen))
-        elif p.category in (PUNISH, RETAIN):
-            out.append(p)
-        else:
-            raise ValueError(f"dpo_gold: pair with prompt {p.prompt[:60]!r} is not triaged (category {p.category!r})")
-    return out, left_out
+    relabelled = [relabel(p, punish) for p in pairs]
+    return [p for p in relabelled if p is not None], sum(p is None for p in relabelled)
 
 
 def category_counts(pairs: Sequence[PreferencePair]) -> dict[str, int]:
