@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from trace_realign.core import rundir
 from trace_realign.core.logs import StepProgressBar, framework_quiet
 from trace_realign.core.sequences import SequenceLimits
+from trace_realign.eval import cache as eval_cache
 from trace_realign.eval.likelihood import LikelihoodProbe, probe_items
 from trace_realign.method import resume
 from trace_realign.method.ablation import ablate
@@ -148,10 +149,19 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     device = trainer.strategy.root_device  # evaluation runs where training will (a GPU at full scale)
     if cfg.eval.enabled and cfg.eval.before and trainer.is_global_zero:
         t0 = time.time()
-        module.policy.to(device)
-        before, rows["before"], other = evaluate_model(evaluation, module.policy, tokenizer, "before")
+        key = eval_cache.evaluation_key(cfg, model_path, evaluation, device) if cfg.eval.get("cache_before") else None
+        stored = eval_cache.load(cfg.paths.cache_dir, key, out) if key else None
+        if stored is None:
+            failed = getattr(judge, "failed_calls", 0)
+            module.policy.to(device)
+            before, rows["before"], other = evaluate_model(evaluation, module.policy, tokenizer, "before")
+            if key and getattr(judge, "failed_calls", 0) == failed:  # a failed judge call is never stored as a verdict
+                eval_cache.store(cfg.paths.cache_dir, key, out, before, rows["before"], other)
+        else:
+            before, rows["before"], other = stored
         write_eval_rows(out, "before", other)
         metrics.update(before)
+        metrics["eval/before_cached"] = float(stored is not None)
         timings["time/eval_before_seconds"] = time.time() - t0
 
     t_fit = time.time()

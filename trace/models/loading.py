@@ -314,8 +314,19 @@ def reference_of(policy: nn.Module, reference: nn.Module | None) -> Iterator[nn.
     if reference is not None:
         yield reference
         return
-    with policy.disable_adapter():  # type: ignore[operator]
+    tuner = getattr(policy, "base_model", None)
+    if getattr(policy, "active_peft_config", None) is None or policy.active_peft_config.is_prompt_learning \
+            or not hasattr(tuner, "disable_adapter_layers"):
+        with policy.disable_adapter():  # type: ignore[operator]
+            yield policy
+        return
+    # PeftModel.disable_adapter does the same after a survey of every layer's adapter state, which costs a
+    # training step of the tiny model about 5 ms; the policy's adapters are all alike (this package makes them)
+    tuner.disable_adapter_layers()
+    try:
         yield policy
+    finally:
+        tuner.enable_adapter_layers()
 
 
 def whole_tensor(t: torch.Tensor) -> torch.Tensor:
