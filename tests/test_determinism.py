@@ -47,6 +47,13 @@ def test_cold_and_warm_runs_in_two_processes_are_bit_identical(tmp_path):
         assert digest(tmp_path / "cold" / name) == digest(tmp_path / "warm" / name), name
     # and it is not a run that learned nothing: the adapters moved and the losses changed
     assert cold["train/loss"] != cold["train/first_loss"]
+    # a third run reads M_old's "before" evaluation that the cold run stored: what evaluating gave, to the bit
+    stored = run_app(tmp_path / "stored", cache)
+    assert cold["eval/before_cached"] == 0.0 and stored["eval/before_cached"] == 1.0
+    assert results(stored) == results(cold)
+    for name in ("generations.jsonl", "eval/before/asr.jsonl", "eval/before/capability/trace_utility.json"):
+        cold_text = (tmp_path / "cold" / name).read_text().replace(str(tmp_path / "cold"), "RUN")
+        assert (tmp_path / "stored" / name).read_text().replace(str(tmp_path / "stored"), "RUN") == cold_text, name
 
 
 @pytest.mark.slow

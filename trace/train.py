@@ -149,19 +149,16 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     device = trainer.strategy.root_device  # evaluation runs where training will (a GPU at full scale)
     if cfg.eval.enabled and cfg.eval.before and trainer.is_global_zero:
         t0 = time.time()
-        key = eval_cache.evaluation_key(cfg, model_path, evaluation, device) if cfg.eval.get("cache_before") else None
-        stored = eval_cache.load(cfg.paths.cache_dir, key, out) if key else None
-        if stored is None:
-            failed = getattr(judge, "failed_calls", 0)
+
+        def evaluate() -> eval_cache.Evaluation:
             module.policy.to(device)
-            before, rows["before"], other = evaluate_model(evaluation, module.policy, tokenizer, "before")
-            if key and getattr(judge, "failed_calls", 0) == failed:  # a failed judge call is never stored as a verdict
-                eval_cache.store(cfg.paths.cache_dir, key, out, before, rows["before"], other)
-        else:
-            before, rows["before"], other = stored
+            return evaluate_model(evaluation, module.policy, tokenizer, "before")
+
+        # M_old's evaluation is every method's of a seed: read from the cache where it was stored (eval/cache.py)
+        before, rows["before"], other, cached = eval_cache.evaluate_before(cfg, model_path, evaluation, device, out, evaluate)
         write_eval_rows(out, "before", other)
         metrics.update(before)
-        metrics["eval/before_cached"] = float(stored is not None)
+        metrics["eval/before_cached"] = float(cached)
         timings["time/eval_before_seconds"] = time.time() - t0
 
     t_fit = time.time()

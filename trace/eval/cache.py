@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -96,12 +96,32 @@ def evaluation_key(cfg: DictConfig, model_path: str, evaluation: dict[str, Any],
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+Evaluation = tuple[dict[str, float], dict[int, dict[str, Any]], dict[str, list[dict[str, Any]]]]
+
+
+def evaluate_before(cfg: DictConfig, model_path: str, evaluation: dict[str, Any], device: torch.device, out: Path,
+                    evaluate: Callable[[], Evaluation]) -> tuple[dict[str, float], dict[int, dict[str, Any]],
+                                                                 dict[str, list[dict[str, Any]]], bool]:
+    """The "before" evaluation (metrics, rows per item, other rows) and whether it was read from the cache:
+    read where eval.cache_before allows it and an entry has this evaluation's key, else `evaluate()`d and
+    stored unless a judge call failed meanwhile."""
+    key = evaluation_key(cfg, model_path, evaluation, device) if cfg.eval.get("cache_before") else None
+    stored = load(cfg.paths.cache_dir, key, out) if key else None
+    if stored is not None:
+        return (*stored, True)
+    judge = evaluation["judge"]
+    failed = getattr(judge, "failed_calls", 0)
+    metrics, items, rows = evaluate()
+    if key and getattr(judge, "failed_calls", 0) == failed:  # a failed judge call is never stored as a verdict
+        store(cfg.paths.cache_dir, key, out, metrics, items, rows)
+    return metrics, items, rows, False
+
+
 def _entry(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / "eval_before" / key
 
 
-def load(cache_dir: str | Path, key: str, out: Path, when: str = "before"
-         ) -> tuple[dict[str, float], dict[int, dict[str, Any]], dict[str, list[dict[str, Any]]]] | None:
+def load(cache_dir: str | Path, key: str, out: Path, when: str = "before") -> Evaluation | None:
     """A stored evaluation (metrics, rows per item, other rows), its files copied to out/eval/<when>/;
     None when there is none."""
     entry = _entry(cache_dir, key)
