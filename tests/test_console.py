@@ -37,7 +37,8 @@ def test_a_default_run_prints_the_projects_lines_and_logs_the_libraries(tmp_path
     console = res.stdout + res.stderr
     assert not noise(console), noise(console)
     assert "verdict:" in console and "trace-realign: outputs in" in console
-    assert re.search(r"train .*2/2", console)  # the bar counts steps, not "Epoch 0/-2"
+    # written to a pipe (a log, CI): no training bar, whose live display would redraw for nobody
+    assert not re.search(r"train .*2/2", console)
     log = (tmp_path / "run" / "train.log").read_text()
     assert "GPU available" in log  # Lightning's lines are kept, in the run's log file
     assert "not a git repository" not in console
@@ -83,3 +84,34 @@ def test_progress_bars_are_drawn_on_a_terminal_and_never_into_a_log(capsys):
             pass
     assert "bar-under-test" not in capsys.readouterr().err
     assert bar_off(True) is None and bar_off(False) is True  # None: tqdm asks the stream whether it is a terminal
+
+
+@pytest.mark.slow
+def test_the_training_bar_is_drawn_on_a_terminal_and_counts_steps(tmp_path):
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    fast = [o for o in FAST if o != "trainer.enable_progress_bar=false"]
+    exe = Path(sys.executable).parent / "trace-realign"
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"COLUMNS": "120"}
+    proc = subprocess.Popen([str(exe), *fast, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    assert proc.wait(timeout=600) == 0
+    os.close(master)
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode("utf-8", "replace"))
+    assert re.search(r"train .*2/2", screen), screen[-2000:]  # the bar counts steps, not "Epoch 0/-2"

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trace_realign.core import rundir
 from trace_realign.core.logs import StepProgressBar, framework_quiet
+from trace_realign.core.progress import on_terminal
 from trace_realign.core.sequences import SequenceLimits
 from trace_realign.eval import cache as eval_cache
 from trace_realign.eval.likelihood import LikelihoodProbe, probe_items
@@ -117,7 +118,10 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
 
     module = build_module(cfg, model_path, objective)
     loggers = build_loggers(cfg)
-    callbacks: list[L.Callback] = [StepProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
+    # The bar is drawn on a terminal only, as every other bar (core/progress.py): into a log or a pipe, Rich's
+    # live display would redraw from a thread of its own for nobody
+    bar = bool(cfg.trainer.get("enable_progress_bar", True)) and on_terminal()
+    callbacks: list[L.Callback] = [StepProgressBar()] if bar else []
     if select.get("enabled"):
         callbacks.append(SelectByOracle(
             datamodule.selection_prompts(int(select.prompts)), selector, source.new, tokenizer,
@@ -133,7 +137,7 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
     if every and not method.retrain:
         callbacks.append(resume.StepCheckpoint(resume.checkpoint_path(out), every))  # last: after selection's check
     with framework_quiet(quiet):
-        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+        trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, enable_progress_bar=bar)
 
     metrics.update(datamodule.stats)
     metrics.update({
