@@ -35,6 +35,7 @@ def test_claim_records_then_accepts_the_same_configuration(tmp_path):
     (["paths.cache_dir=/tmp/one"], ["paths.cache_dir=/tmp/two"]),
     (["oracle=openai", "oracle.base_url=http://x/v1"], ["oracle=openai", "oracle.base_url=http://x/v1", "oracle.progress=false"]),
     (["checkpoint.every_n_steps=10"], ["checkpoint.every_n_steps=null"]),  # how often a run saves its state
+    (["eval.cache_before=true"], ["eval.cache_before=false"]),  # a stored evaluation is what evaluating gives
 ])
 def test_settings_of_where_and_how_visibly_a_run_works_do_not_make_another_configuration(tmp_path, first, again):
     claim(tmp_path, compose_cfg(first, tmp_path))

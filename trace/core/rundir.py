@@ -28,7 +28,7 @@ FAILED_FILE = "FAILED"
 # table of every method's tuned recipe: a run reads its own row through the settings it resolves to
 # (optimizer.lr, loss.beta, ... are compared), so another method's row is never a difference.
 VOLATILE = ("paths.", "trainer.enable_progress_bar", "oracle.progress", "judge.progress", "logger.", "tags",
-            "quiet", "task_name", "report.", "checkpoint.", "model.tuned.")
+            "quiet", "task_name", "report.", "checkpoint.", "model.tuned.", "eval.cache_before")
 # What a finished or half-finished run leaves behind.
 OUTPUTS = ("metrics.json", "generations.jsonl", "data", "adapter", "model", "config.yaml", "checkpoints")
 
