@@ -28,6 +28,8 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from trace_realign.models.prealign import model_identity
+
 log = logging.getLogger(__name__)
 
 # Bump when what an evaluation computes changes (an evaluator's rule, the judge's reading): older entries
@@ -44,6 +46,8 @@ SKIPPED = ("datasets_cache",)  # the datasets library's own cache of a task file
 BUILT_MARKERS = ("stage_key.json", "from_run.json")
 LIBRARIES = ("torch", "transformers", "peft", "lm_eval")
 MODEL_KEYS = ("dtype", "attn_implementation", "disable_dropout", "revision", "trust_remote_code", "lora")
+# what an evaluation gives: its metrics, its rows per held-out item, other evaluators' rows
+Evaluation = tuple[dict[str, float], dict[int, dict[str, Any]], dict[str, list[dict[str, Any]]]]
 
 
 def built_by_package(model_path: str) -> bool:
@@ -68,8 +72,6 @@ def _policy(p: Any) -> Any:
 def evaluation_key(cfg: DictConfig, model_path: str, evaluation: dict[str, Any], device: torch.device) -> str | None:
     """The before-evaluation's cache key, or None where it must not be cached (a model this package did
     not build, or a judge without a fingerprint)."""
-    from trace_realign.models.prealign import model_identity
-
     judge = evaluation["judge"]
     if not built_by_package(model_path) or not hasattr(judge, "fingerprint"):
         return None
@@ -94,9 +96,6 @@ def evaluation_key(cfg: DictConfig, model_path: str, evaluation: dict[str, Any],
     }
     blob = json.dumps(inputs, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-Evaluation = tuple[dict[str, float], dict[int, dict[str, Any]], dict[str, list[dict[str, Any]]]]
 
 
 def evaluate_before(cfg: DictConfig, model_path: str, evaluation: dict[str, Any], device: torch.device, out: Path,
