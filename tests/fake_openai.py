@@ -6,6 +6,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -145,7 +146,9 @@ class FakeOpenAI:
                 pass  # a client that timed out and hung up is part of the tests
 
         self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        # A path of its own: a server started after another closed may get its port, and cache keys name the
+        # server, so without it a test could read another test's answers and never ask this one.
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/{uuid.uuid4().hex[:12]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
