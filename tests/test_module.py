@@ -30,8 +30,9 @@ class Bigram(nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.table = nn.Parameter(torch.randn(VOCAB, VOCAB, generator=g, dtype=torch.float64))
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
-        return SimpleNamespace(logits=self.table[input_ids])
+    def forward(self, input_ids, attention_mask=None, use_cache=False, logits_to_keep=0):
+        logits = self.table[input_ids]  # as transformers' models: the last logits_to_keep columns (0: all)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
 
 
 def seq(prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
@@ -169,9 +170,9 @@ class Counting(Bigram):
         super().__init__(seed)
         self.calls: list[int] = []
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, use_cache=False, logits_to_keep=0):
         self.calls.append(len(input_ids))
-        return super().forward(input_ids, attention_mask, use_cache)
+        return super().forward(input_ids, attention_mask, use_cache, logits_to_keep)
 
 
 def test_a_fused_step_runs_one_policy_forward_and_at_most_one_reference_forward_over_every_category():
@@ -209,8 +210,64 @@ def test_fused_logits_of_right_padded_batches_are_each_batchs_own():
         for part, logits in zip(parts, fused):
             alone = forward_logits(model, part)
             assert logits.shape == alone.shape
-            keep = part["attention_mask"].bool()  # positions after a row's end are padding in both
+            # the columns from the one before the batch's first response token (3, 2 and 1 prompt tokens)
+            assert logits.shape[1] == part["input_ids"].shape[1] - min(part["labels"].ne(IGNORE_INDEX).int().argmax(1)) + 1
+            keep = part["attention_mask"][:, -logits.shape[1]:].bool()  # after a row's end: padding in both
             assert torch.allclose(logits[keep], alone[keep], atol=1e-5)
+
+
+def test_the_scored_columns_logits_give_every_term_the_numbers_of_all_columns_logits():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trace_realign.core.sequences import sequence_logps
+    from trace_realign.method.objective import forward_logits, kl_from_logits, scored_width
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    policy, reference = LlamaForCausalLM(config).double().eval(), LlamaForCausalLM(config).double().eval()
+    part = collate([{"index": i, "first": r} for i, r in enumerate([seq([5, 6, 7, 4], [8, 9]), seq([5, 3, 2], [10, 11, 12])])], 0)
+    assert scored_width(part["labels"]) == part["input_ids"].shape[1] - 2  # from the column before "10"
+    with torch.no_grad():
+        full = {name: m(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+                for name, m in (("policy", policy), ("reference", reference))}
+        kept = {"policy": forward_logits(policy, part), "reference": forward_logits(reference, part)}
+    assert kept["policy"].shape[1] == scored_width(part["labels"]) < full["policy"].shape[1]
+    for name in full:
+        assert torch.allclose(sequence_logps(kept[name], part["labels"]), sequence_logps(full[name], part["labels"]),
+                              rtol=0, atol=1e-12)
+    assert torch.allclose(kl_from_logits(kept["reference"], kept["policy"], part["labels"]),
+                          kl_from_logits(full["reference"], full["policy"], part["labels"]), rtol=0, atol=1e-12)
+    no_response = dict(part, labels=torch.full_like(part["labels"], IGNORE_INDEX))
+    assert scored_width(no_response["labels"]) == part["input_ids"].shape[1]  # nothing scored: every column
+
+
+def test_a_model_without_logits_to_keep_gives_every_columns_logits():
+    from trace_realign.core.sequences import sequence_logps
+    from trace_realign.method.objective import forward_logits
+
+    class Plain(Bigram):  # a forward that takes no logits_to_keep (remote code, say)
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return super().forward(input_ids, attention_mask, use_cache)
+
+    part = batch(PUNISH_ROWS)
+    logits = forward_logits(Plain(0), part)
+    assert logits.shape[1] == part["input_ids"].shape[1]
+    assert torch.equal(sequence_logps(logits, part["labels"]), sequence_logps(forward_logits(Bigram(0), part), part["labels"]))
+
+
+def test_a_fused_step_with_cached_reference_log_probs_matches_one_pass_per_category():
+    # the reference then fuses the KL's rows alone, the policy every category's: each batch's logits must
+    # still be its own columns, whatever the other batches' prompts (here the retained prompts are longest)
+    retain = {1: (seq([0, 3, 3, 1], [2, 3, 4]),), 0: (seq([5, 5, 2, 2, 1], [1]),)}
+    parts = {INVERT: batch(INVERT_ROWS), PUNISH: batch(PUNISH_ROWS), RETAIN: batch(retain)}
+    losses = {}
+    for fused in (True, False):
+        m = module(ObjectiveConfig(beta=0.5, alpha_kl=0.2, fused_forward=fused))
+        m.policy, m.reference = Counting(0), Counting(1)
+        m.reference.requires_grad_(False)
+        losses[fused] = [float(m.training_step(parts, step).detach()) for step in range(2)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-12)
 
 
 def test_trainable_state_and_checkpoint_keys_use_the_unwrapped_names():

@@ -154,7 +154,9 @@ def pad_batch(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[
 
 
 def shift_for_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Align logits at t with the token at t+1: (logits, targets with -100 replaced, mask)."""
+    """Align logits at t with the token at t+1: (logits, targets with -100 replaced, mask). Logits narrower
+    than the labels are those of their last columns (a forward with logits_to_keep)."""
+    labels = labels[:, labels.shape[1] - logits.shape[1]:]
     logits = logits[:, :-1, :]
     labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX

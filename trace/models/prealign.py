@@ -38,7 +38,7 @@ from trace_realign.data.stages import pairs_digest
 log = logging.getLogger(__name__)
 
 # Bump when what a stage does with the same data and settings changes meaning, to invalidate caches.
-PREALIGN_VERSION = 3
+PREALIGN_VERSION = 4  # 4: logits of the scored columns only, fused forwards on a CPU (other last bits)
 # What every stage's data plan is, whatever the realignment run asks for (pipeline.DataPlan's defaults).
 DATA_PLAN_DEFAULTS = {"splits": None, "train_split": "train", "eval_split": None, "size": None,
                       "label_noise": 0.0, "noise_style": "category", "dpo_gold_punish": "keep"}
