@@ -15,7 +15,8 @@ The procedure is the same for every method, declared here before any trial runs:
 Each trial runs `trace-realign` once per seed (its own folder under --out; `--jobs 2` runs two side by side,
 each on one CPU thread, which on 2 cores nearly halves the time), measuring TPA and utility (the other
 evaluators are off while tuning: TUNING_EVAL); the study is kept in
---out/study.db, so a stopped tuning resumes where it stopped. Writes trials.csv (every trial: its settings,
+--out/study.db, so a stopped tuning resumes where it stopped (under the same seeds, T_max choices, sampler
+seed and overrides only: a study of another setup is refused). Writes trials.csv (every trial: its settings,
 its per-seed numbers, its objective) and best.yaml (the chosen settings, the objective and the command that
 chose them), which goes into config as the method's row of the model's tuned recipes (model.tuned, read by
 `recipe=tuned`).
@@ -130,6 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=args.method, direction="maximize", storage=f"sqlite:///{out / 'study.db'}",
                                 load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=args.sampler_seed))
+    # A study resumes only under the setup that ran its trials: another one's trials are no evidence here.
+    setup = {"seeds": args.seeds, "steps": args.steps, "sampler_seed": args.sampler_seed, "overrides": args.overrides}
+    stored = study.user_attrs.get("setup")
+    if stored is None and study.trials:
+        parser.error(f"--out {out}: its study.db holds trials that recorded no setup; pass another --out")
+    if stored is not None and stored != setup:
+        differ = ", ".join(f"{k}: {stored.get(k)} there, {v} now" for k, v in setup.items() if stored.get(k) != v)
+        parser.error(f"--out {out}: its study ran under another setup ({differ}); pass another --out to tune anew")
+    study.set_user_attr("setup", setup)
     done = len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
     if done < args.trials:
         study.optimize(trial_fn, n_trials=args.trials - done)

@@ -74,6 +74,10 @@ def test_a_study_writes_its_choice_and_the_command_and_resumes(tmp_path):
     stamp = (out / "trial0" / "seed0" / "metrics.json").stat().st_mtime_ns
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and (out / "trial0" / "seed0" / "metrics.json").stat().st_mtime_ns == stamp
+    # but never under another setup: its trials would be mixed with this one's
+    other = subprocess.run([*cmd, "data.size=10"], capture_output=True, text=True, env=env, timeout=600)
+    assert other.returncode == 2 and "ran under another setup (overrides:" in other.stderr and "data.size=10" in other.stderr
+    assert (out / "trial0" / "seed0" / "metrics.json").stat().st_mtime_ns == stamp
 
 
 def test_recipe_tuned_reads_the_methods_row_and_refuses_a_method_without_one():
