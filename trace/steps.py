@@ -59,7 +59,7 @@ def build_datamodule(
         reduction=cfg.objective.reduction,
         terms=OmegaConf.to_container(method.terms, resolve=True),
         weighted=tuple(method.weighted),
-        fused_forward=cfg.objective.get("fused_forward", "auto"),
+        fused_forward=cfg.objective.get("fused_forward", True),
     )
     datamodule = TriagedDataModule(
         source=source,
