@@ -250,11 +250,44 @@ def test_a_model_without_logits_to_keep_gives_every_columns_logits():
         def forward(self, input_ids, attention_mask=None, use_cache=False):
             return super().forward(input_ids, attention_mask, use_cache)
 
+    class Counted(Plain):
+        calls = 0
+
+        def __call__(self, *args, **kwargs):
+            type(self).calls += 1
+            return super().__call__(*args, **kwargs)
+
     part = batch(PUNISH_ROWS)
-    logits = forward_logits(Plain(0), part)
+    model = Counted(0)
+    logits = forward_logits(model, part)
     assert logits.shape[1] == part["input_ids"].shape[1]
     assert torch.equal(sequence_logps(logits, part["labels"]), sequence_logps(forward_logits(Bigram(0), part), part["labels"]))
+    # the refusal is remembered per model: later calls make one forward each, not two
+    assert Counted.calls == 2
+    forward_logits(model, part)
+    assert Counted.calls == 3
+    assert forward_logits(Bigram(0), part).shape[1] < part["input_ids"].shape[1]  # another model still keeps columns
 
+
+
+def test_fused_logits_of_a_model_without_logits_to_keep_are_each_batchs_own_columns():
+    # such a model gives every column; each batch's slice must still start at its own scored columns
+    from trace_realign.core.sequences import sequence_logps
+    from trace_realign.method.objective import fused_logits
+
+    class Plain(Bigram):
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return super().forward(input_ids, attention_mask, use_cache)
+
+    # every prompt at least 3 tokens long, so the fused batch's first scored column is not its first column
+    retain = {1: (seq([0, 3, 3, 1], [2, 3, 4]),), 0: (seq([5, 5, 2, 2, 1], [1]),)}
+    parts = [batch(PUNISH_ROWS), batch(retain)]
+    assert min(p["labels"].ne(IGNORE_INDEX).int().argmax(1).min() for p in parts) >= 3
+    for model in (Plain(0), Bigram(0)):
+        fused = [sequence_logps(lg, p["labels"]) for p, lg in zip(parts, fused_logits(model, parts))]
+        alone = [sequence_logps(lg, p["labels"]) for p, lg in zip(parts, fused_logits(model, parts, fused=False))]
+        for f, a in zip(fused, alone):
+            assert torch.allclose(f, a, rtol=0, atol=1e-12)
 
 def test_a_fused_step_with_cached_reference_log_probs_matches_one_pass_per_category():
     # the reference then fuses the KL's rows alone, the policy every category's: each batch's logits must

@@ -15,6 +15,7 @@ the order TERM_RESPONSES gives. Single-response terms hold one row per sample.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -154,17 +155,25 @@ def scored_width(labels: torch.Tensor) -> int:
     return labels.shape[1] - int(scored[0]) if len(scored) else labels.shape[1]
 
 
+# models whose forward refused logits_to_keep (weakly held: a model's memory is freed with it)
+_WITHOUT_LOGITS_TO_KEEP: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], keep: int | None = None) -> torch.Tensor:
     """The logits of the batch's last `keep` columns (default: its scored_width), which shift_for_loss
     aligns with the labels: a prompt's logits score nothing, and the output layer over a vocabulary is the
     widest matmul of a small model and the largest tensor of a large one (TRL's use_logits_to_keep)."""
-    keep = scored_width(batch["labels"]) if keep is None else keep
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if model in _WITHOUT_LOGITS_TO_KEEP:
+        return model(**inputs).logits
+    keep = scored_width(batch["labels"]) if keep is None else keep
     try:
         return model(**inputs, logits_to_keep=keep).logits
     except TypeError as exc:  # a model without the argument (remote code, say): every column's logits
         if "logits_to_keep" not in str(exc):
             raise
+        # asked once per model: a forward that rejects it only after some work would otherwise repeat that work
+        _WITHOUT_LOGITS_TO_KEEP.add(model)
         return model(**inputs).logits
 
 
@@ -195,9 +204,10 @@ def fused_logits(model: nn.Module, parts: Sequence[dict[str, torch.Tensor]], fus
     # Each batch gets the logits of its own scored columns, as a pass of its own would give them: the
     # reference's pass and the policy's may fuse different batches, and a KL compares them column by column.
     unscored = [w - scored_width(p["labels"]) for p, (_, _, w) in zip(parts, spans)]  # leading columns
-    skipped = min(unscored)
-    logits = forward_logits(model, rows, keep=rows["input_ids"].shape[1] - skipped)
-    return iter([logits[a:b, u - skipped : w - skipped] for (a, b, w), u in zip(spans, unscored)])
+    width = rows["input_ids"].shape[1]
+    logits = forward_logits(model, rows, keep=width - min(unscored))
+    first = width - logits.shape[1]  # the position of the logits' first column (0: a model gave every column)
+    return iter([logits[a:b, u - first : w - first] for (a, b, w), u in zip(spans, unscored)])
 
 
 def reference_logps(policy: nn.Module, reference: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
