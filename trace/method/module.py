@@ -99,7 +99,7 @@ class TraceModule(L.LightningModule):
         self.last_losses: dict[str, float] = {}
         self.first_losses: dict[str, float] = {}
         # this step's train/* values for the loggers, with the step they belong to (written in on_train_batch_end)
-        self.step_log: tuple[int, dict[str, float]] | None = None
+        self.step_log: tuple[int, dict[str, Any]] | None = None
         self.reference_cache = ReferenceCache()
         self.impact_seconds = 0.0
         # Under a sharded strategy: the trainable parameters to evaluate and save, whole, on rank 0 (on_train_end).
@@ -393,8 +393,9 @@ class TraceModule(L.LightningModule):
         trainer = self.trainer
         if (step + 1) % max(trainer.log_every_n_steps, 1) and not trainer.should_stop:
             return
+        metrics = {k: float(v) for k, v in logged.items()}
         for logger in self.loggers:
-            logger.log_metrics({**logged, "epoch": self.current_epoch}, step=step)
+            logger.log_metrics({**metrics, "epoch": self.current_epoch}, step=step)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -410,8 +411,8 @@ class TraceModule(L.LightningModule):
         # (a sharded gradient is a DTensor: its norm is reduced over ranks, so every rank decides alike)
         grads = [whole_tensor(p.grad.detach().float().norm()) for p in trainable_parameters(self.policy) if p.grad is not None]
         norm = torch.stack(grads).norm() if grads else torch.zeros((), device=self.device)
-        if self.step_log is not None:
-            self.step_log[1]["train/grad_norm"] = float(norm)
+        if self.step_log is not None:  # a float when it is written (on an accelerator: no wait unless logged)
+            self.step_log[1]["train/grad_norm"] = norm.detach()
         if self.stop_grad_norm > 0 and float(norm) <= self.stop_grad_norm:
             self.stop_reason = "grad_norm"
             self.trainer.should_stop = True
