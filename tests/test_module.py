@@ -35,6 +35,13 @@ class Bigram(nn.Module):
         return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
 
 
+class Plain(Bigram):
+    """A forward that takes no logits_to_keep (remote code, say): every column's logits."""
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return super().forward(input_ids, attention_mask, use_cache)
+
+
 def seq(prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
     return prompt + response, [IGNORE_INDEX] * len(prompt) + response
 
@@ -246,10 +253,6 @@ def test_a_model_without_logits_to_keep_gives_every_columns_logits():
     from trace_realign.core.sequences import sequence_logps
     from trace_realign.method.objective import forward_logits
 
-    class Plain(Bigram):  # a forward that takes no logits_to_keep (remote code, say)
-        def forward(self, input_ids, attention_mask=None, use_cache=False):
-            return super().forward(input_ids, attention_mask, use_cache)
-
     class Counted(Plain):
         calls = 0
 
@@ -269,15 +272,10 @@ def test_a_model_without_logits_to_keep_gives_every_columns_logits():
     assert forward_logits(Bigram(0), part).shape[1] < part["input_ids"].shape[1]  # another model still keeps columns
 
 
-
 def test_fused_logits_of_a_model_without_logits_to_keep_are_each_batchs_own_columns():
     # such a model gives every column; each batch's slice must still start at its own scored columns
     from trace_realign.core.sequences import sequence_logps
     from trace_realign.method.objective import fused_logits
-
-    class Plain(Bigram):
-        def forward(self, input_ids, attention_mask=None, use_cache=False):
-            return super().forward(input_ids, attention_mask, use_cache)
 
     # every prompt at least 3 tokens long, so the fused batch's first scored column is not its first column
     retain = {1: (seq([0, 3, 3, 1], [2, 3, 4]),), 0: (seq([5, 5, 2, 2, 1], [1]),)}
@@ -288,6 +286,7 @@ def test_fused_logits_of_a_model_without_logits_to_keep_are_each_batchs_own_colu
         alone = [sequence_logps(lg, p["labels"]) for p, lg in zip(parts, fused_logits(model, parts, fused=False))]
         for f, a in zip(fused, alone):
             assert torch.allclose(f, a, rtol=0, atol=1e-12)
+
 
 def test_a_fused_step_with_cached_reference_log_probs_matches_one_pass_per_category():
     # the reference then fuses the KL's rows alone, the policy every category's: each batch's logits must

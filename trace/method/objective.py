@@ -156,7 +156,7 @@ def scored_width(labels: torch.Tensor) -> int:
 
 
 # models whose forward refused logits_to_keep (weakly held: a model's memory is freed with it)
-_WITHOUT_LOGITS_TO_KEEP: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_WITHOUT_LOGITS_TO_KEEP: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], keep: int | None = None) -> torch.Tensor:
