@@ -20,6 +20,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+# A run the tests launch that dies of a signal (a segfault in a collective, say) prints its Python stack, and
+# every rank of a distributed run inherits this: the failure names where each process was.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 # A few steps on a few pairs: what every end-to-end test runs unless it says otherwise.
 FAST = [
     "trainer.max_steps=2",

@@ -309,6 +309,13 @@ def argv(command: str, how: How, **fill: str) -> list[str]:
     return shown + [e for e in extra if e.split("=", 1)[0] not in own or e.split("=", 1)[0] in how.replaces]
 
 
+def crash_stack(stderr: str) -> str:
+    """The Python stack a process that died of a signal printed (PYTHONFAULTHANDLER, set in conftest.py): in a
+    distributed run the other rank's long traceback would push it out of the tail the failure shows."""
+    at = stderr.find("Fatal Python error")
+    return f"{stderr[at:at + 4000]}\n...\n" if at >= 0 else ""
+
+
 def executable(args: list[str]) -> list[str]:
     if args[0] == "python":
         return [sys.executable, str(ROOT / args[1]), *args[2:]]
@@ -446,7 +453,7 @@ def test_documented_command_runs(command, tmp_path, env, request):
     work = workspace(tmp_path)
     args = argv(command, how, **fill)
     res = subprocess.run(executable(args), cwd=work, capture_output=True, text=True, env=env, timeout=600)
-    assert res.returncode == 0, f"{shlex.join(args)}\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}"
+    assert res.returncode == 0, f"{shlex.join(args)}\n{res.stdout[-3000:]}\n{crash_stack(res.stderr)}{res.stderr[-5000:]}"
     check_outputs(command, how, work, res)
 
 
