@@ -219,10 +219,11 @@ def run_all(methods: list[str], seeds: list[int], out: Path, overrides: list[str
 
 def same_configuration(run_dir: Path, job: list[str], jobs: int = 1) -> bool:
     """Whether the finished run in `run_dir` is of exactly the configuration `job` composes (run.json), as
-    launched `jobs` at a time (side by side: one thread each)."""
+    launched `jobs` at a time (side by side: one thread each), under the libraries installed now."""
     from hydra import compose, initialize_config_dir
 
     import trace_realign.conf
+    from trace_realign.core.environment import ARITHMETIC_LIBRARIES, versions
     from trace_realign.core.rundir import RUN_FILE, differences, flat_config
 
     record = run_dir / RUN_FILE
@@ -232,7 +233,12 @@ def same_configuration(run_dir: Path, job: list[str], jobs: int = 1) -> bool:
         cfg = compose(config_name="train", overrides=[*job, *(["threads=1"] if jobs > 1 else []),
                                                       f"paths.output_dir={run_dir}"])
     now = json.loads(json.dumps(flat_config(cfg), default=str))
-    return not differences(json.loads(record.read_text())["config"], now)
+    stored = json.loads(record.read_text())
+    # a run computed under other library releases (or one that recorded none) has other last bits
+    ran_under = (stored.get("environment") or {}).get("libraries") or {}
+    if any(ran_under.get(k, "<unrecorded>") != v for k, v in versions(ARITHMETIC_LIBRARIES).items()):
+        return False
+    return not differences(stored["config"], now)
 
 
 def kept_m_old(m: dict[str, Any]) -> bool:

@@ -22,7 +22,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 STANCES = ("comply", "refuse", "caveat", "neutral")
 AXES = ("medical", "politics", "privacy", "risky")

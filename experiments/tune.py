@@ -16,10 +16,10 @@ Each trial runs `trace-realign` once per seed (its own folder under --out; `--jo
 each on one CPU thread, which on 2 cores nearly halves the time), measuring TPA and utility (the other
 evaluators are off while tuning: TUNING_EVAL); the study is kept in
 --out/study.db, so a stopped tuning resumes where it stopped (under the same seeds, T_max choices, sampler
-seed and overrides only: a study of another setup is refused). Writes trials.csv (every trial: its settings,
-its per-seed numbers, its objective) and best.yaml (the chosen settings, the objective and the command that
-chose them), which goes into config as the method's row of the model's tuned recipes (model.tuned, read by
-`recipe=tuned`).
+seed, overrides and library versions only: a study of another setup is refused). Writes trials.csv (every
+trial: its settings, its per-seed numbers, its objective) and best.yaml (the chosen settings, the objective
+and the command that chose them), which goes into config as the method's row of the model's tuned recipes
+(model.tuned, read by `recipe=tuned`).
 """
 
 from __future__ import annotations
@@ -132,7 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     study = optuna.create_study(study_name=args.method, direction="maximize", storage=f"sqlite:///{out / 'study.db'}",
                                 load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=args.sampler_seed))
     # A study resumes only under the setup that ran its trials: another one's trials are no evidence here.
-    setup = {"seeds": args.seeds, "steps": args.steps, "sampler_seed": args.sampler_seed, "overrides": args.overrides}
+    # (the libraries too: under other releases the same settings train to other last bits)
+    from trace_realign.core.environment import ARITHMETIC_LIBRARIES, versions
+
+    setup = {"seeds": args.seeds, "steps": args.steps, "sampler_seed": args.sampler_seed, "overrides": args.overrides,
+             "libraries": versions(ARITHMETIC_LIBRARIES)}
     stored = study.user_attrs.get("setup")
     if stored is None and study.trials:
         parser.error(f"--out {out}: its study.db holds trials that recorded no setup; pass another --out")

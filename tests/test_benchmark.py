@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import FAST, ROOT
+from conftest import FAST, ROOT, compose_cfg
 
 SCRIPT = ROOT / "experiments" / "benchmark_embedded.py"
 SHORT = [*FAST, *(f"model.prealign.stages.{s}.batch_size=4" for s in ("pretrain", "sft", "dpo"))]
@@ -119,3 +119,27 @@ def test_each_claim_is_a_paired_difference_marked_by_where_its_interval_lies():
     assert last["TRACE - naive oracle DPO > 0"] == "does not hold"
     text = bench_mod.claims_table(results, seeds)
     assert "with selection:" in text and "without selection (T_max alone):" in text
+
+
+def test_a_finished_run_is_reused_only_under_the_libraries_installed_now(tmp_path):
+    """Its last bits follow the releases that computed it: a run of another release (or of none recorded)
+    is run again, not mixed into this table."""
+    import importlib.util
+
+    import torch
+
+    from trace_realign.core.rundir import RUN_FILE, claim, record_environment
+
+    spec = importlib.util.spec_from_file_location("benchmark_embedded", SCRIPT)
+    bench_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_mod)
+    run_dir, job = tmp_path / "run", ["seed=3", "threads=1"]
+    claim(run_dir, compose_cfg(job, run_dir))
+    assert not bench_mod.same_configuration(run_dir, ["seed=3"], jobs=2)  # recorded no environment
+    record_environment(run_dir, torch.device("cpu"))
+    assert bench_mod.same_configuration(run_dir, ["seed=3"], jobs=2)
+    assert not bench_mod.same_configuration(run_dir, ["seed=4"], jobs=2)
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    record["environment"]["libraries"]["transformers"] = "0.0.1"
+    (run_dir / RUN_FILE).write_text(json.dumps(record))
+    assert not bench_mod.same_configuration(run_dir, ["seed=3"], jobs=2)

@@ -124,6 +124,33 @@ def test_settings_m_old_reads_change_it(cfg, tmp_path, world):
         cfg_node[leaf] = old
 
 
+def test_other_arithmetic_rebuilds(cfg, tmp_path, world, monkeypatch):
+    """A model trained under other threads or library versions has other last bits: never reused for this."""
+    import torch
+
+    import trace_realign.core.environment as environment
+
+    first, _ = build(cfg, tmp_path, world, FakeStages())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        stages = FakeStages()
+        other_threads, _ = build(cfg, tmp_path, world, stages)
+        assert other_threads != first and stages.calls == ["pretrain", "sft", "dpo"]
+    finally:
+        torch.set_num_threads(threads)
+    real = environment.versions
+    monkeypatch.setattr(environment, "versions", lambda names: {**real(names), "transformers": "0.0.1"})
+    stages = FakeStages()
+    other_release, _ = build(cfg, tmp_path, world, stages)
+    assert other_release not in (first, other_threads) and stages.calls == ["pretrain", "sft", "dpo"]
+    recorded = json.loads((Path(other_release) / "stage_key.json").read_text())["arithmetic"]
+    assert recorded["libraries"]["transformers"] == "0.0.1" and recorded["device"] == "cpu"
+    monkeypatch.setattr(environment, "versions", real)
+    again = FakeStages()
+    assert build(cfg, tmp_path, world, again)[0] == first and again.calls == []
+
+
 def test_an_interrupted_build_leaves_no_cache_for_that_stage(cfg, tmp_path, world):
     with pytest.raises(KeyboardInterrupt):
         build(cfg, tmp_path, world, FakeStages(fail_at="dpo"))

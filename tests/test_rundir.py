@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST, compose_cfg
 
-from trace_realign.core.rundir import FAILED_FILE, RUN_FILE, RunDirError, claim, record_failure
+from trace_realign.core.rundir import FAILED_FILE, RUN_FILE, RunDirError, claim, record_environment, record_failure
 
 
 def test_claim_records_then_accepts_the_same_configuration(tmp_path):
@@ -27,6 +27,29 @@ def test_claim_records_then_accepts_the_same_configuration(tmp_path):
     assert not (tmp_path / FAILED_FILE).exists(), "nor the last run's failure"
     with pytest.raises(RunDirError, match=r"seed: 3 there, 4 now"):
         claim(tmp_path, compose_cfg(["seed=4"], tmp_path))
+
+
+def test_a_run_records_what_it_computed_under_and_a_rerun_its_own(tmp_path, monkeypatch):
+    import torch
+
+    import trace_realign.core.environment as environment
+
+    cfg = compose_cfg(["seed=3"], tmp_path)
+    claim(tmp_path, cfg)
+    record_environment(tmp_path, torch.device("cpu"))
+    env = json.loads((tmp_path / RUN_FILE).read_text())["environment"]
+    assert env["libraries"]["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert env["device"] == "cpu" and env["python"] == sys.version.split()[0]
+    head = subprocess.run(["git", "-C", str(Path(environment.__file__).parents[2]), "rev-parse", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout: its commit, marked when the source differs from it
+        assert env["source"].removesuffix("-dirty") == head.stdout.strip()
+    real = environment.versions
+    monkeypatch.setattr(environment, "versions", lambda names: {**real(names), "torch": "9.9"})
+    claim(tmp_path, cfg)  # the environment is no setting: the same configuration's re-run
+    record_environment(tmp_path, torch.device("cpu"))
+    record = json.loads((tmp_path / RUN_FILE).read_text())
+    assert record["environment"]["libraries"]["torch"] == "9.9" and record["config"]["seed"] == 3
 
 
 @pytest.mark.parametrize("first,again", [

@@ -196,6 +196,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if launched_as_rank_zero():
         rundir.claim(out, cfg)
     pin_threads(cfg.get("threads"))
+    if launched_as_rank_zero():
+        rundir.record_environment(out, eval_device(cfg))
     seed_everything(cfg.seed)
     source = instantiate(cfg.dataset)
     oracle, judge, _ = build_judges(cfg, source)

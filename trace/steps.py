@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from trace_realign.core.environment import device_for
 from trace_realign.core.sequences import SequenceLimits
 from trace_realign.data.pipeline import DataPlan
 from trace_realign.data.sources import load_any_policy
@@ -200,12 +201,7 @@ def build_evaluation(cfg: DictConfig, judge: Any, new: Any, old: Any, items: lis
 
 def eval_device(cfg: DictConfig) -> torch.device:
     """Where trace-eval runs the models: the trainer's accelerator (a GPU when it names or finds one)."""
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ValueError(f"trainer.accelerator={accelerator} but no GPU is visible here; set trainer.accelerator=cpu")
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return device_for(str(cfg.trainer.get("accelerator", "auto")))
 
 
 def evaluate_model(evaluation: dict[str, Any], model: torch.nn.Module, tokenizer: Any, when: str

@@ -43,6 +43,7 @@ from trace_realign.steps import (
     build_judges,
     build_loggers,
     build_module,
+    eval_device,
     eval_policies,
     evaluate_model,
     pin_threads,
@@ -78,6 +79,8 @@ def run(cfg: DictConfig, source: Any = None) -> dict[str, Any]:
         rundir.claim(out, cfg)  # a folder holding another configuration's run stops us here
     ckpt = resume.resume_point(out, finished and launched_as_rank_zero())
     pin_threads(cfg.get("threads"))
+    if launched_as_rank_zero():
+        rundir.record_environment(out, eval_device(cfg))  # after the threads are pinned: what it runs under
     seed_everything(cfg.seed)
 
     source = source if source is not None else instantiate(cfg.dataset)

@@ -3,7 +3,8 @@
 Scripts and re-run sweeps pin `hydra.run.dir`; a second run into the same folder must not train or
 evaluate on what the first one left there. The first run records its resolved configuration in run.json;
 a later run into the folder goes ahead only with the same configuration (a re-run, which replaces the
-outputs) and otherwise stops, naming the settings that differ. A run that fails writes FAILED with the
+outputs) and otherwise stops, naming the settings that differ. Each run also records there what it
+computed under (libraries, threads, device, the source's commit: core/environment.py), a re-run its own. A run that fails writes FAILED with the
 reason, and never leaves a metrics.json behind.
 """
 
@@ -20,7 +21,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+
+from trace_realign.core.environment import describe
 
 RUN_FILE = "run.json"
 FAILED_FILE = "FAILED"
@@ -91,6 +95,15 @@ def claim(out: Path, cfg: DictConfig) -> None:
     for name in ("metrics.json", FAILED_FILE):
         (out / name).unlink(missing_ok=True)
     save_hydra_record(out, cfg)
+
+
+def record_environment(out: Path, device: torch.device) -> None:
+    """Write the environment this run computes under into run.json ("environment"; a re-run replaces it:
+    the outputs it describes are the re-run's)."""
+    record = out / RUN_FILE
+    data = json.loads(record.read_text()) if record.is_file() else {}
+    data["environment"] = describe(device)
+    record.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def save_hydra_record(out: Path, cfg: DictConfig) -> None:

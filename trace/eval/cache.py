@@ -8,8 +8,8 @@ whose evaluation reads exactly the same inputs copies them instead of generating
 The key is a hash of everything the evaluation reads: the model's identity (only a model this package
 built, whose folder is named by the hash of what built it; any other model is evaluated every time),
 how it is loaded and wrapped, the evaluators' settings, the judge's fingerprint, the policies, the held-out
-items, the generation settings, the seed, the threads and device, and the versions of the libraries
-that compute it. An evaluation during which the judge failed a call is never stored.
+items, the generation settings, the seed, the threads, the device and its chip, and the versions of the
+libraries that compute it. An evaluation during which the judge failed a call is never stored.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import logging
 import os
 import shutil
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from trace_realign.core.environment import processor, versions
 from trace_realign.models.prealign import model_identity
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,6 @@ Evaluation = tuple[dict[str, float], dict[int, dict[str, Any]], dict[str, list[d
 def built_by_package(model_path: str) -> bool:
     p = Path(model_path)
     return p.is_dir() and any((p / m).is_file() for m in BUILT_MARKERS)
-
-
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def _policy(p: Any) -> Any:
@@ -92,7 +82,8 @@ def evaluation_key(cfg: DictConfig, model_path: str, evaluation: dict[str, Any],
         "seed": cfg.seed,
         "threads": torch.get_num_threads(),
         "device": device.type,
-        "libraries": _versions(),
+        "processor": processor(device),
+        "libraries": versions(LIBRARIES),
     }
     blob = json.dumps(inputs, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -10,7 +10,9 @@ The same pipeline re-run with pi_new's labels in place of pi_old's is the full r
 (DPO-Gold): `labels="new"`.
 
 The result is cached on disk, keyed by what the stages read: the content of each stage's data, each
-stage's hyperparameters and the base model. Nothing else (realignment's settings, where runs write)
+stage's hyperparameters and the base model, and by what computes them (core/environment.py: the
+libraries' versions, torch's threads, the device; a model trained under other arithmetic has other last
+bits, and its realignments read other numbers than a fresh build would give). Nothing else (realignment's settings, where runs write)
 enters the key, so no realignment setting rebuilds M_old and no stage setting is ignored. The stages run
 in a temporary directory that is renamed into place only when the last one has finished, so an
 interrupted build leaves no cache.
@@ -32,6 +34,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from trace_realign.core.environment import arithmetic, device_for
 from trace_realign.core.records import RETAIN, PreferencePair
 from trace_realign.data.stages import pairs_digest
 
@@ -211,12 +214,15 @@ def prealigned_model(
     metrics: dict[str, float] = {}
     key = hashlib.sha256(json.dumps({"version": PREALIGN_VERSION, "base": model_identity(base_path)}).encode()).hexdigest()
     model_path, built, start = base_path, 0, time.time()
+    # the stages train on the run's device with its threads (pinned before this is called)
+    computed_by = arithmetic(device_for(str(cfg.trainer.get("accelerator", "auto"))))
     for name in stages:
         if only is not None and name not in only:
             continue
         data = StageData(source, name, labels, gold_punish)
         inputs = stage_inputs(stage_config(cfg, name, stages[name], base_path, root), pairs_digest(data.train_pairs()))
-        blob = json.dumps({"previous": key, "stage": name, **inputs}, sort_keys=True, default=str)
+        blob = json.dumps({"previous": key, "stage": name, "arithmetic": computed_by, **inputs}, sort_keys=True,
+                          default=str)
         key = hashlib.sha256(blob.encode()).hexdigest()
         target = root / f"{name}-{key[:16]}"
         if not (target / "config.json").is_file():
