@@ -4,8 +4,8 @@ Scripts and re-run sweeps pin `hydra.run.dir`; a second run into the same folder
 evaluate on what the first one left there. The first run records its resolved configuration in run.json;
 a later run into the folder goes ahead only with the same configuration (a re-run, which replaces the
 outputs) and otherwise stops, naming the settings that differ. Each run also records there what it
-computed under (libraries, threads, device, the source's commit: core/environment.py), a re-run its own. A run that fails writes FAILED with the
-reason, and never leaves a metrics.json behind.
+computed under (libraries, threads, device, the source's commit: core/environment.py), a re-run its own.
+A run that fails writes FAILED with the reason, and never leaves a metrics.json behind.
 """
 
 from __future__ import annotations

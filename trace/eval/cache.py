@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from trace_realign.core.environment import processor, versions
+from trace_realign.core.environment import arithmetic, versions
 from trace_realign.models.prealign import model_identity
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,7 @@ def evaluation_key(cfg: DictConfig, model_path: str, evaluation: dict[str, Any],
         "items": evaluation["items"],
         "generation": dataclasses.asdict(evaluation["settings"]),
         "seed": cfg.seed,
-        "threads": torch.get_num_threads(),
-        "device": device.type,
-        "processor": processor(device),
+        **arithmetic(device),  # threads, device, chip; the libraries are the evaluation's own (lm-eval too)
         "libraries": versions(LIBRARIES),
     }
     blob = json.dumps(inputs, sort_keys=True, ensure_ascii=False, default=str)
